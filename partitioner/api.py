@@ -1,0 +1,247 @@
+"""The public API: load a model, compile it for a spec, grade the plan, compare solvers.
+
+Every figure reported here comes from the evaluator (:mod:`partitioner.evaluate`); the
+bound from :mod:`partitioner.bounds` (and the solver's own proven bound, if larger).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import graph as graphmod
+from .bounds import Bound, lower_bound
+from .errors import InfeasibleError, PartitionerError, SolverError, UsageError
+from .evaluate import Evaluation, evaluate
+from .hardware import Spec, load_spec
+from .problem import Constraints, Objective, Plan, Problem, Settings, gap
+from .solvers import solve
+
+log = logging.getLogger(__name__)
+
+#: relative tolerance between a solver's claimed objective and the evaluator's figure
+CLAIM_RTOL = 1e-6
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for planning: the cost graph, and the fx graph when traced."""
+
+    graph: graphmod.CostGraph
+    gm: Any = None  # torch.fx.GraphModule
+    example_inputs: tuple | None = None
+    source: str = ""
+
+
+def _load_factory(ref: str):
+    path, _, fn = ref.rpartition(":")
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"model file {path!r} does not exist", hint="use path/to/file.py:factory")
+    spec = importlib.util.spec_from_file_location(f"_partitioner_user_{p.stem}", p)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as err:  # user code: report, don't crash
+        raise UsageError(f"importing {path} failed: {type(err).__name__}: {err}", hint="fix the model file") from None
+    factory = getattr(mod, fn, None)
+    if not callable(factory):
+        raise UsageError(f"{path} has no callable {fn!r}", hint="factory() must return (model, example_inputs)")
+    try:
+        out = factory()
+    except Exception as err:
+        raise UsageError(f"{ref}() failed: {type(err).__name__}: {err}", hint="fix the factory") from None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise UsageError(f"{ref}() must return (model, example_inputs_tuple)", hint="return a 2-tuple")
+    model, inputs = out
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str = "fx",
+               model_kwargs: dict | None = None) -> LoadedModel:
+    """Load a model from a zoo name, ``file.py:factory``, a cost-graph JSON, or an nn.Module.
+
+    Parameters
+    ----------
+    ref : str or nn.Module or CostGraph
+    example_inputs : tuple, optional
+        Required when ``ref`` is an nn.Module.
+    frontend : {"fx", "export"}
+    model_kwargs : dict, optional
+        Keyword arguments of a zoo factory (e.g. ``{"nodes": 200}`` for RandWire).
+    """
+    if isinstance(ref, graphmod.CostGraph):
+        return LoadedModel(ref, source="cost graph")
+    if isinstance(ref, str) and ref.endswith(".json"):
+        return LoadedModel(graphmod.load(ref), source=ref)
+    from .trace import trace
+
+    if isinstance(ref, str):
+        if ref.endswith(".py") or ".py:" in ref:
+            if ":" not in ref:
+                raise UsageError(f"{ref!r} names no factory", hint="use path/to/file.py:factory")
+            model, inputs = _load_factory(ref)
+            name = ref.rpartition(":")[2]
+        else:
+            import models
+
+            try:
+                model, inputs = models.get_model(ref, **(model_kwargs or {}))
+            except KeyError:
+                names = ", ".join(n for n, _ in models.list_models())
+                raise UsageError(f"unknown model {ref!r}",
+                                 hint=f"zoo models: {names}; or path/to/file.py:factory; or a cost-graph .json")
+            name = ref
+    else:
+        if example_inputs is None:
+            raise UsageError("an nn.Module needs example_inputs", hint="pass example_inputs=(tensor, ...)")
+        model, inputs, name = ref, tuple(example_inputs), type(ref).__name__
+    gm = trace(model, inputs, frontend=frontend)
+    return LoadedModel(graphmod.from_fx(gm, name), gm, inputs, source=str(name))
+
+
+@dataclass
+class Result:
+    """A graded plan: the solver's plan, the evaluator's figures, the bound and the gap."""
+
+    problem: Problem
+    plan: Plan
+    evaluation: Evaluation
+    bound: Bound
+    status: str
+    value: float
+    gap: float
+    model: LoadedModel | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best_bound(self) -> float:
+        return max(self.bound.value, self.plan.solver_bound or 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        p, ev = self.problem, self.evaluation
+        counts = [0] * p.D
+        for d in self.plan.placement:
+            counts[d] += 1
+        return {
+            "model": p.graph.name, "spec": p.spec.name, "objective": p.objective.value,
+            "solver": self.plan.solver, "status": self.status, "value_s": self.value,
+            "latency_s": ev.latency, "period_s": ev.period, "throughput_per_s": ev.throughput,
+            "bound_s": self.best_bound, "bound_binding": self.bound.binding,
+            "bound_parts_s": dict(self.bound.parts, **({"solver": self.plan.solver_bound}
+                                                      if self.plan.solver_bound is not None else {})),
+            "gap": self.gap, "solve_time_s": self.plan.solve_time_s, "feasible": ev.feasible,
+            "violations": list(ev.violations), "nodes": p.n,
+            "devices": {d: {"nodes": counts[j], "load_s": float(ev.device_load[j]),
+                            "memory_peak_bytes": float(ev.memory_peak[j]),
+                            "param_bytes": float(ev.param_bytes[j]),
+                            "capacity_bytes": float(p.capacity[j])} for j, d in enumerate(p.devices)},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of ``plan.json``."""
+        p, ev = self.problem, self.evaluation
+        out = {"format": "partitioner.plan/1"}
+        out.update(self.summary())
+        out["placement"] = {p.node_name(i): p.devices[d] for i, d in enumerate(self.plan.placement)}
+        out["order"] = {p.devices[d]: [p.node_name(i) for i in seq] for d, seq in enumerate(ev.order)}
+        out["schedule"] = {p.node_name(i): [float(ev.start[i]), float(ev.finish[i])] for i in range(p.n)}
+        out["links_load_s"] = {f"{p.devices[a]}->{p.devices[b]}": t for (a, b), t in sorted(ev.link_load.items())}
+        if self.plan.info:
+            out["solver_info"] = {k: v for k, v in self.plan.info.items() if _jsonable(v)}
+        return out
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
+
+
+def grade(problem: Problem, plan: Plan, bound: Bound | None = None, model: LoadedModel | None = None) -> Result:
+    """Evaluate a plan, check the solver's claims against the evaluator, attach bound and gap.
+
+    Raises
+    ------
+    SolverError
+        The solver's claimed objective differs from the evaluator's (relative 1e-6), or it
+        claims optimality for a plan the evaluator finds infeasible.
+    """
+    ev = evaluate(problem, plan)
+    value = ev.value(problem.objective)
+    if plan.claimed is not None and math.isfinite(value):
+        if abs(plan.claimed - value) > CLAIM_RTOL * max(abs(value), 1e-12):
+            raise SolverError(f"solver {plan.solver!r} claims {plan.claimed!r} but the evaluator finds {value!r} "
+                              f"for its plan", hint="this is a bug in the solver's model; please report it")
+    status = plan.status
+    if not ev.feasible:
+        if status in ("optimal", "optimal_coarse"):
+            raise SolverError(f"solver {plan.solver!r} claims an optimal plan the evaluator rejects: "
+                              f"{ev.violations[0]}", hint="this is a bug in the solver's model; please report it")
+        status = "infeasible"
+    bound = bound or lower_bound(problem)
+    best = max(bound.value, plan.solver_bound or 0.0)
+    if status == "optimal":
+        best = max(best, value if plan.solver_bound is None else best)
+    g = gap(value, best) if ev.feasible else math.inf
+    if best > value * (1 + 1e-6) and ev.feasible:
+        raise SolverError(f"bound {best!r} exceeds the value {value!r} of a feasible plan by {plan.solver!r}",
+                          hint="a lower bound is invalid; this is a bug, please report it")
+    return Result(problem, plan, ev, bound, status, value, g, model)
+
+
+def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
+                 solver: str = "heft", settings: Settings | None = None,
+                 constraints: Constraints | None = None, example_inputs: tuple | None = None,
+                 frontend: str = "fx", model_kwargs: dict | None = None) -> Result:
+    """Trace (or load) a model, build the problem for a spec, solve it and grade the plan.
+
+    Raises
+    ------
+    InfeasibleError
+        When the solver's plan violates a constraint (names every violation).
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, example_inputs, frontend=frontend, model_kwargs=model_kwargs)
+    spec = hw if isinstance(hw, Spec) else load_spec(hw)
+    problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
+    t0 = time.perf_counter()
+    plan = solve(problem, solver, settings or Settings())
+    res = grade(problem, plan, model=loaded)
+    res.extra["compile_time_s"] = time.perf_counter() - t0
+    if res.status == "infeasible":
+        raise InfeasibleError(f"solver {solver!r} found no feasible plan: " + "; ".join(res.evaluation.violations),
+                              hint="try another solver, a spec with more memory, or relax the constraints")
+    return res
+
+
+def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str], settings: Settings | None = None,
+            constraints: Constraints | None = None, progress=None, **load_kw) -> list[dict[str, Any]]:
+    """Run several solvers on one problem; one row per solver (errors become rows too)."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kw)
+    spec = hw if isinstance(hw, Spec) else load_spec(hw)
+    problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
+    bound = lower_bound(problem)
+    rows = []
+    for name in solvers:
+        if progress:
+            progress(name)
+        try:
+            plan = solve(problem, name, settings or Settings())
+            res = grade(problem, plan, bound=bound)
+            rows.append({"solver": name, "value_s": res.value, "value_over_bound": res.value / res.best_bound
+                         if res.best_bound > 0 else math.inf, "status": res.status, "gap": res.gap,
+                         "bound_s": res.best_bound, "solve_time_s": plan.solve_time_s,
+                         "latency_s": res.evaluation.latency, "period_s": res.evaluation.period})
+        except InfeasibleError as err:
+            rows.append({"solver": name, "status": "infeasible", "error": err.message})
+        except PartitionerError as err:
+            rows.append({"solver": name, "status": "error", "error": err.message})
+    return rows
+
+
+__all__ = ["LoadedModel", "Result", "compare", "compile_plan", "grade", "load_model"]

@@ -1,0 +1,302 @@
+"""The ``partitioner`` command line (typer + rich).
+
+Every command reports bad input as one clear message and exits with code 2; it never
+shows a bare traceback (``--debug`` shows it). Output directories are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PartitionerError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Place and order every operator of a DNN across heterogeneous devices.")
+specs_app = typer.Typer(help="List the shipped hardware specs, or show one.", invoke_without_command=True)
+app.add_typer(specs_app, name="specs")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _fail(err: BaseException, code: int) -> None:
+    msg = str(err)
+    first, _, rest = msg.partition("\n")
+    err_console.print(f"[bold red]error:[/] {first}", highlight=False, markup=True)
+    if rest:
+        err_console.print(rest, highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn project errors into one message + exit 2; unexpected errors into exit 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (typer.Exit, typer.Abort):
+            raise
+        except PartitionerError as err:
+            if _state["debug"]:
+                raise
+            _fail(err, 2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+        except Exception as err:  # noqa: BLE001 - last line of defence: no bare traceback
+            if _state["debug"]:
+                raise
+            _fail(RuntimeError(f"internal error: {type(err).__name__}: {err}\n"
+                               "Hint: rerun with --debug for the traceback and please report it"), 1)
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress.")):
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _parse_kv(items: list[str] | None) -> dict:
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise UsageError(f"--model-arg {it!r} is not key=value", hint="e.g. --model-arg nodes=200")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _settings(seed, time_limit, threads, backend):
+    from .problem import Settings
+
+    if time_limit is not None and not time_limit > 0:
+        raise UsageError(f"--time-limit must be > 0 seconds, got {time_limit}", hint="pass e.g. --time-limit 60")
+    if backend not in ("highs", "cbc"):
+        raise UsageError(f"--backend must be highs or cbc, got {backend!r}", hint="use --backend highs")
+    return Settings(seed=seed, time_limit=time_limit, threads=threads, milp_backend=backend)
+
+
+def _objective(objective: str) -> str:
+    if objective not in ("latency", "throughput"):
+        raise UsageError(f"--objective must be latency or throughput, got {objective!r}",
+                         hint="use --objective latency or --objective throughput")
+    return objective
+
+
+def _summary_table(res) -> Table:
+    from .report import fmt_bytes, fmt_time
+
+    s = res.summary()
+    t = Table(title=f"{s['model']} on {s['spec']} ({s['objective']}, solver {s['solver']}: {s['status']})")
+    for col in ("device", "nodes", "busy", "params", "memory peak", "usable"):
+        t.add_column(col, justify="left" if col == "device" else "right")
+    for d, info in s["devices"].items():
+        t.add_row(d, str(info["nodes"]), fmt_time(info["load_s"]), fmt_bytes(info["param_bytes"]),
+                  fmt_bytes(info["memory_peak_bytes"]), fmt_bytes(info["capacity_bytes"]))
+    return t
+
+
+@app.command()
+@_guard
+def compile(
+    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, or a cost-graph .json"),
+    hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
+    objective: str = typer.Option("latency", help="latency | throughput"),
+    solver: str = typer.Option("heft", help="Solver name (see `partitioner solvers`)"),
+    out: Path = typer.Option(Path("out/plan"), "--out", help="Output directory"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
+    seed: int = typer.Option(0, help="Random seed"),
+    time_limit: Optional[float] = typer.Option(60.0, "--time-limit", help="Solver time limit (s)"),
+    threads: int = typer.Option(1, help="Solver threads"),
+    backend: str = typer.Option("highs", help="MILP backend: highs | cbc"),
+    frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
+    throughput_floor: Optional[float] = typer.Option(None, help="Latency objective: minimum samples/s"),
+    latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
+):
+    """Compile MODEL for a hardware spec: trace, solve, grade, and write DIR/plan.json + report.md."""
+    from . import api, report
+    from .outdir import atomic_dir, check_out_dir
+    from .problem import Constraints
+
+    check_out_dir(out, force)
+    settings = _settings(seed, time_limit, threads, backend)
+    cons = Constraints(throughput_floor=throughput_floor, latency_ceiling=latency_ceiling)
+    with console.status(f"compiling {model} for {hw}...", spinner="dots") if not (quiet or json_out) else _null():
+        res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
+                               model_kwargs=_parse_kv(model_arg))
+    with atomic_dir(out, force) as tmp:
+        (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
+        (tmp / "report.md").write_text(report.markdown(res))
+        res.problem.graph.save(tmp / "costgraph.json")
+    s = res.summary()
+    if json_out:
+        console.print_json(json.dumps(dict(s, out=str(out))))
+        return
+    if quiet:
+        return
+    console.print(_summary_table(res))
+    from .report import fmt_time
+
+    ratio = s["value_s"] / s["bound_s"] if s["bound_s"] > 0 else math.inf
+    console.print(f"predicted latency [bold]{fmt_time(s['latency_s'])}[/], throughput "
+                  f"[bold]{s['throughput_per_s']:.2f}[/] samples/s; lower bound on {s['objective']} "
+                  f"{fmt_time(s['bound_s'])} ({s['bound_binding']}); gap [bold]{100 * s['gap']:.2f}%[/] "
+                  f"(value/bound {ratio:.3f}); status {s['status']}; solved in {s['solve_time_s']:.3f} s")
+    console.print(f"wrote {out}/plan.json, {out}/report.md, {out}/costgraph.json")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@app.command()
+@_guard
+def evaluate(
+    graph: str = typer.Argument(..., help="Cost-graph .json, zoo name or file.py:factory"),
+    hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
+    placement: Path = typer.Option(..., "--placement", help="plan.json, or a JSON {node: device} mapping"),
+    objective: str = typer.Option("latency", help="latency | throughput"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON"),
+):
+    """Grade a given placement (and order, if the file has one) with the evaluator."""
+    from . import api
+    from .hardware import load_spec
+    from .problem import Problem
+
+    if not placement.is_file():
+        raise UsageError(f"placement file {str(placement)!r} does not exist", hint="check the path")
+    try:
+        data = json.loads(placement.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{placement}: not valid JSON: {err}", hint="fix the JSON") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{placement}: expected a JSON object", hint="a {node: device} mapping or a plan.json")
+    pl = data.get("placement", data)
+    order = data.get("order") if "placement" in data else None
+    loaded = api.load_model(graph)
+    problem = Problem(loaded.graph, load_spec(hw), _objective(objective))
+    plan = problem.plan_from_names(pl, order, solver="given", status="given")
+    res = api.grade(problem, plan)
+    s = res.summary()
+    if json_out:
+        console.print_json(json.dumps(s))
+    else:
+        console.print(_summary_table(res))
+        from .report import fmt_time
+
+        console.print(f"latency {fmt_time(s['latency_s'])}, period {fmt_time(s['period_s'])}, bound "
+                      f"{fmt_time(s['bound_s'])}, gap {100 * s['gap']:.2f}%, feasible: {s['feasible']}")
+        for v in s["violations"]:
+            console.print(f"[red]violation:[/] {v}")
+    if not s["feasible"]:
+        raise typer.Exit(1)
+
+
+@specs_app.callback()
+@_guard
+def specs(ctx: typer.Context):
+    """List the shipped hardware specs."""
+    if ctx.invoked_subcommand:
+        return
+    from .hardware import list_specs, load_spec
+
+    t = Table(title="hardware specs")
+    for c in ("name", "devices", "hosts", "description"):
+        t.add_column(c)
+    for name in list_specs():
+        s = load_spec(name)
+        t.add_row(name, ", ".join(f"{d.id} ({d.model or d.kind})" for d in s.devices),
+                  str(len({d.host for d in s.devices})), s.description)
+    console.print(t)
+
+
+@specs_app.command("show")
+@_guard
+def specs_show(name: str = typer.Argument(..., help="Spec name or YAML path")):
+    """Print one spec: its devices, links and the pairwise transfer table."""
+    from .hardware import load_spec, spec_path
+    from .report import fmt_bytes
+
+    spec = load_spec(name)
+    console.print(f"[bold]{spec.name}[/]  ({spec_path(name)})\n{spec.description}")
+    console.print(f"host device: {spec.host}; comm_blocks_device: {spec.comm_blocks_device}; "
+                  f"memory_reserve: {spec.memory_reserve}")
+    t = Table(title="devices")
+    for c in ("id", "host", "kind", "model", "fp32 peak", "memory", "mem bw", "unsupported ops"):
+        t.add_column(c)
+    for d in spec.devices:
+        peak = d.peak("fp32")
+        bw = d.memory.bandwidth_Bps
+        t.add_row(d.id, d.host, d.kind, d.model, f"{peak / 1e12:.2f} TFLOP/s" if peak else "-",
+                  fmt_bytes(d.memory.capacity_bytes), f"{bw / 1e9:.1f} GB/s" if bw else "-",
+                  ", ".join(d.unsupported_ops) or "-")
+    console.print(t)
+    lt = Table(title="transfer time of 1 MB (routed)")
+    lt.add_column("from \\ to")
+    for d in spec.device_ids:
+        lt.add_column(d, justify="right")
+    for a in spec.device_ids:
+        lt.add_row(a, *[f"{spec.links_table.transfer_time(a, b, 1e6) * 1e6:.1f} us" for b in spec.device_ids])
+    console.print(lt)
+
+
+@app.command()
+@_guard
+def models():
+    """List the model zoo."""
+    import models as zoo
+
+    t = Table(title="model zoo")
+    t.add_column("name")
+    t.add_column("description")
+    for name, desc in zoo.list_models():
+        t.add_row(name, desc)
+    console.print(t)
+
+
+@app.command()
+@_guard
+def solvers():
+    """List the registered solvers."""
+    from .solvers import SOLVERS
+
+    t = Table(title="solvers")
+    t.add_column("name")
+    t.add_column("exact")
+    t.add_column("description")
+    for name, info in sorted(SOLVERS.items()):
+        t.add_row(name, "yes" if info.exact else "no", info.description)
+    console.print(t)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

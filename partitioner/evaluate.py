@@ -1,0 +1,331 @@
+"""THE evaluator: the one place that computes a plan's latency, throughput and memory.
+
+Machine model (DESIGN.md): a device runs one node at a time in the plan's order; a tensor
+produced by ``u`` on device ``a`` and consumed on ``b != a`` is sent once per (producer,
+destination device), sized by the largest edge to that device, and arrives
+``transfer_time(a, b, bytes)`` after ``u`` finishes; transfers overlap with compute and
+do not contend. Model inputs start on the host at time 0 and outputs must reach it.
+
+* **latency**: the time the last output reaches the host (never earlier than the last
+  finish), with every node started as early as its device order and inputs allow.
+* **period**: the largest per-sample load of any resource: a device's compute time
+  (plus, with ``comm_blocks_device``, the time of every hop it sends or receives) or a
+  directed link's transfer time (every hop of a routed transfer loads its link).
+  Throughput is ``1 / period``; data-parallel replicas add their throughputs.
+* **memory**: per device, the parameters of its nodes plus the peak of live activations
+  in its order. A node's output is live from its step to its last local consumer's
+  step; a received tensor from its first to its last local consumer's step. This counts
+  at step granularity (a tensor is held while its device runs any node between its
+  producer and last consumer), which is what a sequential per-device executor allocates.
+
+Without an order the evaluator list-schedules: nodes by decreasing upward rank on their
+assigned devices (ties: topological index), appended to their device's queue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .problem import Objective, Plan, Problem
+
+_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor moved between devices for one sample (``producer`` -1: a model input;
+    ``consumer_device`` is the host for a model output)."""
+
+    producer: int
+    src: int
+    dst: int
+    bytes: float
+    start: float
+    arrival: float
+    kind: str = "edge"  # edge | input | output
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A plan's figures. Times in seconds; memory in bytes; indices as in the Problem."""
+
+    feasible: bool
+    violations: tuple[str, ...]
+    latency: float
+    period: float
+    start: np.ndarray
+    finish: np.ndarray
+    order: tuple[tuple[int, ...], ...]
+    device_load: np.ndarray
+    link_load: dict[tuple[int, int], float]
+    memory_peak: np.ndarray
+    param_bytes: np.ndarray
+    transfers: tuple[Transfer, ...] = ()
+    replicas: tuple["Evaluation", ...] = field(default=())
+
+    @property
+    def throughput(self) -> float:
+        return 1.0 / self.period if self.period > 0 else math.inf
+
+    def value(self, objective: Objective | str) -> float:
+        return self.latency if Objective(objective) is Objective.LATENCY else self.period
+
+
+def upward_rank(problem: Problem, placement) -> np.ndarray:
+    """HEFT-style upward rank with the nodes' assigned devices and actual transfer times."""
+    T, pl = problem.T, placement
+    rank = np.zeros(problem.n)
+    out_extra = np.zeros(problem.n)
+    for s, b in problem.outputs:
+        out_extra[s] = max(out_extra[s], problem.comm(pl[s], problem.host, b))
+    for i in range(problem.n - 1, -1, -1):
+        best = out_extra[i]
+        di = pl[i]
+        for j, b in problem.succ_bytes[i]:
+            c = rank[j] + (problem.comm(di, pl[j], b) if pl[j] != di else 0.0)
+            if c > best:
+                best = c
+        rank[i] = T[i, di] + best
+    return rank
+
+
+def list_order(problem: Problem, placement) -> tuple[tuple[int, ...], ...]:
+    """Deterministic per-device order for a placement (decreasing upward rank)."""
+    rank = upward_rank(problem, placement)
+    seq = np.lexsort((np.arange(problem.n), -rank))
+    order: list[list[int]] = [[] for _ in range(problem.D)]
+    for i in seq:
+        order[placement[i]].append(int(i))
+    return tuple(tuple(o) for o in order)
+
+
+def _transfer_bytes(problem: Problem, pl) -> dict[tuple[int, int], float]:
+    """Bytes sent per (producer, destination device): the largest edge to that device."""
+    xb: dict[tuple[int, int], float] = {}
+    for i in range(problem.n):
+        di = pl[i]
+        for j, b in problem.succ_bytes[i]:
+            dj = pl[j]
+            if dj != di:
+                k = (i, dj)
+                if b > xb.get(k, -1.0):
+                    xb[k] = b
+    return xb
+
+
+def _input_bytes(problem: Problem, pl) -> dict[tuple[int, int], float]:
+    """Bytes of model input ``k`` needed on each device (sent from the host)."""
+    ib: dict[tuple[int, int], float] = {}
+    for k, (b, dsts) in enumerate(problem.in_tensors):
+        for j in dsts:
+            ib[(k, pl[j])] = b
+    return ib
+
+
+def evaluate(problem: Problem, plan: Plan) -> Evaluation:
+    """Compute a plan's latency, period, loads, memory and feasibility.
+
+    Parameters
+    ----------
+    problem : Problem
+    plan : Plan
+        Placement and optional per-device order; data-parallel plans carry ``replicas``.
+
+    Returns
+    -------
+    Evaluation
+        Infeasibility (unsupported placement, order against precedence, memory, group,
+        floors/ceilings) is reported in ``violations``, not raised.
+    """
+    if plan.replicas:
+        return _evaluate_replicas(problem, plan)
+    problem.validate_plan(plan)
+    pl = np.asarray(plan.placement, dtype=np.int64)
+    n, D, T = problem.n, problem.D, problem.T
+    violations: list[str] = []
+    dur = T[np.arange(n), pl]
+    bad = np.flatnonzero(~np.isfinite(dur))
+    for i in bad[:5]:
+        violations.append(f"node {problem.node_name(i)!r} (op {problem.graph.node(problem.node_name(i)).op!r}) "
+                          f"is placed on {problem.devices[pl[i]]!r}, which cannot run it")
+    if len(bad) > 5:
+        violations.append(f"... and {len(bad) - 5} more unsupported placements")
+    for g in problem.groups:
+        if len(set(pl[g].tolist())) > 1:
+            violations.append(f"group of node {problem.node_name(g[0])!r} is split across devices")
+    order = plan.order if plan.order is not None else list_order(problem, pl)
+
+    xb = _transfer_bytes(problem, pl)
+    ib = _input_bytes(problem, pl)
+    host = problem.host
+    comm = problem.comm
+
+    # ---- timing: Kahn over precedence + device-order chains -------------------------
+    prev = np.full(n, -1, dtype=np.int64)
+    nxt = np.full(n, -1, dtype=np.int64)
+    for seq in order:
+        for a, b in zip(seq, seq[1:]):
+            prev[b] = a
+            nxt[a] = b
+    indeg = np.array([len(p) for p in problem.preds], dtype=np.int64) + (prev >= 0)
+    in_arrival = {key: comm(host, key[1], b) for key, b in ib.items()}
+    start = np.full(n, math.inf)
+    finish = np.full(n, math.inf)
+    arrival: dict[tuple[int, int], float] = {}
+    queue = deque(int(i) for i in np.flatnonzero(indeg == 0))
+    done = 0
+    preds, node_inputs = problem.preds, problem.node_inputs
+    while queue:
+        v = queue.popleft()
+        dv = pl[v]
+        s = finish[prev[v]] if prev[v] >= 0 else 0.0
+        for u in preds[v]:
+            a = finish[u] if pl[u] == dv else arrival[(u, dv)]
+            if a > s:
+                s = a
+        for k in node_inputs[v]:
+            a = in_arrival[(k, dv)]
+            if a > s:
+                s = a
+        start[v] = s
+        f = s + dur[v]
+        finish[v] = f
+        done += 1
+        for j in problem.succs[v]:
+            dj = pl[j]
+            if dj != dv and (v, dj) not in arrival:
+                arrival[(v, dj)] = f + comm(dv, dj, xb[(v, dj)])
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                queue.append(j)
+        w = nxt[v]
+        if w >= 0:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                queue.append(int(w))
+    if done < n:
+        violations.append("the per-device order contradicts the graph's precedence (a cycle through device queues)")
+        latency = math.inf
+    else:
+        latency = float(finish.max()) if n else 0.0
+        for s_, b in problem.outputs:
+            latency = max(latency, finish[s_] + comm(pl[s_], host, b))
+
+    # ---- transfers, loads and period -----------------------------------------------
+    transfers: list[Transfer] = []
+    for (k, d), b in sorted(ib.items()):
+        if d != host:
+            transfers.append(Transfer(-1, host, d, b, 0.0, in_arrival[(k, d)], "input"))
+    for (u, d), b in sorted(xb.items()):
+        transfers.append(Transfer(u, pl[u], d, b, finish[u], arrival.get((u, d), math.inf), "edge"))
+    for s_, b in problem.outputs:
+        if pl[s_] != host:
+            transfers.append(Transfer(s_, pl[s_], host, b, finish[s_], finish[s_] + comm(pl[s_], host, b), "output"))
+    device_load = np.bincount(pl, weights=dur, minlength=D).astype(float)
+    link_load: dict[tuple[int, int], float] = {}
+    blocks = problem.spec.comm_blocks_device
+    links = problem.links
+    for tr in transfers:
+        route = links.route(tr.src, tr.dst, tr.bytes)
+        for x, y in route.hops:
+            lat, inv = links.hop[(x, y)]
+            t = lat + tr.bytes * inv
+            link_load[(x, y)] = link_load.get((x, y), 0.0) + t
+            if blocks:
+                device_load[x] += t
+                device_load[y] += t
+    period = max([float(device_load.max())] + list(link_load.values()))
+
+    # ---- memory ----------------------------------------------------------------------
+    param_bytes = np.bincount(pl, weights=problem.param_bytes, minlength=D).astype(float)
+    memory_peak = _memory_peaks(problem, pl, order, xb, ib) + param_bytes
+    if problem.constraints.memory:
+        for d in range(D):
+            cap = problem.capacity[d]
+            if memory_peak[d] > cap * (1 + _TOL):
+                violations.append(f"device {problem.devices[d]!r} needs {memory_peak[d] / 1e9:.3f} GB but has "
+                                  f"{cap / 1e9:.3f} GB usable (short by {(memory_peak[d] - cap) / 1e9:.3f} GB)")
+    _check_side_constraints(problem, latency, period, violations)
+    return Evaluation(not violations, tuple(violations), float(latency), float(period), start, finish,
+                      tuple(tuple(int(x) for x in s) for s in order), device_load, link_load, memory_peak,
+                      param_bytes, tuple(transfers))
+
+
+def _check_side_constraints(problem: Problem, latency: float, period: float, violations: list[str]) -> None:
+    c = problem.constraints
+    if c.throughput_floor is not None and period > 0 and 1.0 / period < c.throughput_floor * (1 - _TOL):
+        violations.append(f"throughput {1.0 / period:.4g}/s is below the floor {c.throughput_floor:.4g}/s")
+    if c.latency_ceiling is not None and latency > c.latency_ceiling * (1 + _TOL):
+        violations.append(f"latency {latency:.4g} s is above the ceiling {c.latency_ceiling:.4g} s")
+
+
+def _memory_peaks(problem: Problem, pl, order, xb, ib) -> np.ndarray:
+    """Peak live activation bytes per device at step granularity (see module docstring)."""
+    n, D = problem.n, problem.D
+    pos = np.empty(n, dtype=np.int64)
+    for seq in order:
+        for p, v in enumerate(seq):
+            pos[v] = p
+    # intervals [first, last] of positions on a device, with bytes
+    peaks = np.zeros(D)
+    diffs = [np.zeros(len(seq) + 1) for seq in order]
+    out_b = problem.output_bytes
+    for u in range(n):
+        du = pl[u]
+        last = pos[u]
+        remote: dict[int, list[int]] = {}
+        for j, _ in problem.succ_bytes[u]:
+            dj = pl[j]
+            if dj == du:
+                last = max(last, pos[j])
+            else:
+                r = remote.setdefault(dj, [pos[j], pos[j]])
+                r[0] = min(r[0], pos[j])
+                r[1] = max(r[1], pos[j])
+        diffs[du][pos[u]] += out_b[u]
+        diffs[du][last + 1] -= out_b[u]
+        for dj, (a, b) in remote.items():
+            nb = xb[(u, dj)]
+            diffs[dj][a] += nb
+            diffs[dj][b + 1] -= nb
+    for k, (b, dsts) in enumerate(problem.in_tensors):
+        span: dict[int, list[int]] = {}
+        for j in dsts:
+            r = span.setdefault(pl[j], [pos[j], pos[j]])
+            r[0] = min(r[0], pos[j])
+            r[1] = max(r[1], pos[j])
+        for d, (a, c) in span.items():
+            diffs[d][a] += b
+            diffs[d][c + 1] -= b
+    for d in range(D):
+        if len(order[d]):
+            peaks[d] = float(np.cumsum(diffs[d][:-1]).max())
+    return peaks
+
+
+def _evaluate_replicas(problem: Problem, plan: Plan) -> Evaluation:
+    """Data parallelism: replicas on disjoint device groups; throughputs add up."""
+    evs = [evaluate(problem, r) for r in plan.replicas]
+    violations: list[str] = []
+    used = [set(np.asarray(r.placement).tolist()) for r in plan.replicas]
+    for a in range(len(used)):
+        for b in range(a + 1, len(used)):
+            common = used[a] & used[b]
+            if common:
+                violations.append(f"replicas {a} and {b} share device(s) "
+                                  f"{sorted(problem.devices[d] for d in common)}")
+    for k, ev in enumerate(evs):
+        violations.extend(f"replica {k}: {v}" for v in ev.violations if "floor" not in v and "ceiling" not in v)
+    rate = sum(ev.throughput for ev in evs)
+    period = 1.0 / rate if rate > 0 else math.inf
+    latency = max(ev.latency for ev in evs)
+    _check_side_constraints(problem, latency, period, violations)
+    first = evs[0]
+    return Evaluation(not violations, tuple(violations), latency, period, first.start, first.finish, first.order,
+                      sum(ev.device_load for ev in evs), {k: v for ev in evs for k, v in ev.link_load.items()},
+                      np.max([ev.memory_peak for ev in evs], axis=0), sum(ev.param_bytes for ev in evs),
+                      first.transfers, tuple(evs))

@@ -1,0 +1,257 @@
+"""Problem (graph + devices + objective + constraints), Plan, and solver Settings.
+
+Solvers work on integer indices: node ``i`` is ``graph.order[i]`` (a topological order)
+and device ``j`` is ``spec.devices[j]``. A :class:`Plan` holds a placement (a device index
+per node) and, optionally, the order in which each device runs its nodes; without an
+order the evaluator derives one by deterministic list scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from .cost import cost_matrix
+from .errors import InfeasibleError, PlanError
+from .graph import CostGraph
+from .hardware import Spec
+
+
+class Objective(str, Enum):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Side constraints: a latency objective may carry a throughput floor (samples/s), a
+    throughput objective a latency ceiling (s); ``memory`` enforces device capacities."""
+
+    throughput_floor: float | None = None
+    latency_ceiling: float | None = None
+    memory: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every solver accepts. ``time_limit`` in seconds (None: no limit)."""
+
+    seed: int = 0
+    time_limit: float | None = 60.0
+    threads: int = 1
+    milp_backend: str = "highs"  # highs | cbc
+    warm_start: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.extra.get(key, default)
+
+
+#: Plan statuses. Only "optimal" claims a proof of optimality for the problem as given.
+STATUSES = ("optimal", "optimal_coarse", "time_limit", "feasible", "heuristic", "interrupted",
+            "infeasible", "no_solution")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A solver's answer.
+
+    Attributes
+    ----------
+    placement : tuple of int
+        Device index of every node (index ``i`` is ``graph.order[i]``).
+    order : tuple of tuple of int, optional
+        Per device, its nodes in execution order; None lets the evaluator list-schedule.
+    status : str
+        One of :data:`STATUSES`.
+    claimed : float, optional
+        The solver's own objective value; the evaluator must agree with it.
+    solver_bound : float, optional
+        A lower bound the solver proved (e.g. the MILP's best bound).
+    replicas : tuple of Plan, optional
+        Data parallelism: each replica is a full plan on its own device group; the
+        input stream is shared in proportion to the replicas' throughputs.
+    """
+
+    placement: tuple[int, ...]
+    order: tuple[tuple[int, ...], ...] | None = None
+    solver: str = ""
+    status: str = "heuristic"
+    claimed: float | None = None
+    solver_bound: float | None = None
+    solve_time_s: float = 0.0
+    info: Mapping[str, Any] = field(default_factory=dict)
+    replicas: tuple["Plan", ...] | None = None
+
+    def with_(self, **kw) -> "Plan":
+        return replace(self, **kw)
+
+
+class Problem:
+    """A cost graph on a hardware spec, with an objective and constraints.
+
+    Parameters
+    ----------
+    graph : CostGraph
+    spec : Spec
+    objective : Objective or str
+    constraints : Constraints
+    T : ndarray, optional
+        Precomputed ``(n, D)`` times; default: :func:`partitioner.cost.cost_matrix`.
+    """
+
+    def __init__(self, graph: CostGraph, spec: Spec, objective: Objective | str = Objective.LATENCY,
+                 constraints: Constraints = Constraints(), T: np.ndarray | None = None):
+        self.graph = graph
+        self.spec = spec
+        self.objective = Objective(objective)
+        self.constraints = constraints
+        self.devices: list[str] = spec.device_ids
+        self.D = len(self.devices)
+        self.host = self.devices.index(spec.host)
+        self.links = spec.links_table
+        self.T = cost_matrix(graph, spec) if T is None else np.asarray(T, dtype=float)
+        self.n = len(graph)
+        idx = graph.index
+        self.preds: list[list[int]] = [[] for _ in range(self.n)]
+        self.succs: list[list[int]] = [[] for _ in range(self.n)]
+        self.succ_bytes: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        self.pred_bytes: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        es, ed, eb = [], [], []
+        for u, v, b in graph.edges():
+            i, j = idx[u], idx[v]
+            self.preds[j].append(i)
+            self.succs[i].append(j)
+            self.succ_bytes[i].append((j, b))
+            self.pred_bytes[j].append((i, b))
+            es.append(i), ed.append(j), eb.append(b)
+        for lst in (self.preds, self.succs, self.succ_bytes, self.pred_bytes):
+            for x in lst:
+                x.sort()
+        self.edge_src = np.array(es, dtype=np.int64)
+        self.edge_dst = np.array(ed, dtype=np.int64)
+        self.edge_bytes = np.array(eb, dtype=float)
+        self.in_tensors: list[tuple[float, tuple[int, ...]]] = [
+            (float(t.bytes), tuple(sorted(idx[d] for d in t.dsts))) for t in graph.inputs]
+        self.node_inputs: list[list[int]] = [[] for _ in range(self.n)]
+        for k, (_, dsts) in enumerate(self.in_tensors):
+            for d in dsts:
+                self.node_inputs[d].append(k)
+        self.outputs: list[tuple[int, float]] = [(idx[s], float(b)) for s, b in graph.outputs]
+        nodes = graph.nodes
+        self.param_bytes = np.array([n.param_bytes for n in nodes], dtype=float)
+        self.output_bytes = np.array([n.output_bytes for n in nodes], dtype=float)
+        reserve = spec.memory_reserve
+        self.capacity = np.array([d.memory.capacity_bytes * (1 - reserve) for d in spec.devices])
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(nodes):
+            if n.group is not None:
+                groups.setdefault(n.group, []).append(i)
+        self.groups = [g for g in groups.values() if len(g) > 1]
+        self.group_of = np.full(self.n, -1, dtype=np.int64)
+        for gi, g in enumerate(self.groups):
+            self.group_of[g] = gi
+        self.supported = np.isfinite(self.T)
+        self._comm_cache: dict[tuple[int, int, float], float] = {}
+
+    # ---- helpers ------------------------------------------------------------------
+    def node_name(self, i: int) -> str:
+        return self.graph.order[i]
+
+    def comm(self, a: int, b: int, nbytes: float) -> float:
+        """Transfer time of ``nbytes`` from device ``a`` to device ``b``."""
+        if a == b:
+            return 0.0
+        key = (a, b, nbytes)
+        t = self._comm_cache.get(key)
+        if t is None:
+            t = self._comm_cache[key] = self.links.time_idx(a, b, nbytes)
+        return t
+
+    def comm_matrix(self, nbytes: float) -> np.ndarray:
+        return self.links.matrix(nbytes)
+
+    def with_objective(self, objective: Objective | str, constraints: Constraints | None = None) -> "Problem":
+        """The same graph and spec with another objective (reuses the cost matrix)."""
+        return Problem(self.graph, self.spec, objective, constraints or self.constraints, T=self.T)
+
+    def allowed_devices(self, i: int) -> np.ndarray:
+        """Devices that may run node ``i``, honouring its group (all members must support it)."""
+        ok = self.supported[i].copy()
+        g = self.group_of[i]
+        if g >= 0:
+            ok &= self.supported[self.groups[g]].all(axis=0)
+        return np.flatnonzero(ok)
+
+    def check_supported(self) -> None:
+        """Raise :class:`InfeasibleError` when some node (or group) can run on no device."""
+        for i in range(self.n):
+            if not self.allowed_devices(i).size:
+                n = self.graph.node(self.node_name(i))
+                g = f" (with the rest of group {n.group!r})" if n.group is not None else ""
+                raise InfeasibleError(
+                    f"node {n.id!r} (op {n.op!r}) can run on no device of spec {self.spec.name!r}{g}",
+                    hint="add a device that supports the op, or remove it from `unsupported_ops`/`supported_on`")
+
+    def validate_plan(self, plan: Plan) -> None:
+        """Structural checks: every node placed once on a known device; order a permutation."""
+        if len(plan.placement) != self.n:
+            raise PlanError(f"plan places {len(plan.placement)} nodes, the graph has {self.n}",
+                            hint="place every node exactly once")
+        pl = np.asarray(plan.placement)
+        if pl.size and (pl.min() < 0 or pl.max() >= self.D):
+            raise PlanError("plan names a device index outside the spec", hint=f"devices: {self.devices}")
+        if plan.order is not None:
+            if len(plan.order) != self.D:
+                raise PlanError(f"plan order lists {len(plan.order)} devices, the spec has {self.D}")
+            seen = np.zeros(self.n, dtype=bool)
+            for d, seq in enumerate(plan.order):
+                for i in seq:
+                    if seen[i] or pl[i] != d:
+                        raise PlanError(
+                            f"plan order of {self.devices[d]!r} lists node {self.node_name(i)!r} "
+                            f"{'twice' if seen[i] else 'placed on ' + self.devices[pl[i]]!r}")
+                    seen[i] = True
+            if not seen.all():
+                missing = self.node_name(int(np.flatnonzero(~seen)[0]))
+                raise PlanError(f"plan order leaves out node {missing!r}", hint="order every node of each device")
+
+    def plan_from_names(self, placement: Mapping[str, str], order: Mapping[str, list[str]] | None = None,
+                        **kw) -> Plan:
+        """Build a Plan from node-id -> device-id mappings (as in plan.json)."""
+        di = {d: j for j, d in enumerate(self.devices)}
+        missing = [v for v in self.graph.order if v not in placement]
+        if missing:
+            raise PlanError(f"placement leaves out {len(missing)} node(s), e.g. {missing[0]!r}",
+                            hint="place every node of the graph")
+        unknown = sorted(set(placement) - set(self.graph.index))
+        if unknown:
+            raise PlanError(f"placement names unknown node(s) {unknown[:5]}", hint="use the graph's node ids")
+        bad = sorted({d for d in placement.values() if d not in di})
+        if bad:
+            raise PlanError(f"placement names unknown device(s) {bad}", hint=f"devices: {', '.join(self.devices)}")
+        pl = tuple(di[placement[v]] for v in self.graph.order)
+        od = None
+        if order is not None:
+            od = tuple(tuple(self.graph.index[v] for v in order.get(d, [])) for d in self.devices)
+        plan = Plan(pl, od, **kw)
+        self.validate_plan(plan)
+        return plan
+
+    def value_of(self, latency: float, period: float) -> float:
+        """The objective's figure (seconds): latency, or the period (1 / throughput)."""
+        return latency if self.objective is Objective.LATENCY else period
+
+
+def gap(value: float, bound: float) -> float:
+    """Relative gap ``(value - bound) / value`` (0 when proven optimal; inf without a value)."""
+    if value is None or not math.isfinite(value):
+        return math.inf
+    if value <= 0:
+        return 0.0
+    return max(0.0, (value - bound) / value)
