@@ -255,3 +255,50 @@ def gap(value: float, bound: float) -> float:
     if value <= 0:
         return 0.0
     return max(0.0, (value - bound) / value)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Conditions for solving a subset of the nodes while the rest is fixed.
+
+    The split heuristic solves modules one at a time with the plan of earlier modules
+    fixed; exact solvers accept a Boundary so that the same model serves whole problems
+    and modules. For the whole problem (:meth:`full`), the sub-objective
+    ``max_i finish_i + tail[i, device_i]`` is exactly the evaluator's latency.
+
+    Attributes
+    ----------
+    nodes : tuple of int
+        The subset, in topological order (predecessors outside it are fixed).
+    device_ready : ndarray, shape (D,)
+        Time each device becomes free (no subset node starts on ``d`` before it).
+    release : ndarray, shape (k, D)
+        Earliest start of ``nodes[i]`` on device ``d`` given data from outside the subset
+        (model inputs from the host, tensors from fixed predecessors).
+    tail : ndarray, shape (k, D)
+        Time after ``nodes[i]`` finishes on ``d`` that counts in the objective (the
+        output transfer to the host for model outputs; any downstream estimate).
+    capacity : ndarray, shape (D,)
+        Memory still free per device.
+    """
+
+    nodes: tuple[int, ...]
+    device_ready: np.ndarray
+    release: np.ndarray
+    tail: np.ndarray
+    capacity: np.ndarray
+
+    @staticmethod
+    def full(problem: Problem) -> "Boundary":
+        """The whole problem: every node, inputs from the host, outputs back to it."""
+        n, D = problem.n, problem.D
+        release = np.zeros((n, D))
+        for b, dsts in problem.in_tensors:
+            row = np.array([problem.comm(problem.host, d, b) for d in range(D)])
+            for j in dsts:
+                np.maximum(release[j], row, out=release[j])
+        tail = np.zeros((n, D))
+        for s, b in problem.outputs:
+            row = np.array([problem.comm(d, problem.host, b) for d in range(D)])
+            np.maximum(tail[s], row, out=tail[s])
+        return Boundary(tuple(range(n)), np.zeros(D), release, tail, problem.capacity.copy())
