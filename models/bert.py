@@ -23,7 +23,15 @@ from torch import nn
 
 from ._common import generator, seeded
 
-__all__ = ["BertConfig", "BertEmbeddings", "BertSelfAttention", "BertLayer", "BertModel", "bert", "bert_base"]
+__all__ = [
+    "BertConfig",
+    "BertEmbeddings",
+    "BertSelfAttention",
+    "BertLayer",
+    "BertModel",
+    "bert",
+    "bert_base",
+]
 
 
 class BertConfig:
@@ -277,7 +285,9 @@ def bert(
     return model, (input_ids,)
 
 
-def bert_base(seq: int = 128, batch: int = 1, pooler: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def bert_base(
+    seq: int = 128, batch: int = 1, pooler: bool = False
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """bert-base (12 layers, width 768, 12 heads, FFN 3072) and example token ids.
 
     Parameters

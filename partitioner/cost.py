@@ -62,8 +62,9 @@ def roofline_time(flops: float, bytes_moved: float, dev: Device, dtype: str = "f
 
 
 def check_time_keys(graph: CostGraph, spec: Spec) -> None:
-    """Every ``time_s`` and ``supported_on`` key must name a device id, model or kind of the spec."""
-    known = {k for d in spec.devices for k in (d.id, d.model, d.kind) if k}
+    """Every ``time_s`` and ``supported_on`` key must name a device id or model of the spec, or a
+    device kind (cpu, gpu, accelerator): a misspelt key is an error, not a silent roofline."""
+    known = {k for d in spec.devices for k in (d.id, d.model) if k} | {"cpu", "gpu", "accelerator"}
     for n in graph.nodes:
         for what, keys in (("time_s", n.time_s.keys()), ("supported_on", n.supported_on or ())):
             bad = sorted(set(keys) - known)

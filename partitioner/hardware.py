@@ -224,7 +224,7 @@ def list_specs() -> list[str]:
 def spec_path(name_or_path: str | os.PathLike) -> Path:
     """Resolve a spec name (shipped) or a path to a YAML file."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
         if not p.is_file():
             raise SpecError(f"hardware spec file {str(p)!r} does not exist",
                             hint="give a path to a YAML file or the name of a shipped spec (`partitioner specs`)")
