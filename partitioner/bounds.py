@@ -1,32 +1,58 @@
 """Lower bounds: numbers no plan can beat, for both objectives.
 
-v1 combines two bounds and reports which one binds:
+:func:`lower_bound` returns the largest of several proven bounds and names the one that
+binds (``Bound.parts`` holds each, ``Bound.info`` the LP variants and times). ``A[v]``
+is the set of devices that may run ``v`` (support and co-location groups).
 
-* ``path``: the communication-aware critical path. ``F[v, d]``, a lower bound on the finish
-  time of ``v`` if it runs on ``d``, is ``T[v, d]`` plus the latest of its inputs' earliest
-  arrivals, each predecessor taking its best device ``d'`` (``F[u, d'] + transfer(d', d)``)
-  and each model input its transfer from the host. Device contention is ignored, so this
-  is a valid bound on any schedule; outputs add their transfer back to the host.
-* ``load``: the fractional load-balancing LP: every node's work split across the devices
-  that support it (``sum_d x[v, d] = 1``), each device's load at most ``C``, parameters
-  within memory. The busiest device of any plan carries at least ``C`` seconds per
-  sample, so ``C`` bounds both the latency and the period; data-parallel replicas are a
-  fractional split of the same work, so it also bounds their combined period.
+Combinatorial parts (a dynamic programme or closed form):
 
-The latency bound is ``max(path, load)``; the period bound is ``load``.
+* ``path`` (latency): ``head[v, d]`` bounds the finish of ``v`` if it runs on ``d`` (its
+  inputs' earliest arrivals, each predecessor on its best device, plus ``T[v, d]``);
+  ``tail[v, d]`` bounds the time from that finish to the end (each successor on its best
+  device after the transfer; output transfers to the host). Any plan ``p`` has
+  ``latency >= head[v, p(v)] + tail[v, p(v)] >= min_d (head + tail)[v, d]`` for every
+  ``v``; contention is ignored. Chains of nodes only one device supports are priced
+  exactly here (``T`` is infinite elsewhere). This is at least v1's path bound.
+* ``energy``: ``sum_v min_d T[v, d] / D``: the busiest device does at least the average
+  work (it is also implied by ``load``).
+* ``forced`` (latency): the nodes ``S`` only ``d`` can run all run on ``d``, one at a time:
+  the first starts no earlier than ``min_S (head - T)``, the last finishes at least
+  ``sum_S T`` later and is followed by its tail, so ``latency >= min_S (head - T)[., d] +
+  sum_S T[., d] + min_S tail[., d]``.
+
+LP parts (formulations and proofs in :mod:`partitioner.bounds_lp`):
+
+* ``load``: the fractional load-balancing LP; bounds the latency and the period,
+  data-parallel replicas included (:func:`period_lp_bound`).
+* ``coupled`` (latency): the load LP coupled with path potentials and transfer flows;
+  at least ``path`` and ``load`` by construction.
+* ``links`` (throughput): the load LP with link loads (and, with ``comm_blocks_device``,
+  transfer time on the devices), made valid for replicas by :func:`period_lp_bound`.
+
+Size fallbacks (measured on DNN-like DAGs, 4 devices, 2 cores): the coupled LP keeps
+transfer flows on its ``LIMITS["coupled_z"] / (D (D - 1))`` most critical edges and its
+potentials on the ``LIMITS["coupled_nodes"]`` most critical nodes; the period LP keeps
+transfer indicators within ``LIMITS["period_nnz"]`` nonzeros. Dropping rows only relaxes
+an LP, so every variant stays valid.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import linprog
 
+from . import bounds_lp as _lp
+from .bounds_lp import LIMITS, SHAVE, LPResult, _Routes  # noqa: F401  (re-exported)
 from .errors import InfeasibleError
 from .problem import Objective, Problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,12 +62,44 @@ class Bound:
     value: float
     binding: str
     parts: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-def critical_path_bound(problem: Problem) -> float:
-    """Communication-aware critical path with every node at its best device (latency)."""
-    T, D, host = problem.T, problem.D, problem.host
-    F = np.empty((problem.n, D))
+@dataclass(frozen=True)
+class PathLabels:
+    """``head[v, d]``: earliest finish of ``v`` on ``d``; ``tail[v, d]``: least time from that
+    finish to the end; ``allowed`` (n, D); ``T`` with inf where not allowed."""
+
+    head: np.ndarray
+    tail: np.ndarray
+    allowed: np.ndarray
+    T: np.ndarray
+
+
+# ---- combinatorial parts -------------------------------------------------------------
+
+def allowed_mask(problem: Problem) -> np.ndarray:
+    """``(n, D)`` bool: devices that may run each node: support, groups (all members on one
+    device that supports them all) and, with memory on, whose capacity holds the node's
+    (group's) parameters (the evaluator's tolerance, relative 1e-9)."""
+    ok = problem.supported.copy()
+    cap = problem.capacity * (1 + 1e-9)
+    if problem.constraints.memory:
+        ok &= problem.param_bytes[:, None] <= cap[None, :]
+    for g in problem.groups:
+        ok[g] &= problem.supported[g].all(axis=0)
+        if problem.constraints.memory:
+            ok[g] &= problem.param_bytes[g].sum() <= cap
+    if not ok.any(axis=1).all():
+        problem.check_supported()
+    return ok
+
+
+def path_labels(problem: Problem) -> PathLabels:
+    """Forward (head) and backward (tail) earliest-time labels with contention ignored."""
+    n, D, host = problem.n, problem.D, problem.host
+    A = allowed_mask(problem)
+    T = np.where(A, problem.T, np.inf)
     mats: dict[float, np.ndarray] = {}
 
     def cm(b: float) -> np.ndarray:
@@ -50,81 +108,229 @@ def critical_path_bound(problem: Problem) -> float:
             m = mats[b] = problem.comm_matrix(b)
         return m
 
-    in_arr = np.zeros((problem.n, D))
-    for b, dsts in problem.in_tensors:
-        row = cm(b)[host]
-        for j in dsts:
-            np.maximum(in_arr[j], row, out=in_arr[j])
-    out_extra = np.zeros((problem.n, D))
-    for s, b in problem.outputs:
-        np.maximum(out_extra[s], cm(b)[:, host], out=out_extra[s])
-    best = 0.0
-    for v in range(problem.n):
-        ready = in_arr[v].copy()
+    head = np.empty((n, D))
+    for v in range(n):
+        ready = np.zeros(D)
+        for k in problem.node_inputs[v]:
+            np.maximum(ready, cm(problem.in_tensors[k][0])[host], out=ready)
         for u, b in problem.pred_bytes[v]:
-            arr = (F[u][:, None] + cm(b)).min(axis=0)
-            np.maximum(ready, arr, out=ready)
-        F[v] = ready + T[v]
-        best = max(best, float((F[v] + out_extra[v]).min()))
+            np.maximum(ready, (head[u][:, None] + cm(b)).min(axis=0), out=ready)
+        head[v] = ready + T[v]
+    tail = np.zeros((n, D))
+    for s, b in problem.outputs:
+        np.maximum(tail[s], cm(b)[:, host], out=tail[s])
+    for v in range(n - 1, -1, -1):
+        for s, b in problem.succ_bytes[v]:
+            np.maximum(tail[v], (cm(b) + (T[s] + tail[s])[None, :]).min(axis=1), out=tail[v])
+    return PathLabels(head, tail, A, T)
+
+
+def critical_path_bound(problem: Problem, labels: PathLabels | None = None) -> float:
+    """``max_v min_d head[v, d] + tail[v, d]``: the communication-aware critical path (latency)."""
+    lab = labels or path_labels(problem)
+    if problem.n == 0:
+        return 0.0
+    return float((lab.head + lab.tail).min(axis=1).max())
+
+
+def energy_bound(problem: Problem, labels: PathLabels | None = None) -> float:
+    """``sum_v min_d T[v, d] / D``: the average work per device (both objectives)."""
+    T = (labels or path_labels(problem)).T
+    return float(T.min(axis=1).sum() / problem.D) if problem.n else 0.0
+
+
+def forced_bound(problem: Problem, labels: PathLabels | None = None) -> float:
+    """Nodes only one device can run, run one at a time there (latency; see module docstring)."""
+    lab = labels or path_labels(problem)
+    best = 0.0
+    only = lab.allowed.sum(axis=1) == 1
+    for d in range(problem.D):
+        S = np.flatnonzero(only & lab.allowed[:, d])
+        if S.size:
+            t = lab.T[S, d]
+            best = max(best, float((lab.head[S, d] - t).min() + t.sum() + lab.tail[S, d].min()))
     return best
+
+
+def load_lp(problem: Problem, mask: np.ndarray | None = None) -> LPResult:
+    """The fractional load-balancing LP on the devices in ``mask`` (default all)."""
+    A = allowed_mask(problem)
+    return _lp.load_lp(problem, A if mask is None else A & mask[None, :])
 
 
 def load_lp_bound(problem: Problem) -> float:
     """The fractional load-balancing LP (HiGHS via scipy); raises InfeasibleError if no fit."""
-    n, D = problem.n, problem.D
-    T = problem.T
-    allowed = [problem.allowed_devices(i) for i in range(n)]
-    cols_v, cols_d = [], []
-    for i in range(n):
-        for d in allowed[i]:
-            cols_v.append(i)
-            cols_d.append(int(d))
-    if len(set(cols_v)) < n:
-        problem.check_supported()
-    m = len(cols_v)
-    cols_v = np.array(cols_v)
-    cols_d = np.array(cols_d)
-    t = T[cols_v, cols_d]
-    # scale to keep HiGHS well conditioned
-    scale = float(t.max()) if m and t.max() > 0 else 1.0
-    c = np.zeros(m + 1)
-    c[-1] = 1.0
-    A_eq = sp.csr_matrix((np.ones(m), (cols_v, np.arange(m))), shape=(n, m + 1))
-    b_eq = np.ones(n)
-    rows = [cols_d]
-    data = [t / scale]
-    colidx = [np.arange(m)]
-    A_load = sp.csr_matrix((np.concatenate(data + [-np.ones(D)]),
-                            (np.concatenate(rows + [np.arange(D)]), np.concatenate(colidx + [np.full(D, m)]))),
-                           shape=(D, m + 1))
-    A_ub, b_ub = [A_load], [np.zeros(D)]
-    if problem.constraints.memory and problem.param_bytes.any():
-        pb = problem.param_bytes[cols_v]
-        A_mem = sp.csr_matrix((pb, (cols_d, np.arange(m))), shape=(D, m + 1))
-        A_ub.append(A_mem)
-        b_ub.append(problem.capacity)
-    res = linprog(c, A_ub=sp.vstack(A_ub).tocsr(), b_ub=np.concatenate(b_ub), A_eq=A_eq, b_eq=b_eq,
-                  bounds=[(0, None)] * (m + 1), method="highs")
-    if res.status == 2:
+    res = load_lp(problem)
+    if not math.isfinite(res.value):
         need = problem.param_bytes.sum()
         raise InfeasibleError(
             f"the parameters ({need / 1e9:.3f} GB) fit on the devices of spec {problem.spec.name!r} in no way "
             f"(usable memory {problem.capacity.sum() / 1e9:.3f} GB in all, given which devices support each op)",
             hint="use a spec with more memory, lower memory_reserve, or a smaller model")
-    if res.status != 0:
-        return 0.0  # numerical trouble: fall back to the trivially valid bound
-    # HiGHS' optimum is exact up to its tolerances; shave a hair so the bound stays valid
-    return max(0.0, float(res.fun) * scale * (1 - 1e-7))
+    return res.value
+
+
+def coupled_lp_bound(problem: Problem, labels: PathLabels | None = None, variant: str | None = None,
+                     known: float = 0.0) -> LPResult:
+    """The coupled latency LP (:func:`partitioner.bounds_lp.coupled_lp`); ``variant`` forces
+    ``flow`` or ``nocomm``; ``known`` is a proven bound its cuts may use (with ``path`` and
+    ``forced``)."""
+    lab = labels or path_labels(problem)
+    lb0 = max(known, critical_path_bound(problem, lab), forced_bound(problem, lab))
+    return _lp.coupled_lp(problem, lab, lb0, variant)
+
+
+def period_lp(problem: Problem, mask: np.ndarray | None = None, variant: str | None = None,
+              nnz: int | None = None) -> LPResult:
+    """The link-load LP (:func:`partitioner.bounds_lp.period_lp`) for single-group plans on the
+    devices in ``mask``; ``variant`` forces ``full``, ``transport``, ``partial`` or ``io``."""
+    A = allowed_mask(problem)
+    return _lp.period_lp(problem, A if mask is None else A & mask[None, :], variant, nnz)
+
+
+def _set_partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty blocks (deterministic order)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[first]] + part
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+def _group_cheap(problem: Problem, A: np.ndarray, G: tuple[int, ...], routes: _Routes) -> float:
+    """A closed-form bound on the period of any single-group plan on devices ``G``: inf if some
+    node or the parameters do not fit; for one device its plan's exact period; else the
+    larger of the average work and the work of nodes only one device of ``G`` can run."""
+    AG = A[:, list(G)]
+    if not AG.any(axis=1).all():
+        return math.inf
+    if problem.constraints.memory and problem.param_bytes.sum() > problem.capacity[list(G)].sum() * (1 + 1e-9):
+        return math.inf
+    TG = np.where(AG, problem.T[:, list(G)], np.inf)
+    if len(G) == 1:
+        d = G[0]
+        loads = np.zeros(routes.n_res)
+        loads[d] = TG[:, 0].sum()
+        if d != problem.host:
+            for b, dsts in problem.in_tensors:
+                if dsts:
+                    for row, t in routes.contrib(problem.host, d, (b,)):
+                        loads[row] += t
+            for _, b in problem.outputs:
+                for row, t in routes.contrib(d, problem.host, (b,)):
+                    loads[row] += t
+        return float(loads.max())
+    only = AG.sum(axis=1) == 1
+    forced = max((float(TG[only & AG[:, k], k].sum()) for k in range(len(G))), default=0.0)
+    return max(float(TG.min(axis=1).sum()) / len(G), forced)
+
+
+def period_lp_bound(problem: Problem) -> tuple[float, dict[str, Any]]:
+    """A period bound valid for every plan, data-parallel replicas included.
+
+    The link-load LP (:func:`period_lp`) bounds plans that run as one device group. It
+    does not bound replicas: the evaluator prices each replica's links (and, with
+    ``comm_blocks_device``, the devices its routes cross) on its own, so a resource that
+    several replicas use can carry more than the period in total. Replicas on groups
+    ``G_1..G_k`` with periods ``P_r`` have period ``1 / sum_r 1/P_r``, and ``P_r`` is at
+    least any single-group bound on ``G_r``; so the period of every plan is at least
+
+        min( LP(all devices), min over partitions into >= 2 groups of 1 / sum_r 1/LB(G_r) )
+
+    where ``LB(G)`` is the LP restricted to ``G`` (at most ``LIMITS["replica_lps"]`` of them,
+    each with a quarter of the period LP's size budget) or else its closed form,
+    :func:`_group_cheap` (exact for one device). Leaving some devices unused only
+    raises the period, so partitions of all devices suffice. Partitions are visited by
+    increasing closed-form value and pruned once that reaches the best so far. With more
+    than ``LIMITS["replica_devices"]`` devices the enumeration is skipped and only the load
+    LP (which bounds replicas too: a replica mix with stream shares ``lambda_r`` is the
+    fractional placement ``x = sum_r lambda_r x_r``, and device ``d`` of group ``r`` then
+    carries ``lambda_r load_r(d) <= lambda_r P_r = period``) is returned.
+    """
+    D = problem.D
+    one = period_lp(problem)
+    info: dict[str, Any] = {"period_lp": one.variant, "period_lp_s": round(one.seconds, 4)}
+    best = one.value
+    if D == 1 or one.variant == "skipped":
+        return best, info
+    if D > LIMITS["replica_devices"]:
+        info["replicas"] = "not enumerated"
+        return load_lp(problem).value, info
+    A = allowed_mask(problem)
+    routes = _Routes(problem)
+    cheap: dict[tuple[int, ...], float] = {}
+    exact: dict[tuple[int, ...], float] = {}
+    parts = []
+    for part in _set_partitions(list(range(D))):
+        if len(part) < 2:
+            continue
+        blocks = tuple(tuple(sorted(b)) for b in part)
+        for G in blocks:
+            if G not in cheap:
+                cheap[G] = _group_cheap(problem, A, G, routes)
+        parts.append((_combine(cheap[G] for G in blocks), blocks))
+    parts.sort()
+    lps = 0
+    for value, blocks in parts:
+        if value >= best:
+            break
+        for G in blocks:
+            if G not in exact and len(G) > 1 and lps < LIMITS["replica_lps"]:
+                mask = np.zeros(D, dtype=bool)
+                mask[list(G)] = True
+                exact[G] = max(cheap[G], period_lp(problem, mask, nnz=LIMITS["period_nnz"] // 4).value)
+                lps += 1
+        best = min(best, _combine(exact.get(G, cheap[G]) for G in blocks))
+    info["replica_lps"] = lps
+    return best, info
+
+
+def _combine(periods) -> float:
+    """Period of replicas with the given periods: ``1 / sum 1/P`` (inf periods add nothing)."""
+    rate = 0.0
+    for p in periods:
+        if p <= 0:
+            return 0.0
+        rate += 1.0 / p
+    return 1.0 / rate if rate > 0 else math.inf
+
+
+_CACHE: "weakref.WeakKeyDictionary[Problem, Bound]" = weakref.WeakKeyDictionary()
 
 
 def lower_bound(problem: Problem) -> Bound:
-    """The best lower bound this module can prove for ``problem``'s objective."""
-    load = load_lp_bound(problem)
-    parts = {"load": load}
+    """The best lower bound this module can prove for ``problem``'s objective.
+
+    Latency: max of ``path``, ``load``, ``energy``, ``forced`` and ``coupled``. Period:
+    max of ``load``, ``energy`` and ``links``. ``info`` names the LP variants used and
+    the time taken. Results are cached per Problem object.
+    """
+    hit = _CACHE.get(problem)
+    if hit is not None:
+        return hit
+    t0 = time.perf_counter()
+    lab = path_labels(problem)
+    parts = {"load": load_lp_bound(problem), "energy": energy_bound(problem, lab)}
+    info: dict[str, Any] = {}
     if problem.objective is Objective.LATENCY:
-        parts["path"] = critical_path_bound(problem)
+        parts["path"] = critical_path_bound(problem, lab)
+        parts["forced"] = forced_bound(problem, lab)
+        res = coupled_lp_bound(problem, lab, known=parts["load"])
+        info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
+        if res.variant != "skipped":
+            parts["coupled"] = res.value
+    else:
+        parts["links"], more = period_lp_bound(problem)
+        info.update(more)
     binding = max(parts, key=lambda k: (parts[k], k))
     value = parts[binding]
     if not math.isfinite(value):
         problem.check_supported()
-    return Bound(value, binding, parts)
+    info["seconds"] = round(time.perf_counter() - t0, 4)
+    log.info("lower bound %.6g (%s) in %.3f s; %s", value, binding, info["seconds"], info)
+    bound = Bound(value, binding, parts, info)
+    _CACHE[problem] = bound
+    return bound

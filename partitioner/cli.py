@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 specs_app = typer.Typer(help="List the shipped hardware specs, or show one.", invoke_without_command=True)
 app.add_typer(specs_app, name="specs")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: let the terminal wrap
 _state = {"debug": False}
 
 

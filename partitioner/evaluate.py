@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -329,3 +330,64 @@ def _evaluate_replicas(problem: Problem, plan: Plan) -> Evaluation:
                       sum(ev.device_load for ev in evs), {k: v for ev in evs for k, v in ev.link_load.items()},
                       np.max([ev.memory_peak for ev in evs], axis=0), sum(ev.param_bytes for ev in evs),
                       first.transfers, tuple(evs))
+
+
+def subset_schedule(problem: Problem, nodes: tuple[int, ...], pl: dict[int, int], order: list[list[int]],
+            dur: Callable[[int, int], float], comm: Callable[[int, int, float], float],
+            rel: Callable[[int, int], float], tail: Callable[[int, int], float]):
+    """Earliest-start schedule of ``nodes`` placed by ``pl`` in per-device ``order``.
+
+    The machine model of :func:`partitioner.evaluate.evaluate`: one transfer per (producer,
+    destination device) at the largest bytes among the producer's edges to that device;
+    a node starts after its device's previous node, its release (``rel``: inputs from
+    outside the subset and the device's ready time) and its inputs' arrivals.
+
+    Returns
+    -------
+    start, finish : dict
+    objective : the largest ``finish + tail`` (inf when the order contradicts precedence)
+    """
+    inset = set(nodes)
+    xb: dict[tuple[int, int], float] = {}
+    for u in nodes:
+        for v, b in problem.succ_bytes[u]:
+            if v not in inset:
+                continue
+            if pl[v] != pl[u] and b > xb.get((u, pl[v]), -1.0):
+                xb[(u, pl[v])] = b
+    prev: dict[int, int] = {}
+    nxt: dict[int, int] = {}
+    for seq in order:
+        for a, b in zip(seq, seq[1:]):
+            prev[b], nxt[a] = a, b
+    preds = {v: [u for u in problem.preds[v] if u in inset] for v in nodes}
+    indeg = {v: len(preds[v]) + (v in prev) for v in nodes}
+    queue = deque(v for v in nodes if indeg[v] == 0)
+    start: dict[int, float] = {}
+    finish: dict[int, float] = {}
+    obj = 0
+    while queue:
+        v = queue.popleft()
+        d = pl[v]
+        s = rel(v, d)
+        if v in prev:
+            s = max(s, finish[prev[v]])
+        for u in preds[v]:
+            a = finish[u] if pl[u] == d else finish[u] + comm(pl[u], d, xb[(u, d)])
+            s = max(s, a)
+        start[v] = s
+        finish[v] = s + dur(v, d)
+        obj = max(obj, finish[v] + tail(v, d))
+        for w in problem.succs[v]:
+            if w in indeg:
+                indeg[w] -= 1
+                if indeg[w] == 0:
+                    queue.append(w)
+        if v in nxt:
+            w = nxt[v]
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                queue.append(w)
+    if len(start) < len(nodes):
+        return start, finish, math.inf
+    return start, finish, obj

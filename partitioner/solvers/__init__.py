@@ -59,4 +59,4 @@ def solve(problem: Problem, name: str, settings: Settings | None = None) -> Plan
     return plan.with_(solver=name, solve_time_s=dt)
 
 
-from . import greedy, heft, single  # noqa: E402,F401  (register the solvers)
+from . import cpsat, dp, greedy, heft, metis, milp, peft, single, split  # noqa: E402,F401  (register the solvers)

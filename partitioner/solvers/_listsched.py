@@ -26,7 +26,9 @@ class PartialSchedule:
         self.finish = np.zeros(p.n)
         self.busy: list[list[tuple[float, float]]] = [[] for _ in range(p.D)]  # sorted (start, finish)
         self.ready_at = np.zeros(p.D)  # end of the last interval (append-only scheduling)
-        self.arrival: dict[tuple[int, int], float] = {}
+        # (producer, device) -> (bytes sent, arrival); the evaluator sends the largest
+        # tensor any consumer on that device needs, once
+        self.arrival: dict[tuple[int, int], tuple[float, float]] = {}
         self.params = np.zeros(p.D)
         self.load = np.zeros(p.D)
         self.group_dev: dict[int, int] = {}
@@ -59,9 +61,11 @@ class PartialSchedule:
             if du == d:
                 a = self.finish[u]
             else:
-                a = self.arrival.get((u, d))
-                if a is None:
-                    a = self.finish[u] + p.comm(du, d, b)
+                sent = self.arrival.get((u, d))
+                if sent is not None and sent[0] >= b:
+                    a = sent[1]
+                else:
+                    a = self.finish[u] + p.comm(du, d, b if sent is None else max(b, sent[0]))
             if a > r:
                 r = a
         return r
@@ -96,9 +100,9 @@ class PartialSchedule:
         for u, b in p.pred_bytes[v]:
             du = self.pl[u]
             if du != d:
-                a = self.finish[u] + p.comm(du, d, b)
-                if a < self.arrival.get((u, d), math.inf):
-                    self.arrival[(u, d)] = a
+                sent = self.arrival.get((u, d))
+                if sent is None or b > sent[0]:
+                    self.arrival[(u, d)] = (b, self.finish[u] + p.comm(du, d, b))
 
     def plan(self, status: str = "heuristic", **info) -> Plan:
         order = []

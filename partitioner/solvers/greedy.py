@@ -8,7 +8,6 @@ lowest, ties broken by the transfer time added, then by finish time.
 
 from __future__ import annotations
 
-import math
 
 from ..problem import Objective, Plan, Problem, Settings
 from . import register

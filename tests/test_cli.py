@@ -1,0 +1,111 @@
+"""The command line: happy paths and every bad input gives one clear message and exit 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from partitioner.cli import app
+
+runner = CliRunner()
+
+TINY = {
+    "format": "partitioner.costgraph/1", "name": "tiny",
+    "nodes": [{"id": "a", "op": "conv2d", "flops": 2.3e8, "param_bytes": 36864, "output_bytes": 802816},
+              {"id": "b", "op": "matmul", "flops": 1.0e6, "output_bytes": 4000}],
+    "edges": [{"src": "a", "dst": "b", "bytes": 802816}],
+    "inputs": [{"dst": "a", "bytes": 602112}], "outputs": [{"src": "b", "bytes": 4000}],
+}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps(TINY))
+    return p
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compile_cost_graph_writes_plan(tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run("compile", tiny, "--hw", "server-cpu-2gpu", "--solver", "heft", "--out", out)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["placement"]) == {"a", "b"}
+    assert plan["bound_s"] <= plan["value_s"] and 0 <= plan["gap"] < 1
+    assert (out / "report.md").read_text().startswith("# Plan for `tiny`")
+    assert "gap" in r.output and str(out) in r.output
+    # refuse an existing directory, replace it with --force
+    r2 = run("compile", tiny, "--out", out)
+    assert r2.exit_code == 2 and "already exists" in r2.output and "--force" in r2.output
+    assert run("compile", tiny, "--out", out, "--force").exit_code == 0
+
+
+def test_evaluate_given_placement(tiny, tmp_path):
+    pl = tmp_path / "pl.json"
+    pl.write_text(json.dumps({"a": "gpu0", "b": "gpu0"}))
+    r = run("evaluate", tiny, "--hw", "server-cpu-2gpu", "--placement", pl, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["devices"]["gpu0"]["nodes"] == 2 and s["feasible"]
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d["edges"].append({"src": "b", "dst": "a", "bytes": 1}), "cycle"),
+    (lambda d: d["edges"].append({"src": "a", "dst": "zz", "bytes": 1}), "unknown node"),
+    (lambda d: d["nodes"][0].update(flops=-1), ">= 0"),
+    (lambda d: d["nodes"][0].update(op="conv2d", supported_on=["accelerator"]), "can run on no device"),
+    (lambda d: d["nodes"][0].update(param_bytes=1e15), "fit"),
+])
+def test_bad_cost_graphs_exit_2_and_write_nothing(tmp_path, mutate, needle):
+    d = json.loads(json.dumps(TINY))
+    mutate(d)
+    g = tmp_path / "g.json"
+    g.write_text(json.dumps(d))
+    out = tmp_path / "out"
+    r = run("compile", g, "--solver", "heft", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_bad_arguments(tiny, tmp_path):
+    cases = [
+        (("compile", tiny, "--hw", "nope"), "unknown hardware spec"),
+        (("compile", tiny, "--solver", "nope", "--out", tmp_path / "o1"), "unknown solver"),
+        (("compile", tiny, "--objective", "speed", "--out", tmp_path / "o2"), "--objective"),
+        (("compile", tiny, "--time-limit", "0", "--out", tmp_path / "o3"), "time-limit"),
+        (("compile", "no-such-model", "--out", tmp_path / "o4"), "unknown model"),
+        (("compile", tmp_path / "missing.json", "--out", tmp_path / "o5"), "does not exist"),
+        (("evaluate", tiny, "--placement", tmp_path / "missing.json"), "does not exist"),
+        (("specs", "show", "nope"), "unknown hardware spec"),
+    ]
+    for args, needle in cases:
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert needle in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+
+
+def test_bad_spec_file(tiny, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndevices:\n  - {id: c, host: h, kind: fpga, memory: {capacity_bytes: 1.0e+9}}\n")
+    r = run("compile", tiny, "--hw", spec, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "unknown device kind 'fpga'" in r.output
+    spec.write_text("name: s\ndevices:\n  - {id: a, host: h, kind: cpu, memory: {capacity_bytes: 1.0e+9}}\n"
+                    "  - {id: b, host: g, kind: cpu, memory: {capacity_bytes: 1.0e+9}}\n")
+    r = run("compile", tiny, "--hw", spec, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "no route between devices 'a' and 'b'" in r.output
+
+
+def test_listings():
+    for args, needle in ((("specs",), "server-cpu-2gpu"), (("specs", "show", "edge-soc"), "dla0"),
+                         (("models",), "resnet50"), (("solvers",), "heft")):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert needle in r.output
