@@ -194,10 +194,46 @@ def grade(problem: Problem, plan: Plan, bound: Bound | None = None, model: Loade
     return Result(problem, plan, ev, bound, status, value, g, model)
 
 
+def solve_problem(problem: Problem, solver: str, settings: Settings | None = None,
+                  coarsen_to: int | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Solve ``problem`` with ``solver``, optionally on a coarsened graph.
+
+    With ``coarsen_to``, the graph is coarsened (:func:`partitioner.coarsen.coarsen`, backend
+    fusion rules then merges down to ``coarsen_to`` clusters), the solver runs on the coarse
+    problem, and its plan is expanded to every fine node. A coarse "optimal" becomes
+    "optimal_coarse": coarsening restricts the plans, so it is no proof for the fine graph,
+    and the bound used to grade it is always the fine graph's.
+
+    Returns
+    -------
+    plan : Plan
+        On the fine problem; ``solve_time_s`` includes coarsening and expansion.
+    info : dict
+        ``coarse_nodes`` and ``coarsen_time_s`` when coarsened.
+    """
+    settings = settings or Settings()
+    if coarsen_to is None or coarsen_to >= problem.n:
+        return solve(problem, solver, settings), {}
+    if coarsen_to < 1:
+        raise UsageError(f"--coarsen must be >= 1 node, got {coarsen_to}", hint="e.g. --coarsen 60")
+    from .coarsen import coarse_problem, coarsen
+
+    t0 = time.perf_counter()
+    c = coarsen(problem.graph, coarsen_to, problem=problem)
+    cp = coarse_problem(problem, c)
+    t_c = time.perf_counter() - t0
+    cplan = solve(cp, solver, settings)
+    plan = c.expand_plan(problem, cp, cplan)
+    dt = time.perf_counter() - t0
+    log.info("coarsened %d -> %d nodes in %.3f s", problem.n, cp.n, t_c)
+    return plan.with_(solve_time_s=dt), {"coarse_nodes": cp.n, "coarsen_time_s": t_c}
+
+
 def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
                  solver: str = "heft", settings: Settings | None = None,
                  constraints: Constraints | None = None, example_inputs: tuple | None = None,
-                 frontend: str = "fx", model_kwargs: dict | None = None) -> Result:
+                 frontend: str = "fx", model_kwargs: dict | None = None,
+                 coarsen_to: int | None = None) -> Result:
     """Trace (or load) a model, build the problem for a spec, solve it and grade the plan.
 
     Raises
@@ -210,38 +246,86 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     t0 = time.perf_counter()
-    plan = solve(problem, solver, settings or Settings())
+    plan, info = solve_problem(problem, solver, settings, coarsen_to)
     res = grade(problem, plan, model=loaded)
-    res.extra["compile_time_s"] = time.perf_counter() - t0
+    res.extra.update(info, compile_time_s=time.perf_counter() - t0)
     if res.status == "infeasible":
         raise InfeasibleError(f"solver {solver!r} found no feasible plan: " + "; ".join(res.evaluation.violations),
                               hint="try another solver, a spec with more memory, or relax the constraints")
     return res
 
 
-def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str], settings: Settings | None = None,
-            constraints: Constraints | None = None, progress=None, **load_kw) -> list[dict[str, Any]]:
-    """Run several solvers on one problem; one row per solver (errors become rows too)."""
+def default_solvers(n: int) -> list[str]:
+    """Every registered solver whose size limit admits ``n`` nodes (``milp`` itself is left
+    out: it is ``milp-highs`` or ``milp-cbc`` by setting, and both are listed)."""
+    from .solvers import SOLVERS
+
+    return [name for name, info in sorted(SOLVERS.items())
+            if name != "milp" and (info.max_nodes is None or n <= info.max_nodes)]
+
+
+def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | None = None,
+            settings: Settings | None = None, constraints: Constraints | None = None, progress=None,
+            coarsen_to: int | None = None, **load_kw) -> dict[str, Any]:
+    """Run several solvers on one problem and grade each against the same bound.
+
+    Parameters
+    ----------
+    solvers : list of str, optional
+        Default: :func:`default_solvers` for the size actually solved (the coarse size when
+        ``coarsen_to`` is given).
+    progress : callable, optional
+        Called as ``progress(solver_name, row_or_None)``: before each solve (``None``) and after.
+
+    Returns
+    -------
+    dict
+        ``model``, ``spec``, ``objective``, ``nodes``, ``coarse_nodes``, ``bound_s``,
+        ``bound_binding`` and ``rows``: one per solver (``solver``, ``value_s``,
+        ``value_over_bound``, ``status``, ``gap``, ``solve_time_s``, ...). A solver that fails on
+        bad input or finds no feasible plan becomes a row with its status and ``error``.
+    """
+    from .solvers import get_solver
+
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kw)
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
+    problem.check_supported()
+    size = problem.n if coarsen_to is None else min(problem.n, coarsen_to)
+    names = list(solvers) if solvers else default_solvers(size)
+    for name in names:
+        get_solver(name)  # unknown names fail before any work
     bound = lower_bound(problem)
     rows = []
-    for name in solvers:
+    for name in names:
         if progress:
-            progress(name)
+            progress(name, None)
         try:
-            plan = solve(problem, name, settings or Settings())
+            plan, info = solve_problem(problem, name, settings, coarsen_to)
             res = grade(problem, plan, bound=bound)
-            rows.append({"solver": name, "value_s": res.value, "value_over_bound": res.value / res.best_bound
-                         if res.best_bound > 0 else math.inf, "status": res.status, "gap": res.gap,
-                         "bound_s": res.best_bound, "solve_time_s": plan.solve_time_s,
-                         "latency_s": res.evaluation.latency, "period_s": res.evaluation.period})
+            row = {"solver": name, "value_s": res.value,
+                   "value_over_bound": res.value / res.best_bound if res.best_bound > 0 else math.inf,
+                   "status": res.status, "gap": res.gap, "bound_s": res.best_bound,
+                   "solver_bound_s": plan.solver_bound, "solve_time_s": plan.solve_time_s,
+                   "latency_s": res.evaluation.latency, "period_s": res.evaluation.period, **info}
         except InfeasibleError as err:
-            rows.append({"solver": name, "status": "infeasible", "error": err.message})
+            row = {"solver": name, "status": "infeasible", "error": err.message}
+        except SolverError:
+            raise  # a solver whose claim the evaluator contradicts is a bug: fail loudly
         except PartitionerError as err:
-            rows.append({"solver": name, "status": "error", "error": err.message})
-    return rows
+            row = {"solver": name, "status": "error", "error": err.message}
+        rows.append(row)
+        if progress:
+            progress(name, row)
+    best = min((r["value_s"] for r in rows if "value_s" in r and r["status"] != "infeasible"), default=math.inf)
+    for r in rows:
+        if "value_s" in r:
+            r["value_over_best"] = r["value_s"] / best if best > 0 and math.isfinite(best) else math.inf
+    coarse = next((r["coarse_nodes"] for r in rows if "coarse_nodes" in r), None)
+    return {"model": problem.graph.name, "spec": spec.name, "objective": objective, "nodes": problem.n,
+            "coarse_nodes": coarse, "bound_s": bound.value, "bound_binding": bound.binding,
+            "bound_parts_s": dict(bound.parts), "rows": rows}
 
 
-__all__ = ["LoadedModel", "Result", "compare", "compile_plan", "grade", "load_model"]
+__all__ = ["LoadedModel", "Result", "compare", "compile_plan", "default_solvers", "grade", "load_model",
+           "solve_problem"]

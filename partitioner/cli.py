@@ -130,6 +130,7 @@ def compile(
     throughput_floor: Optional[float] = typer.Option(None, help="Latency objective: minimum samples/s"),
     latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
+    coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
     json_out: bool = typer.Option(False, "--json", help="Print the plan summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
@@ -143,7 +144,7 @@ def compile(
     cons = Constraints(throughput_floor=throughput_floor, latency_ceiling=latency_ceiling)
     with console.status(f"compiling {model} for {hw}...", spinner="dots") if not (quiet or json_out) else _null():
         res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
-                               model_kwargs=_parse_kv(model_arg))
+                               model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen)
     with atomic_dir(out, force) as tmp:
         (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
         (tmp / "report.md").write_text(report.markdown(res))
@@ -214,6 +215,111 @@ def evaluate(
             console.print(f"[red]violation:[/] {v}")
     if not s["feasible"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def compare(
+    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, or a cost-graph .json"),
+    hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
+    objective: str = typer.Option("latency", help="latency | throughput"),
+    solvers: Optional[str] = typer.Option(None, "--solvers",
+                                          help="Comma-separated solver names (default: all that fit the size)"),
+    time_limit: float = typer.Option(60.0, "--time-limit", help="Time limit per solver (s)"),
+    seed: int = typer.Option(0, help="Random seed"),
+    threads: int = typer.Option(1, help="Solver threads"),
+    backend: str = typer.Option("highs", help="Backend of the `milp` solver: highs | cbc"),
+    coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON to this file"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a value/bound bar chart (PNG)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
+):
+    """Run several solvers on one problem: value, value/bound, status, gap and time of each."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import api
+    from .report import fmt_time
+
+    settings = _settings(seed, time_limit, threads, backend)
+    names = [x.strip() for x in solvers.split(",") if x.strip()] if solvers else None
+    if solvers is not None and not names:
+        raise UsageError("--solvers is empty", hint="e.g. --solvers split,heft,milp")
+    for path, what in ((json_file, "--json"), (plot, "--plot")):
+        if path is not None and (path.is_dir() or not path.parent.exists() and str(path.parent) != ""):
+            raise UsageError(f"{what} {str(path)!r}: not a writable file path",
+                             hint="name a file in an existing directory")
+    loaded = api.load_model(model, model_kwargs=_parse_kv(model_arg))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet) as prog:
+        task = prog.add_task("bound", total=None)
+
+        def progress(name, row):
+            if row is None:
+                prog.update(task, description=f"solving with [bold]{name}[/] (limit {time_limit:g} s)")
+            elif not quiet:
+                v = row.get("value_s")
+                prog.console.print(f"  {name}: {row['status']}" + (f", {fmt_time(v)}" if v is not None else ""))
+
+        out = api.compare(loaded, hw, _objective(objective), names, settings, progress=progress,
+                          coarsen_to=coarsen)
+    if json_file is not None:
+        _write_atomic(json_file, json.dumps(out, indent=1, default=_json_default))
+    if plot is not None:
+        _compare_plot(out, plot)
+    if quiet:
+        return
+    size = f"{out['nodes']} nodes" + (f", solved coarsened to {out['coarse_nodes']}" if out["coarse_nodes"] else "")
+    t = Table(title=f"{out['model']} on {out['spec']} ({out['objective']}, {size}); "
+                    f"lower bound {fmt_time(out['bound_s'])} ({out['bound_binding']})")
+    for c in ("solver", "value", "value/bound", "status", "gap", "time"):
+        t.add_column(c, justify="left" if c in ("solver", "status") else "right")
+    for r in out["rows"]:
+        if "value_s" in r:
+            t.add_row(r["solver"], fmt_time(r["value_s"]), f"{r['value_over_bound']:.3f}", r["status"],
+                      f"{100 * r['gap']:.2f}%", f"{r['solve_time_s']:.2f} s")
+        else:
+            t.add_row(r["solver"], "-", "-", r["status"], "-", "-")
+    console.print(t)
+    for r in out["rows"]:
+        if "error" in r:
+            console.print(f"[yellow]{r['solver']}:[/] {r['error']}")
+    if json_file is not None:
+        console.print(f"wrote {json_file}")
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _compare_plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["rows"] if "value_over_bound" in r]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.2))
+    ax.bar([r["solver"] for r in rows], [r["value_over_bound"] for r in rows], color="#4c72b0")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_ylabel("value / lower bound")
+    ax.set_title(f"{out['model']} on {out['spec']} ({out['objective']})", fontsize=9)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 @specs_app.callback()

@@ -109,3 +109,34 @@ def test_listings():
         r = run(*args)
         assert r.exit_code == 0, r.output
         assert needle in r.output
+
+
+def test_compare_table_json_and_plot(tiny, tmp_path):
+    js, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    r = run("compare", tiny, "--solvers", "heft,milp-highs,cpsat,single", "--time-limit", "5",
+            "--json", js, "--plot", png)
+    assert r.exit_code == 0, r.output
+    out = json.loads(js.read_text())
+    rows = {row["solver"]: row for row in out["rows"]}
+    assert set(rows) == {"heft", "milp-highs", "cpsat", "single"}
+    assert rows["milp-highs"]["status"] == rows["cpsat"]["status"] == "optimal"
+    assert rows["milp-highs"]["value_s"] == pytest.approx(rows["cpsat"]["value_s"], rel=1e-5)
+    for row in rows.values():
+        assert row["value_over_bound"] >= 1 - 1e-9 and row["value_s"] >= rows["cpsat"]["value_s"] * (1 - 1e-5)
+    assert png.stat().st_size > 1000
+    assert "value/bound" in r.output and "milp-highs" in r.output
+
+
+def test_compare_defaults_and_bad_input(tiny, tmp_path):
+    r = run("compare", tiny, "--time-limit", "5", "--json", tmp_path / "c.json")
+    assert r.exit_code == 0, r.output
+    names = {row["solver"] for row in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert {"split", "heft", "cpsat", "milp-cbc", "milp-highs"} <= names and "milp" not in names
+    r = run("compare", tiny, "--solvers", "heft,nosuch")
+    assert r.exit_code == 2 and "unknown solver 'nosuch'" in r.output
+    r = run("compare", tiny, "--solvers", ",")
+    assert r.exit_code == 2 and "--solvers is empty" in r.output
+    r = run("compare", tiny, "--time-limit", "0")
+    assert r.exit_code == 2 and "time-limit" in r.output
+    r = run("compare", tiny, "--json", tmp_path / "nodir" / "x.json")
+    assert r.exit_code == 2 and "writable" in r.output
