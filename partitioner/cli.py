@@ -131,6 +131,7 @@ def compile(
     latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
     coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
+    no_gantt: bool = typer.Option(False, "--no-gantt", help="Skip DIR/gantt.png"),
     json_out: bool = typer.Option(False, "--json", help="Print the plan summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
@@ -149,6 +150,9 @@ def compile(
         (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
         (tmp / "report.md").write_text(report.markdown(res))
         res.problem.graph.save(tmp / "costgraph.json")
+        (tmp / "trace.json").write_text(json.dumps(report.chrome_trace(res)))
+        if not no_gantt:
+            report.gantt_png(res, tmp / "gantt.png")
     s = res.summary()
     if json_out:
         console.print_json(json.dumps(dict(s, out=str(out))))
@@ -163,7 +167,8 @@ def compile(
                   f"[bold]{s['throughput_per_s']:.2f}[/] samples/s; lower bound on {s['objective']} "
                   f"{fmt_time(s['bound_s'])} ({s['bound_binding']}); gap [bold]{100 * s['gap']:.2f}%[/] "
                   f"(value/bound {ratio:.3f}); status {s['status']}; solved in {s['solve_time_s']:.3f} s")
-    console.print(f"wrote {out}/plan.json, {out}/report.md, {out}/costgraph.json")
+    console.print(f"wrote {out}/plan.json, report.md, costgraph.json, trace.json (Perfetto)"
+                  + ("" if no_gantt else ", gantt.png"))
 
 
 class _null:

@@ -1,6 +1,8 @@
-"""Reports of a graded plan: a markdown report (and, later, Gantt charts and traces)."""
+"""Reports of a graded plan: markdown, a Gantt chart with the critical path, a Chrome trace."""
 
 from __future__ import annotations
+
+import math
 
 from .api import Result
 
@@ -49,3 +51,120 @@ def markdown(res: Result) -> str:
     lines += ["", "Figures come from the evaluator (see DESIGN.md, the machine model); the gap is "
               "(value - bound) / value against a proven lower bound.", ""]
     return "\n".join(lines)
+
+
+# ---- critical path, Gantt chart, Chrome trace ----------------------------------------------
+def critical_path(res: Result) -> list[int]:
+    """The chain of nodes that determines the latency, last node first reversed to first.
+
+    Walks back from the node whose finish (plus its output transfer) is the latency: each
+    step goes to whatever made the node start when it did, the previous node on its device
+    or the input whose arrival came last.
+    """
+    p, ev, pl = res.problem, res.evaluation, res.plan.placement
+    if p.n == 0:
+        return []
+    end = ev.finish.copy()
+    for s, b in p.outputs:
+        end[s] = max(end[s], ev.finish[s] + p.comm(pl[s], p.host, b))
+    v = int(end.argmax())
+    prev_on_dev = {}
+    for seq in ev.order:
+        for a, b in zip(seq, seq[1:]):
+            prev_on_dev[b] = a
+    path = [v]
+    tol = 1e-12 + 1e-9 * float(ev.latency)
+    while True:
+        s = ev.start[v]
+        cand = None
+        for u, b in p.pred_bytes[v]:
+            arr = ev.finish[u] + (p.comm(pl[u], pl[v], b) if pl[u] != pl[v] else 0.0)
+            if arr >= s - tol and (cand is None or ev.finish[u] > ev.finish[cand]):
+                cand = u
+        if cand is None and v in prev_on_dev and ev.finish[prev_on_dev[v]] >= s - tol:
+            cand = prev_on_dev[v]
+        if cand is None:
+            break
+        v = int(cand)
+        path.append(v)
+    return path[::-1]
+
+
+def _modules(res: Result) -> list[str]:
+    """Each node's top-level module (its colour in the chart), by problem index."""
+    return [n.module_path.split(".")[0] if n.module_path else "(top)" for n in res.problem.graph.nodes]
+
+
+def gantt_png(res: Result, path, max_labels: int = 60) -> None:
+    """One lane per device and one per busy directed link; ops coloured by top-level module;
+    the critical path outlined in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, ev = res.problem, res.evaluation
+    lanes = list(p.devices)
+    link_lanes = sorted({(t.src, t.dst) for t in ev.transfers if t.src != t.dst})
+    lanes += [f"{p.devices[a]}->{p.devices[b]}" for a, b in link_lanes]
+    mod_of = _modules(res)
+    mods = sorted(set(mod_of))
+    cmap = plt.get_cmap("tab20")
+    colour = {m: cmap(k % 20) for k, m in enumerate(mods)}
+    crit = set(critical_path(res))
+    scale, unit = (1e3, "ms") if ev.latency >= 1e-3 else (1e6, "us")
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.45 * len(lanes)))
+    for i in range(p.n):
+        d = res.plan.placement[i]
+        ax.barh(d, (ev.finish[i] - ev.start[i]) * scale, left=ev.start[i] * scale, height=0.7,
+                color=colour[mod_of[i]], edgecolor="black" if i in crit else "none",
+                linewidth=1.2 if i in crit else 0)
+    for t in ev.transfers:
+        if t.src == t.dst or not math.isfinite(t.arrival):
+            continue
+        y = p.D + link_lanes.index((t.src, t.dst))
+        ax.barh(y, (t.arrival - t.start) * scale, left=t.start * scale, height=0.5, color="#999999")
+    ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time ({unit})")
+    s = res.summary()
+    ax.set_title(f"{s['model']} on {s['spec']} ({s['solver']}, {s['status']}): latency "
+                 f"{fmt_time(s['latency_s'])}, bound {fmt_time(s['bound_s'])}; outlined: critical path",
+                 fontsize=9)
+    if len(mods) <= max_labels:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=colour[m], label=m) for m in mods], fontsize=6, ncol=min(6, len(mods)),
+                  loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(lanes) < 6 else -0.12), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def chrome_trace(res: Result) -> dict:
+    """The predicted schedule in Chrome trace format (open in Perfetto or chrome://tracing):
+    one thread per device and per link, times in microseconds."""
+    p, ev = res.problem, res.evaluation
+    events = [{"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": f"{p.graph.name} plan"}}]
+    for d, name in enumerate(p.devices):
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": d, "args": {"name": name}})
+    crit = set(critical_path(res))
+    mod_of, nodes = _modules(res), p.graph.nodes
+    for i in range(p.n):
+        d = res.plan.placement[i]
+        events.append({"ph": "X", "pid": 0, "tid": d, "name": p.node_name(i), "cat": mod_of[i],
+                       "ts": ev.start[i] * 1e6, "dur": (ev.finish[i] - ev.start[i]) * 1e6,
+                       "args": {"op": nodes[i].op, "critical": i in crit}})
+    link_tid = {}
+    for t in ev.transfers:
+        if t.src == t.dst or not math.isfinite(t.arrival):
+            continue
+        key = (t.src, t.dst)
+        if key not in link_tid:
+            link_tid[key] = p.D + len(link_tid)
+            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": link_tid[key],
+                           "args": {"name": f"{p.devices[t.src]}->{p.devices[t.dst]}"}})
+        src = p.node_name(t.producer) if t.producer >= 0 else "input"
+        events.append({"ph": "X", "pid": 0, "tid": link_tid[key], "name": f"{src} ({fmt_bytes(t.bytes)})",
+                       "cat": t.kind, "ts": t.start * 1e6, "dur": (t.arrival - t.start) * 1e6})
+    return {"traceEvents": events, "displayTimeUnit": "ns"}

@@ -1,0 +1,44 @@
+"""Reports: the critical path is a real chain that explains the latency; Gantt and Chrome trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from partitioner.api import grade
+from partitioner.problem import Problem, Settings
+from partitioner.report import chrome_trace, critical_path, gantt_png, markdown
+from partitioner.solvers import solve
+from instances import random_graph, random_spec
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_critical_path_is_a_tight_chain(seed):
+    p = Problem(random_graph(seed, 40), random_spec(seed, 3), "latency")
+    res = grade(p, solve(p, "heft", Settings()))
+    ev, pl = res.evaluation, res.plan.placement
+    path = critical_path(res)
+    assert path
+    # the first node starts when its inputs from the host arrive (or at 0): nothing before it
+    prev_on_dev = {b: a for seq in ev.order for a, b in zip(seq, seq[1:])}
+    for u, v in zip(path, path[1:]):
+        assert u in p.preds[v] or prev_on_dev.get(v) == u
+        arrival = ev.finish[u] + (p.comm(pl[u], pl[v], max(b for w, b in p.succ_bytes[u] if w == v))
+                                  if u in p.preds[v] and pl[u] != pl[v] else 0.0)
+        assert ev.start[v] == pytest.approx(arrival, rel=1e-9, abs=1e-15) or ev.start[v] >= arrival
+    last = path[-1]
+    tail = max([p.comm(pl[last], p.host, b) for s, b in p.outputs if s == last] + [0.0])
+    assert ev.finish[last] + tail == pytest.approx(ev.latency, rel=1e-9)
+
+
+def test_gantt_and_chrome_trace(tmp_path):
+    p = Problem(random_graph(5, 30), random_spec(5, 3), "latency")
+    res = grade(p, solve(p, "peft", Settings()))
+    gantt_png(res, tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tr = json.loads(json.dumps(chrome_trace(res)))
+    ops = [e for e in tr["traceEvents"] if e["ph"] == "X" and e["tid"] < p.D]
+    assert len(ops) == p.n and all(e["dur"] >= 0 for e in ops)
+    assert max(e["ts"] + e["dur"] for e in ops) <= res.evaluation.latency * 1e6 * (1 + 1e-9)
+    assert "Plan for" in markdown(res)
