@@ -59,6 +59,10 @@ def test_evaluate_given_placement(tiny, tmp_path):
     (lambda d: d["nodes"][0].update(flops=-1), ">= 0"),
     (lambda d: d["nodes"][0].update(op="conv2d", supported_on=["accelerator"]), "can run on no device"),
     (lambda d: d["nodes"][0].update(param_bytes=1e15), "fit"),
+    (lambda d: d["nodes"][1].update(flops=float("nan")), "flops"),
+    (lambda d: d["nodes"][1].update(time_s={"gpu0": -1.0}), "time"),
+    (lambda d: d["nodes"].append(dict(d["nodes"][0])), "duplicate"),
+    (lambda d: d.pop("nodes"), "nodes"),
 ])
 def test_bad_cost_graphs_exit_2_and_write_nothing(tmp_path, mutate, needle):
     d = json.loads(json.dumps(TINY))
@@ -140,3 +144,35 @@ def test_compare_defaults_and_bad_input(tiny, tmp_path):
     assert r.exit_code == 2 and "time-limit" in r.output
     r = run("compare", tiny, "--json", tmp_path / "nodir" / "x.json")
     assert r.exit_code == 2 and "writable" in r.output
+
+
+def test_malformed_json_and_untraceable_model(tmp_path):
+    g = tmp_path / "g.json"
+    g.write_text('{"nodes": [')
+    r = run("compile", g, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "JSON" in r.output and not (tmp_path / "o").exists()
+    src = tmp_path / "m.py"
+    src.write_text("import torch\n"
+                   "class M(torch.nn.Module):\n"
+                   "    def forward(self, x):\n"
+                   "        if x.sum() > 0:\n"
+                   "            return x * 2\n"
+                   "        return x\n"
+                   "def factory():\n"
+                   "    return M(), (torch.ones(2, 2),)\n")
+    r = run("compile", f"{src}:factory", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "--frontend export" in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("bandwidth_Bps: 0", "bandwidth"), ("bandwidth_Bps: -5", "bandwidth"), ("bandwidth_Bps: .nan", "bandwidth"),
+])
+def test_bad_link_numbers(tiny, tmp_path, bad, needle):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndevices:\n"
+                    "  - {id: a, host: h, kind: cpu, peak_flops: {fp32: 1.0e+11}, memory: {capacity_bytes: 1.0e+9}}\n"
+                    "  - {id: b, host: h, kind: gpu, peak_flops: {fp32: 1.0e+12}, memory: {capacity_bytes: 1.0e+9}}\n"
+                    f"links:\n  - {{a: a, b: b, {bad}, latency_s: 1.0e-6}}\n")
+    r = run("compile", tiny, "--hw", spec, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
