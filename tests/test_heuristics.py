@@ -107,3 +107,22 @@ def test_bound_parts_and_throughput_lp():
     b = lower_bound(p)
     assert b.binding in b.parts and b.value == max(b.parts.values())
     assert math.isfinite(b.value) and b.value > 0
+
+
+def test_ctrl_c_returns_a_marked_fallback_plan():
+    from partitioner.api import grade
+    from partitioner.solvers import SOLVERS, register
+
+    @register("_interrupt_me", "test only")
+    def _boom(problem, settings):
+        raise KeyboardInterrupt
+
+    try:
+        p = Problem(random_graph(7, 20), random_spec(7, 3), "latency")
+        res = grade(p, solve(p, "_interrupt_me", Settings()))
+        assert res.status == "interrupted" and res.evaluation.feasible and res.gap < 1
+        assert res.plan.info == {"interrupted": "_interrupt_me", "fallback": "heft"}
+        with pytest.raises(KeyboardInterrupt):
+            solve(p, "_interrupt_me", Settings(extra={"interrupt_fallback": False}))
+    finally:
+        SOLVERS.pop("_interrupt_me")

@@ -53,7 +53,18 @@ def solve(problem: Problem, name: str, settings: Settings | None = None) -> Plan
                          hint="pass a positive --time-limit, or leave it out")
     problem.check_supported()
     t0 = time.perf_counter()
-    plan = info.fn(problem, settings)
+    try:
+        plan = info.fn(problem, settings)
+    except KeyboardInterrupt:
+        if name == "heft" or not settings.extra.get("interrupt_fallback", True):
+            raise
+        # Ctrl-C: the solver's own incumbent is lost with its stack, so return the plan every
+        # solver starts from (HEFT, milliseconds), marked "interrupted"; a second Ctrl-C aborts.
+        log.warning("solver %s interrupted after %.1f s; returning the HEFT plan", name, time.perf_counter() - t0)
+        from . import heft
+
+        plan = heft.solve(problem, settings).with_(
+            status="interrupted", info={"interrupted": name, "fallback": "heft"})
     dt = time.perf_counter() - t0
     log.info("solver %s: %s in %.3f s", name, plan.status, dt)
     return plan.with_(solver=name, solve_time_s=dt)
