@@ -13,7 +13,7 @@ from partitioner.graph import CostGraph, Node
 from partitioner.problem import Plan, Problem, Settings
 from partitioner.solvers import SOLVERS, solve
 
-BASELINES = ("single", "greedy", "heft")
+BASELINES = ("single", "greedy", "heft", "peft", "pipeline-dp", "metis")
 
 
 def assigned_critical_path(p: Problem, pl) -> float:
