@@ -39,10 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from partitioner import api  # noqa: E402
 from partitioner.bounds import lower_bound  # noqa: E402
-from partitioner.coarsen import coarse_problem, coarsen  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
 from partitioner.hardware import load_spec  # noqa: E402
-from partitioner.problem import Problem, Settings, gap  # noqa: E402
+from partitioner.problem import Problem, Settings  # noqa: E402
 from partitioner.solvers import solve  # noqa: E402
 
 log = logging.getLogger("bench.exact")
@@ -86,10 +85,7 @@ def _bench_spec(rows, sizes, graphs, time_limit, spec_name, spec_names) -> None:
         loaded = api.load_model(model, model_kwargs=kw)
         fine = Problem(loaded.graph, spec, "latency")
         for target in sizes:
-            c = coarsen(loaded.graph, target, problem=fine)
-            if len(c.coarse) < 0.8 * target:  # fusion alone went below the target: merges only
-                c = coarsen(loaded.graph, target, fuse_elementwise=False, fuse_chains=False, problem=fine)
-            cp = coarse_problem(fine, c)
+            _, cp = api.coarsen_problem(fine, target)
             if any(r["graph"] == gname and r["nodes"] == cp.n and r["spec"] == spec_name for r in rows):
                 continue  # fusion alone reached this size already
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as graphmod
+from . import progress
 from .bounds import Bound, lower_bound
 from .errors import InfeasibleError, PartitionerError, SolverError, UsageError
 from .evaluate import Evaluation, evaluate
@@ -102,6 +103,7 @@ def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str =
         if example_inputs is None:
             raise UsageError("an nn.Module needs example_inputs", hint="pass example_inputs=(tensor, ...)")
         model, inputs, name = ref, tuple(example_inputs), type(ref).__name__
+    progress.step(f"tracing {name} ({frontend})")
     gm = trace(model, inputs, frontend=frontend)
     return LoadedModel(graphmod.from_fx(gm, name), gm, inputs, source=str(name))
 
@@ -216,17 +218,28 @@ def solve_problem(problem: Problem, solver: str, settings: Settings | None = Non
         return solve(problem, solver, settings), {}
     if coarsen_to < 1:
         raise UsageError(f"--coarsen must be >= 1 node, got {coarsen_to}", hint="e.g. --coarsen 60")
-    from .coarsen import coarse_problem, coarsen
 
     t0 = time.perf_counter()
-    c = coarsen(problem.graph, coarsen_to, problem=problem)
-    cp = coarse_problem(problem, c)
+    c, cp = coarsen_problem(problem, coarsen_to)
     t_c = time.perf_counter() - t0
     cplan = solve(cp, solver, settings)
     plan = c.expand_plan(problem, cp, cplan)
     dt = time.perf_counter() - t0
     log.info("coarsened %d -> %d nodes in %.3f s", problem.n, cp.n, t_c)
     return plan.with_(solve_time_s=dt), {"coarse_nodes": cp.n, "coarsen_time_s": t_c}
+
+
+def coarsen_problem(problem: Problem, target: int):
+    """Coarsen ``problem`` to about ``target`` nodes: backend fusion rules and merges, or, when
+    the fusion rules alone overshoot below 80% of the target, merges only (the user asked
+    for that size). Returns ``(Coarsening, coarse Problem)``."""
+    from .coarsen import coarse_problem, coarsen
+
+    progress.step(f"coarsening {problem.n} -> {target} nodes")
+    c = coarsen(problem.graph, target, problem=problem)
+    if len(c.coarse) < 0.8 * target:
+        c = coarsen(problem.graph, target, fuse_elementwise=False, fuse_chains=False, problem=problem)
+    return c, coarse_problem(problem, c)
 
 
 def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
@@ -246,8 +259,12 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     t0 = time.perf_counter()
+    progress.step(f"lower bound ({problem.n} nodes)")
+    bound = lower_bound(problem)
+    progress.bound(bound.value)
+    progress.step(f"solving with {solver}")
     plan, info = solve_problem(problem, solver, settings, coarsen_to)
-    res = grade(problem, plan, model=loaded)
+    res = grade(problem, plan, bound, model=loaded)
     res.extra.update(info, compile_time_s=time.perf_counter() - t0)
     if res.status == "infeasible":
         raise InfeasibleError(f"solver {solver!r} found no feasible plan: " + "; ".join(res.evaluation.violations),
@@ -265,7 +282,7 @@ def default_solvers(n: int) -> list[str]:
 
 
 def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | None = None,
-            settings: Settings | None = None, constraints: Constraints | None = None, progress=None,
+            settings: Settings | None = None, constraints: Constraints | None = None, on_solver=None,
             coarsen_to: int | None = None, **load_kw) -> dict[str, Any]:
     """Run several solvers on one problem and grade each against the same bound.
 
@@ -274,8 +291,8 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
     solvers : list of str, optional
         Default: :func:`default_solvers` for the size actually solved (the coarse size when
         ``coarsen_to`` is given).
-    progress : callable, optional
-        Called as ``progress(solver_name, row_or_None)``: before each solve (``None``) and after.
+    on_solver : callable, optional
+        Called as ``on_solver(solver_name, row_or_None)``: before each solve (``None``) and after.
 
     Returns
     -------
@@ -295,11 +312,14 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
     names = list(solvers) if solvers else default_solvers(size)
     for name in names:
         get_solver(name)  # unknown names fail before any work
+    progress.step(f"lower bound ({problem.n} nodes)")
     bound = lower_bound(problem)
+    progress.bound(bound.value)
     rows = []
     for name in names:
-        if progress:
-            progress(name, None)
+        progress.step(f"solving with {name}")
+        if on_solver:
+            on_solver(name, None)
         try:
             plan, info = solve_problem(problem, name, settings, coarsen_to)
             res = grade(problem, plan, bound=bound)
@@ -315,8 +335,8 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
         except PartitionerError as err:
             row = {"solver": name, "status": "error", "error": err.message}
         rows.append(row)
-        if progress:
-            progress(name, row)
+        if on_solver:
+            on_solver(name, row)
     best = min((r["value_s"] for r in rows if "value_s" in r and r["status"] != "infeasible"), default=math.inf)
     for r in rows:
         if "value_s" in r:
@@ -327,5 +347,5 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
             "bound_parts_s": dict(bound.parts), "rows": rows}
 
 
-__all__ = ["LoadedModel", "Result", "compare", "compile_plan", "default_solvers", "grade", "load_model",
+__all__ = ["LoadedModel", "Result", "coarsen_problem", "compare", "compile_plan", "default_solvers", "grade", "load_model",
            "solve_problem"]

@@ -143,9 +143,11 @@ def compile(
     check_out_dir(out, force)
     settings = _settings(seed, time_limit, threads, backend)
     cons = Constraints(throughput_floor=throughput_floor, latency_ceiling=latency_ceiling)
-    with console.status(f"compiling {model} for {hw}...", spinner="dots") if not (quiet or json_out) else _null():
-        res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
-                               model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen)
+    with _progress(quiet or json_out) as prog:
+        task = prog.add_task(f"compiling {model} for {hw}", total=None)
+        with _progress_sink(prog, task):
+            res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
+                                   model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen)
     with atomic_dir(out, force) as tmp:
         (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
         (tmp / "report.md").write_text(report.markdown(res))
@@ -174,12 +176,33 @@ def compile(
                   + ("" if no_gantt else ", gantt.png"))
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _progress(disable: bool):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    def __exit__(self, *a):
-        return False
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    console=err_console, transient=True, disable=disable)
+
+
+def _progress_sink(prog, task):
+    """Render library progress events (partitioner.progress) on a rich progress task: the
+    current step, and for solvers the incumbent and its gap to our bound."""
+    from . import progress
+    from .report import fmt_time
+
+    state = {"step": "", "bound": None}
+
+    def sink(kind, **data):
+        if kind == "step":
+            state["step"] = data["description"]
+            prog.update(task, description=state["step"])
+        elif kind == "bound":
+            state["bound"] = data["value"]
+        elif kind == "incumbent":
+            v, b = data["value"], max(x for x in (state["bound"], data.get("bound"), 0.0) if x is not None)
+            gap = f", gap {100 * (v - b) / v:.1f}%" if v > 0 else ""
+            prog.update(task, description=f"{state['step']}: incumbent {fmt_time(v)}{gap}")
+
+    return progress.listen(sink)
 
 
 @app.command()
@@ -244,8 +267,6 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
     """Run several solvers on one problem: value, value/bound, status, gap and time of each."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from . import api
     from .report import fmt_time
 
@@ -257,20 +278,19 @@ def compare(
         if path is not None and (path.is_dir() or not path.parent.exists() and str(path.parent) != ""):
             raise UsageError(f"{what} {str(path)!r}: not a writable file path",
                              hint="name a file in an existing directory")
-    loaded = api.load_model(model, model_kwargs=_parse_kv(model_arg))
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=quiet) as prog:
-        task = prog.add_task("bound", total=None)
+    with _progress(quiet) as prog:
+        task = prog.add_task("loading", total=None)
+        with _progress_sink(prog, task):
+            loaded = api.load_model(model, model_kwargs=_parse_kv(model_arg))
 
         def progress(name, row):
-            if row is None:
-                prog.update(task, description=f"solving with [bold]{name}[/] (limit {time_limit:g} s)")
-            elif not quiet:
+            if row is not None and not quiet:
                 v = row.get("value_s")
                 prog.console.print(f"  {name}: {row['status']}" + (f", {fmt_time(v)}" if v is not None else ""))
 
-        out = api.compare(loaded, hw, _objective(objective), names, settings, progress=progress,
-                          coarsen_to=coarsen)
+        with _progress_sink(prog, task):
+            out = api.compare(loaded, hw, _objective(objective), names, settings, on_solver=progress,
+                              coarsen_to=coarsen)
     if json_file is not None:
         _write_atomic(json_file, json.dumps(out, indent=1, default=_json_default))
     if plot is not None:

@@ -95,6 +95,8 @@ from typing import Any
 import numpy as np
 from ortools.sat.python import cp_model
 
+from .. import progress
+
 from ..bounds import lower_bound
 from ..errors import InfeasibleError, SolverError
 from ..evaluate import evaluate
@@ -176,11 +178,23 @@ def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any
     return {"deterministic": det, "det_limit": det_limit, "wall_limit": limit}
 
 
+class _Progress(cp_model.CpSolverSolutionCallback):
+    """Reports each CP-SAT incumbent (in seconds, rounded up to the integer scale)."""
+
+    def __init__(self, unit: float):
+        super().__init__()
+        self.unit = unit
+
+    def on_solution_callback(self) -> None:
+        progress.incumbent(self.objective_value * self.unit, self.best_objective_bound * self.unit)
+
+
 def _run(B: Built, settings: Settings, limit: float | None, warn: bool = True) -> _Run:
     solver = cp_model.CpSolver()
     lim = _configure(solver.parameters, settings, limit)
     t0 = time.perf_counter()
-    st = solver.solve(B.model)
+    cb = _Progress(B.load_unit if B.period is not None else B.unit) if progress.active() else None
+    st = solver.solve(B.model, cb)
     wall = time.perf_counter() - t0
     det_time = float(solver.response_proto.deterministic_time)
     log.info("cpsat: %s in %.3f s (objective %s, bound %s)", _STATUS.get(st, st), wall,
@@ -485,8 +499,9 @@ def solve_latency_subproblem(problem: Problem, boundary: Boundary | None = None,
         ok, why = _sub_memory_ok(problem, bnd, pl)
         return val, ok, ((st, fi) if ok else why)
 
-    best, bound, finished, info = _drive(build, value_of, (gpl, gorder, gval, gok, (gst, gfi)), settings, unit,
-                                         "cpsat subproblem", warn=False)
+    with progress.muted():  # a module's incumbents are not the whole problem's
+        best, bound, finished, info = _drive(build, value_of, (gpl, gorder, gval, gok, (gst, gfi)), settings, unit,
+                                             "cpsat subproblem", warn=False)
     if best is None:
         raise SolverError("cpsat subproblem: no plan found within the time limit",
                           hint="raise the time limit")
