@@ -66,7 +66,8 @@ def _load_factory(ref: str):
 
 def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str = "fx",
                model_kwargs: dict | None = None) -> LoadedModel:
-    """Load a model from a zoo name, ``file.py:factory``, a cost-graph JSON, or an nn.Module.
+    """Load a model from a zoo name, ``file.py:factory``, a cost-graph JSON, an ONNX file, or an
+    nn.Module.
 
     Parameters
     ----------
@@ -79,8 +80,12 @@ def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str =
     """
     if isinstance(ref, graphmod.CostGraph):
         return LoadedModel(ref, source="cost graph")
-    if isinstance(ref, str) and ref.endswith(".json"):
-        return LoadedModel(graphmod.load(ref), source=ref)
+    if isinstance(ref, (str, Path)) and str(ref).endswith(".json"):
+        return LoadedModel(graphmod.load(ref), source=str(ref))
+    if isinstance(ref, (str, Path)) and str(ref).endswith(".onnx"):
+        from .onnx_import import load_onnx
+
+        return LoadedModel(load_onnx(ref), source=str(ref))
     from .trace import trace
 
     if isinstance(ref, str):

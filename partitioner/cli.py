@@ -116,7 +116,7 @@ def _summary_table(res) -> Table:
 @app.command()
 @_guard
 def compile(
-    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, or a cost-graph .json"),
+    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, a cost-graph .json or an .onnx file"),
     hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
     objective: str = typer.Option("latency", help="latency | throughput"),
     solver: str = typer.Option("heft", help="Solver name (see `partitioner solvers`)"),
@@ -251,7 +251,7 @@ def evaluate(
 @app.command()
 @_guard
 def compare(
-    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, or a cost-graph .json"),
+    model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, a cost-graph .json or an .onnx file"),
     hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
     objective: str = typer.Option("latency", help="latency | throughput"),
     solvers: Optional[str] = typer.Option(None, "--solvers",
