@@ -128,6 +128,16 @@ class Result:
     extra: dict = field(default_factory=dict)
 
     @property
+    def contended_latency(self) -> float:
+        """Latency when each link carries one transfer at a time (see ``contended_latency``)."""
+        if "contended_latency_s" not in self.extra:
+            from .evaluate import contended_latency
+
+            self.extra["contended_latency_s"] = (contended_latency(self.problem, self.plan)
+                                                 if self.evaluation.feasible and not self.plan.replicas else math.nan)
+        return self.extra["contended_latency_s"]
+
+    @property
     def best_bound(self) -> float:
         return max(self.bound.value, self.plan.solver_bound or 0.0)
 
@@ -140,6 +150,8 @@ class Result:
             "model": p.graph.name, "spec": p.spec.name, "objective": p.objective.value,
             "solver": self.plan.solver, "status": self.status, "value_s": self.value,
             "latency_s": ev.latency, "period_s": ev.period, "throughput_per_s": ev.throughput,
+            "latency_with_link_contention_s": (self.contended_latency if math.isfinite(self.contended_latency)
+                                               else None),
             "bound_s": self.best_bound, "bound_binding": self.bound.binding,
             "bound_parts_s": dict(self.bound.parts, **({"solver": self.plan.solver_bound}
                                                       if self.plan.solver_bound is not None else {})),

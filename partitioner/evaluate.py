@@ -391,3 +391,72 @@ def subset_schedule(problem: Problem, nodes: tuple[int, ...], pl: dict[int, int]
     if len(start) < len(nodes):
         return start, finish, math.inf
     return start, finish, obj
+
+
+def contended_latency(problem: Problem, plan: Plan) -> float:
+    """The latency of ``plan`` when every directed link carries one transfer at a time.
+
+    The canonical model (:func:`evaluate`) lets transfers overlap freely on a link. Here
+    each hop of a route is a FIFO resource: a discrete-event simulation processes node
+    finishes in time order, and each transfer they issue reserves its hops one after the
+    other (store and forward), each at the later of its arrival at the hop and the hop's
+    free time. Same placement, order, and transfer rules (once per (producer, destination)
+    at the largest bytes; inputs from and outputs to the host) as :func:`evaluate`. Never
+    below the canonical latency; equal when no two transfers share a hop at once.
+    """
+    import heapq
+
+    n = problem.n
+    pl = np.asarray(plan.placement, dtype=np.int64)
+    order = plan.order if plan.order is not None else list_order(problem, pl)
+    dur = problem.T[np.arange(n), pl]
+    xb, ib = _transfer_bytes(problem, pl), _input_bytes(problem, pl)
+    links, host = problem.links, problem.host
+    hop_free: dict[tuple[int, int], float] = {}
+
+    def send(t: float, a: int, b: int, nbytes: float) -> float:
+        route = links.route(a, b, nbytes)
+        for hop in route.hops:
+            lat, inv = links.hop[hop]
+            t = max(t, hop_free.get(hop, 0.0)) + lat + nbytes * inv
+            hop_free[hop] = t
+        return t
+
+    prev = {b: a for seq in order for a, b in zip(seq, seq[1:])}
+    nxt = {a: b for seq in order for a, b in zip(seq, seq[1:])}
+    ready = {}  # (producer, device) or ("in", k, device) -> arrival
+    for (k, d), b in sorted(ib.items()):
+        ready[("in", k, d)] = send(0.0, host, d, b) if d != host else 0.0
+    waiting = np.array([len(p) for p in problem.preds], dtype=np.int64) + np.array(
+        [v in prev for v in range(n)], dtype=np.int64)
+    finish = np.full(n, math.inf)
+    events: list[tuple[float, int]] = []
+
+    def start_node(v: int) -> None:
+        d = pl[v]
+        s = finish[prev[v]] if v in prev else 0.0
+        for u in problem.preds[v]:
+            s = max(s, finish[u] if pl[u] == d else ready[(u, d)])
+        for k in problem.node_inputs[v]:
+            s = max(s, ready[("in", k, d)])
+        finish[v] = s + dur[v]
+        heapq.heappush(events, (finish[v], v))
+
+    for v in range(n):
+        if waiting[v] == 0:
+            start_node(v)
+    latency = 0.0
+    while events:
+        t, v = heapq.heappop(events)
+        latency = max(latency, t)
+        d = pl[v]
+        for dj in sorted({int(pl[j]) for j in problem.succs[v]} - {int(d)}):
+            ready[(v, dj)] = send(t, d, dj, xb[(v, dj)])
+        for s_, b in problem.outputs:
+            if s_ == v and d != host:
+                latency = max(latency, send(t, d, host, b))
+        for j in list(problem.succs[v]) + ([nxt[v]] if v in nxt else []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                start_node(j)
+    return latency if np.all(np.isfinite(finish)) else math.inf

@@ -38,6 +38,9 @@ def markdown(res: Result) -> str:
         f"- lower bound on the {obj} figure: {fmt_time(s['bound_s'])} (binding: {s['bound_binding']}); "
         f"gap: {100 * s['gap']:.2f}% (value / bound = {s['value_s'] / s['bound_s']:.3f})"
         if s["bound_s"] > 0 else f"- lower bound: 0; gap: {100 * s['gap']:.2f}%",
+        f"- latency if every link carried one transfer at a time: {fmt_time(s['latency_with_link_contention_s'])} "
+        "(the canonical model lets transfers share a link freely)" if s["latency_with_link_contention_s"] is not None
+        else "- latency with link contention: n/a (infeasible or replicated plan)",
         f"- nodes: {s['nodes']}; solve time: {s['solve_time_s']:.3f} s",
         "",
         "| device | nodes | busy (per sample) | params | memory peak | usable memory |",

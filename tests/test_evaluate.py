@@ -121,3 +121,31 @@ def test_list_order_is_topological_and_deterministic():
     p = chain_problem()
     o1 = list_order(p, np.array([1, 1, 1]))
     assert o1 == list_order(p, np.array([1, 1, 1])) == ((), (0, 1, 2), ())
+
+
+def test_contended_latency_serialises_a_shared_link():
+    from partitioner.evaluate import contended_latency
+    from instances import random_graph, random_spec
+    from partitioner.solvers import solve
+    from partitioner.problem import Settings
+
+    # two producers on the host send at once to gpu0 over one link: the second waits
+    g = CostGraph("fan", [Node("a", "matmul"), Node("b", "matmul"), Node("c", "matmul")],
+                  [("a", "c", 1e8), ("b", "c", 1e8)], [], [])
+    spec = two_gpu_spec()
+    T = np.array([[1e-3, 1e-3, 1e-3], [1e-3, 1e-3, 1e-3], [1e-3, 1e-4, 1e-4]])
+    p = Problem(g, spec, "latency", T=T)
+    host = p.host
+    gpu = next(d for d in range(p.D) if d != host)
+    plan = Plan((host, host, gpu))
+    ev = evaluate(p, plan)
+    one = p.comm(host, gpu, 1e8)
+    assert ev.latency == pytest.approx(2e-3 + one + 1e-4)
+    assert contended_latency(p, plan) >= ev.latency + 0.9 * (one - p.comm(host, gpu, 0))
+    # never below the canonical latency, equal for single-device plans
+    for seed in range(5):
+        q = Problem(random_graph(seed, 25), random_spec(seed, 3), "latency")
+        pq = solve(q, "heft", Settings())
+        assert contended_latency(q, pq) >= evaluate(q, pq).latency * (1 - 1e-12)
+        single = Plan((q.host,) * q.n)
+        assert contended_latency(q, single) == pytest.approx(evaluate(q, single).latency, rel=1e-12)
