@@ -1,365 +1,356 @@
 """``split``: the modularity-based splitting heuristic (after DiviML, Yahya et al., ICCAD 2023).
 
-1. **Modules.** The DAG's undirected view, weighted by the bytes its edges carry, is split
-   into communities by Louvain modularity (networkx, seeded). Communities that make the
-   quotient graph cyclic are split along the topological order until it is a DAG, and
-   modules above ``module_size`` nodes are cut into topologically contiguous chunks
-   (cutting a module by topological position never creates a cycle: every edge between
-   the two halves goes forward, and no outside module can both feed and follow it).
-2. **Exact module solves.** Modules are solved one at a time in topological order of the
-   quotient graph by the exact latency model (CP-SAT, or the MILP: ``module_solver``) on a
-   :class:`~partitioner.problem.Boundary`: devices' ready times, the arrival times of
-   tensors from earlier modules (placement fixed) and model inputs are release times; the
-   tail of a node is an optimistic estimate of the work after it outside the module (the
-   optimistic cost table of PEFT on exact transfer times) plus output transfers, so each
-   module minimises an estimate of the whole makespan.
-3. **Stitch** the module plans (per-device orders concatenated in module order) and add
-   the plans of the list-scheduling baselines (HEFT, PEFT, greedy) as candidates: the best
-   by the evaluator is refined, so ``split`` is never worse than those baselines.
-4. **Local search** driven by the evaluator: moves of a critical node, of a node with its
-   same-device neighbours in its module, or of a whole module to another device (and, for
-   throughput, moves of nodes and modules off the bottleneck device or link); first
-   improvement, in a deterministic order, under an evaluation budget.
+DiviML divides the DAG into modules, solves each module exactly with the rest fixed and
+stitches the module plans. Here that pass is one source of starting plans, under a
+budget, and most of the time goes into a local search on an incremental evaluator, which
+is what scales to 10,000+ nodes (measured in ``bench/heuristic.py``: exact module solves
+rarely improved on the local search beyond ~200 nodes, so they are not run there):
 
-For the throughput objective, step 2 is skipped (module solves minimise latency) and the
-candidates also include the contiguous pipeline DP, the greedy bottleneck plan and the
-latency split plan; the local search then minimises the period.
+1. **Modules** (:func:`._split_modules.find_modules`): Louvain communities of the
+   undirected view weighted by transfer bytes, made acyclic in the quotient graph and
+   capped at ``module_size`` nodes, in topological order.
+2. **Starting plans**, each graded by the evaluator: HEFT, PEFT and greedy (for
+   throughput also the contiguous pipeline DP and the best single device), so ``split``
+   is never worse than them; for latency and up to ``module_pass_nodes`` nodes, DiviML's
+   pass (:func:`._split_modules.module_pass`): modules solved exactly in topological order
+   on a :class:`~partitioner.problem.Boundary` fixed by the earlier ones (devices' ready
+   times, arrival times of incoming tensors, model inputs) with an optimistic tail (PEFT's
+   cost table) for the rest; a graph of at most ``module_size`` nodes is one module,
+   i.e. the whole problem is solved exactly under the same cap.
+3. **Local search** (:mod:`._split_search`) on the incremental state of
+   :mod:`._split_engine` (delta schedule, loads and memory, exact undo, early stop of a
+   move's evaluation once it provably cannot improve): latency moves of critical-path
+   nodes, runs and module parts to other devices plus reorders; throughput moves off the
+   bottleneck device or link (nodes, swaps, stage-boundary prefixes/suffixes, module
+   parts); iterated with seeded kicks, from the ``restarts`` best distinct starts (up to
+   500 nodes; the best start only above).
+4. **Exact windows** (latency, 40 < n <= 500): intervals of the priority list around the
+   critical path re-solved exactly (CP-SAT or MILP, ``module_solver``) with exact boundary
+   conditions (everything before fixed; the tail of a node is its exact longest path to
+   the end through the fixed rest), accepted when the plan improves; then a last descent.
+5. **Replicas** (throughput, ``replicate``): every device group (``D <= 6``; groups whose
+   throughput bound cannot beat replicas on their subgroups are skipped) is searched as a
+   single pipeline with a budget in proportion to its size, and a DP over set partitions
+   picks data-parallel replicas (throughputs add up), as DESIGN.md allows.
 
-Determinism: the same input and seed give the same plan as long as no wall-clock limit
-is hit (module solves use CP-SAT's deterministic time limit; the local search counts
-evaluations). The overall ``time_limit`` is a safety cap that can cut work short.
+Budgets are counted in work units (node recomputations, edges scanned and relocations by
+the incremental evaluator, about a microsecond each) and in CP-SAT deterministic time for
+exact solves, so the same input and seed give the same plan; ``time_limit`` is only a
+safety cap (``info["hit_time_limit"]`` says when it cut work short). MILP module solves
+(``module_solver="milp"``) stop on the wall clock (``module_time``) and are reproducible
+only when they finish. Defaults: ``search_work = effort * (1000 n + 5e5)`` (about 1 s at
+1,000 nodes, 10 s at 10,000 on our 2-core machine), ``module_det_time = 0.01`` per module
+or window, 4 windows of 16 nodes, 3 restarts. The returned plan is re-evaluated by the
+evaluator (``claimed``) and is never worse than the best starting plan. Status
+"heuristic"; the API grades it against :func:`partitioner.bounds.lower_bound`.
+
+Settings extras: ``module_size`` (24, 16 above 4 devices), ``module_solver`` ("cpsat" |
+"milp"), ``module_det_time``, ``module_time``, ``module_pass_nodes`` (200), ``windows``,
+``window_size``, ``effort`` (1.0), ``search_work``, ``restarts``, ``replicate`` (True),
+``baselines`` (solver names).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from dataclasses import replace
 
-import networkx as nx
 import numpy as np
 
 from ..errors import PartitionerError
-from ..evaluate import Evaluation, evaluate
-from ..problem import Boundary, Objective, Plan, Problem, Settings
+from ..evaluate import evaluate, list_order
+from ..problem import Objective, Plan, Problem, Settings
 from . import register
+from ._split_engine import State, Tables, positions_from_schedule
+from ._split_modules import _memory_room, find_modules, module_pass, solve_window
+from ._split_search import (Budget, Scorer, better, iterated_search, iterated_throughput, latency_descent,
+                             try_moves)
 
 log = logging.getLogger(__name__)
 
-
-# ---- modules ------------------------------------------------------------------------------
-def find_modules(problem: Problem, max_size: int = 24, seed: int = 0, resolution: float = 1.0) -> list[list[int]]:
-    """Acyclic, size-capped modules in topological order of the quotient graph.
-
-    Returns
-    -------
-    list of list of int
-        Each module's nodes in increasing (topological) index.
-    """
-    n = problem.n
-    if n == 0:
-        return []
-    U = nx.Graph()
-    U.add_nodes_from(range(n))
-    if len(problem.edge_src):
-        w = problem.edge_bytes + 1.0
-        w = w / w.mean()
-        U.add_weighted_edges_from(zip(problem.edge_src.tolist(), problem.edge_dst.tolist(), w.tolist()))
-    comms = nx.community.louvain_communities(U, weight="weight", resolution=resolution, seed=seed)
-    label = np.empty(n, dtype=np.int64)
-    for k, c in enumerate(sorted(comms, key=min)):
-        label[list(c)] = k
-    label = _make_acyclic(problem, label)
-    label = _cap_size(label, max_size)
-    return _ordered_modules(problem, label)
+START_COUNT = 3
 
 
-def _quotient(problem: Problem, label: np.ndarray) -> nx.DiGraph:
-    Q = nx.DiGraph()
-    Q.add_nodes_from(np.unique(label).tolist())
-    if len(problem.edge_src):
-        a, b = label[problem.edge_src], label[problem.edge_dst]
-        m = a != b
-        Q.add_edges_from(set(zip(a[m].tolist(), b[m].tolist())))
-    return Q
+def _score_ev(problem: Problem, ev) -> tuple:
+    return (0 if ev.feasible else 1, ev.value(problem.objective) if ev.feasible else math.inf,
+            ev.latency if problem.objective is Objective.THROUGHPUT else ev.period)
 
 
-def _make_acyclic(problem: Problem, label: np.ndarray) -> np.ndarray:
-    """Split communities on cycles of the quotient graph at their topological median."""
-    label = label.copy()
-    nxt = int(label.max()) + 1
-    while True:
-        Q = _quotient(problem, label)
-        bad = [c for c in nx.strongly_connected_components(Q) if len(c) > 1]
-        if not bad:
-            return label
-        for scc in bad:
-            for c in sorted(scc):
-                members = np.flatnonzero(label == c)
-                if len(members) < 2:
-                    continue
-                label[members[len(members) // 2:]] = nxt
-                nxt += 1
-
-
-def _cap_size(label: np.ndarray, max_size: int) -> np.ndarray:
-    label = label.copy()
-    nxt = int(label.max()) + 1
-    for c in np.unique(label):
-        members = np.flatnonzero(label == c)
-        for k in range(max_size, len(members), max_size):
-            label[members[k:k + max_size]] = nxt
-            nxt += 1
-    return label
-
-
-def _ordered_modules(problem: Problem, label: np.ndarray) -> list[list[int]]:
-    Q = _quotient(problem, label)
-    first = {int(c): int(np.flatnonzero(label == c)[0]) for c in Q.nodes}
-    order = nx.lexicographical_topological_sort(Q, key=first.__getitem__)
-    groups: dict[int, list[int]] = {}
-    for v in range(problem.n):
-        groups.setdefault(int(label[v]), []).append(v)
-    return [groups[c] for c in order]
-
-
-# ---- optimistic downstream estimate ---------------------------------------------------------
-def optimistic_cost_table(problem: Problem) -> np.ndarray:
-    """PEFT's OCT on exact transfer times: ``OCT[v, d]`` = optimistic time from the end of ``v``
-    on ``d`` to the end of the model (successors at their best devices, no contention)."""
-    n, D, T = problem.n, problem.D, problem.T
-    oct_ = np.zeros((n, D))
-    mats: dict[float, np.ndarray] = {}
-    out_tail = np.zeros((n, D))
-    for s, b in problem.outputs:
-        m = mats.setdefault(b, problem.comm_matrix(b))
-        np.maximum(out_tail[s], m[:, problem.host], out=out_tail[s])
-    for v in range(n - 1, -1, -1):
-        best = out_tail[v].copy()
-        for s, b in problem.succ_bytes[v]:
-            m = mats.get(b)
-            if m is None:
-                m = mats[b] = problem.comm_matrix(b)
-            # min over w of comm(d, w) + T[s, w] + OCT[s, w]
-            cand = (m + (T[s] + oct_[s])[None, :]).min(axis=1)
-            np.maximum(best, cand, out=best)
-        oct_[v] = best
-    return oct_
-
-
-# ---- stitching module solves ------------------------------------------------------------------
-def solve_modules(problem: Problem, mods: list[list[int]], settings: Settings, deadline: float) -> Plan:
-    """Solve modules in order on Boundaries built from the modules already fixed."""
-    from . import cpsat
-
-    n, D, T = problem.n, problem.D, problem.T
-    full = Boundary.full(problem)
-    oct_ = optimistic_cost_table(problem)
-    pl = np.full(n, -1, dtype=np.int64)
-    finish = np.zeros(n)
-    order: list[list[int]] = [[] for _ in range(D)]
-    ready = np.zeros(D)
-    used = np.zeros(D)
-    in_mod = np.full(n, -1, dtype=np.int64)
-    for k, m in enumerate(mods):
-        in_mod[m] = k
-    per_module = float(settings.get("module_time", 1.0))
-    for k, mod in enumerate(mods):
-        rel = full.release[mod].copy()
-        tail = full.tail[mod].copy()
-        for r, v in enumerate(mod):
-            for u, b in problem.pred_bytes[v]:
-                if in_mod[u] != k:  # fixed predecessor from an earlier module
-                    arr = finish[u] + problem.comm_matrix(b)[pl[u]]
-                    np.maximum(rel[r], arr, out=rel[r])
-            for s, b in problem.succ_bytes[v]:
-                if in_mod[s] != k:
-                    m = problem.comm_matrix(b)
-                    np.maximum(tail[r], (m + (T[s] + oct_[s])[None, :]).min(axis=1), out=tail[r])
-        cap = np.maximum(problem.capacity - used, 0.0)
-        bnd = Boundary(tuple(mod), ready.copy(), rel, tail, cap)
-        left = deadline - time.perf_counter()
-        sub_settings = replace(settings, time_limit=max(0.05, min(per_module, left / max(1, len(mods) - k))),
-                               extra=dict(settings.extra, deterministic_time=per_module))
-        sol = cpsat.solve_latency_subproblem(problem, bnd, sub_settings)
-        for v, d in sol.placement.items():
-            pl[v] = d
-            finish[v] = sol.finish[v]
-            used[d] += problem.param_bytes[v] + problem.output_bytes[v]
-        for d in range(D):
-            seq = sol.order[d]
-            if seq:
-                order[d].extend(seq)
-                ready[d] = max(ready[d], max(sol.finish[v] for v in seq))
-    return Plan(tuple(int(x) for x in pl), tuple(tuple(o) for o in order), status="heuristic")
-
-
-# ---- local search ----------------------------------------------------------------------------
-class _Search:
-    def __init__(self, problem: Problem, plan: Plan, mods: list[list[int]], budget: int, deadline: float):
-        self.p = problem
-        self.obj = problem.objective
-        self.mods = mods
-        self.mod_of = np.empty(problem.n, dtype=np.int64)
-        for k, m in enumerate(mods):
-            self.mod_of[m] = k
-        self.budget = budget
-        self.deadline = deadline
-        self.evals = 0
-        self.plan = plan
-        self.ev = evaluate(problem, plan)
-        self.best = self._score(self.ev)
-
-    def _score(self, ev: Evaluation) -> float:
-        return ev.value(self.obj) if ev.feasible else math.inf
-
-    def out_of_budget(self) -> bool:
-        return self.evals >= self.budget or time.perf_counter() > self.deadline
-
-    def try_move(self, nodes: list[int], d: int) -> bool:
-        """Move ``nodes`` to device ``d``, inserted by their current start times."""
-        p, ev = self.p, self.ev
-        pl = list(self.plan.placement)
-        if all(pl[v] == d for v in nodes):
-            return False
-        if not all(p.supported[v, d] for v in nodes):
-            return False
-        moving = set(nodes)
-        order = [[v for v in seq if v not in moving] for seq in ev.order]
-        for v in nodes:
-            pl[v] = d
-        seq = order[d] + list(nodes)
-        order[d] = sorted(seq, key=lambda v: (ev.start[v], ev.finish[v], v))
-        for g in {int(p.group_of[v]) for v in nodes if p.group_of[v] >= 0}:
-            if any(pl[w] != d for w in p.groups[g]):
-                return False
-        cand = Plan(tuple(pl), tuple(tuple(o) for o in order), status="heuristic")
-        self.evals += 1
-        cev = evaluate(p, cand)
-        sc = self._score(cev)
-        if sc < self.best * (1 - 1e-12):
-            self.plan, self.ev, self.best = cand, cev, sc
-            return True
-        return False
-
-    def critical_nodes(self) -> list[int]:
-        """Nodes on the critical path of the current schedule (latency), last first."""
-        p, ev = self.p, self.ev
-        pl = self.plan.placement
-        prev = {}
-        for seq in ev.order:
-            for a, b in zip(seq, seq[1:]):
-                prev[b] = a
-        end = ev.finish.copy()
-        for s, b in p.outputs:
-            end[s] = max(end[s], ev.finish[s] + p.comm(pl[s], p.host, b))
-        v = int(np.argmax(end))
-        path = []
-        seen = set()
-        while v is not None and v not in seen:
-            seen.add(v)
-            path.append(v)
-            st = ev.start[v]
-            nxt = None
-            for u, b in p.pred_bytes[v]:
-                arr = ev.finish[u] + (p.comm(pl[u], pl[v], b) if pl[u] != pl[v] else 0.0)
-                if abs(arr - st) <= 1e-12 * max(1.0, st):
-                    nxt = u
-                    break
-            if nxt is None and v in prev and abs(ev.finish[prev[v]] - st) <= 1e-12 * max(1.0, st):
-                nxt = prev[v]
-            v = nxt
-        return path
-
-    def bottleneck_nodes(self) -> list[int]:
-        """Nodes loading the bottleneck resource (throughput), heaviest first."""
-        p, ev = self.p, self.ev
-        pl = np.asarray(self.plan.placement)
-        dmax = float(ev.device_load.max())
-        lmax = max(ev.link_load.values(), default=0.0)
-        if dmax >= lmax:
-            d = int(np.argmax(ev.device_load))
-            nodes = np.flatnonzero(pl == d)
-            return [int(v) for v in nodes[np.argsort(-p.T[nodes, d], kind="stable")]]
-        link = max(ev.link_load, key=ev.link_load.get)
-        out = []
-        for tr in ev.transfers:
-            if tr.producer >= 0 and tr.src != tr.dst:
-                route = p.links.route(tr.src, tr.dst, tr.bytes)
-                if link in route.hops:
-                    out.append(tr.producer)
-        return out
-
-    def run(self) -> None:
-        p = self.p
-        improved = True
-        while improved and not self.out_of_budget():
-            improved = False
-            focus = self.critical_nodes() if self.obj is Objective.LATENCY else self.bottleneck_nodes()
-            for v in focus:
-                if self.out_of_budget():
-                    return
-                d0 = self.plan.placement[v]
-                same = [w for w in self.mods[self.mod_of[v]] if self.plan.placement[w] == d0]
-                succ_local = [v] + [w for w in p.succs[v] if self.plan.placement[w] == d0]
-                for d in p.allowed_devices(v):
-                    d = int(d)
-                    if d == d0:
-                        continue
-                    if (self.try_move([v], d) or self.try_move(sorted(set(succ_local)), d)
-                            or self.try_move(same, d)):
-                        improved = True
-                        break
-                if improved:
-                    break
-
-
-# ---- the solver ---------------------------------------------------------------------------------
-def _baseline_candidates(problem: Problem, settings: Settings, names: tuple[str, ...]) -> list[Plan]:
+def _baselines(problem: Problem, settings: Settings) -> list[Plan]:
     from . import SOLVERS
 
-    plans = []
-    for name in names:
-        if name not in SOLVERS:
-            continue
-        try:
-            plans.append(SOLVERS[name].fn(problem, settings).with_(solver=name))
-        except PartitionerError as err:
-            log.info("split: baseline %s gave no plan: %s", name, err)
-    return plans
-
-
-@register("split", "modularity-based splitting heuristic with exact module solves and local search (DiviML-style)")
-def solve(problem: Problem, settings: Settings) -> Plan:
-    t0 = time.perf_counter()
-    limit = settings.time_limit if settings.time_limit is not None else math.inf
-    deadline = t0 + limit
-    size = int(settings.get("module_size", 24 if problem.D <= 4 else 16))
-    mods = find_modules(problem, size, settings.seed)
-    cands: list[Plan] = []
-    info: dict = {"modules": len(mods), "module_size": size}
-    lat_problem = problem if problem.objective is Objective.LATENCY else problem.with_objective("latency")
-    if settings.get("module_solves", True):
-        try:
-            cands.append(solve_modules(lat_problem, mods, settings, deadline).with_(solver="modules"))
-        except PartitionerError as err:
-            log.warning("split: module solves failed (%s); continuing from the baselines", err)
     names = ("heft", "peft", "greedy")
     if problem.objective is Objective.THROUGHPUT:
         names += ("pipeline-dp", "single")
-    cands += _baseline_candidates(problem, settings, names)
-    scored = []
-    for c in cands:
-        ev = evaluate(problem, c)
-        scored.append((ev.value(problem.objective) if ev.feasible else math.inf, len(scored), c))
-    scored.sort(key=lambda x: (x[0], x[1]))
-    info["start"] = {c.solver: v for v, _, c in scored}
-    best_val, _, best = scored[0]
-    if not math.isfinite(best_val):
-        best = scored[0][2]
-    budget = int(settings.get("search_evals", max(200, min(4000, 400_000 // max(problem.n, 1)))))
-    search = _Search(problem, best.with_(order=evaluate(problem, best).order), mods, budget, deadline)
-    search.run()
-    info.update(started_from=best.solver, evals=search.evals, time_s=time.perf_counter() - t0)
-    return search.plan.with_(status="heuristic", info=info)
+    out = []
+    for name in settings.get("baselines", names):
+        if name not in SOLVERS:
+            continue
+        try:
+            out.append(SOLVERS[name].fn(problem, settings).with_(solver=name))
+        except PartitionerError as err:
+            log.info("split: baseline %s gave no plan: %s", name, err.message)
+    return out
+
+
+# ---- latency -----------------------------------------------------------------------------------
+def _windows(st: State, score: Scorer, settings: Settings, count: int, size: int, det: float,
+             deadline: float, roomy: bool, info: dict) -> tuple:
+    """Exact re-solves of priority-list intervals along the critical path."""
+    best = score(st)
+    tried: set[tuple[int, ...]] = set()
+    solved = improved = 0
+    while solved < count and time.perf_counter() < deadline:
+        st.renumber()
+        order = sorted(range(st.t.n), key=st._key)
+        path = st.critical_path()[::-1]
+        st._refresh_qd()
+        q = st.qd
+        win = None
+        for c in path:
+            r = int(st.pos[c])
+            a = max(0, min(r - size // 4, st.t.n - size))
+            w = tuple(order[a:a + size])
+            if w not in tried:
+                win = w
+                break
+        if win is None:
+            break
+        tried.add(win)
+        solved += 1
+        left = deadline - time.perf_counter()
+        moves = solve_window(st, list(win), q, settings, det, left / max(1, count - solved + 1), roomy)
+        if not moves:
+            continue
+        kept, best = try_moves(st, moves, score, best)
+        improved += kept
+    info.update(windows_solved=solved, windows_improved=improved)
+    return best
+
+
+def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mods, mod_of, deadline: float,
+                   info: dict) -> Plan:
+    n = problem.n
+    roomy = _memory_room(problem)
+    score = Scorer(problem, check_memory=not roomy)
+    effort = float(settings.get("effort", 1.0))
+    work = float(settings.get("search_work", effort * (1000 * n + 500_000)))
+    track = not roomy or problem.constraints.throughput_floor is not None
+    starts, seen = [], set()
+    for _, plan, ev in cands:
+        if plan.placement not in seen and not plan.replicas:
+            seen.add(plan.placement)
+            starts.append((plan, ev))
+    runs = max(1, int(settings.get("restarts", START_COUNT if n <= 500 else 1)))
+    starts = [starts[k % len(starts)] for k in range(runs)] if n <= 500 else starts[:1]
+    share = 0.75 * work / len(starts)
+    best, best_s, spent, hit = None, None, 0.0, False
+    for k, (plan, ev) in enumerate(starts):
+        st = State(tab, plan.placement, positions_from_schedule(ev.start, ev.finish), loads=track)
+        st.work = 0
+        b = Budget(share, deadline)
+        s = iterated_search(st, score, b, random.Random(settings.seed * 7919 + k), mod_of, mods)
+        spent += st.work
+        hit = hit or b.hit_deadline
+        if best is None or better(s, best_s):
+            best, best_s = st, s
+    st = best
+    st.work = spent
+    size = min(int(settings.get("window_size", 16)), n)
+    count = int(settings.get("windows", 4 if 40 < n <= 500 else 0))
+    if count > 0 and n > 2:
+        _windows(st, score, settings, count, size, float(settings.get("module_det_time", 0.01)), deadline,
+                 roomy, info)
+    b2 = Budget(work, deadline)
+    latency_descent(st, score, b2, mod_of, mods)
+    info.update(search_work=st.work, starts=len(starts), hit_time_limit=hit or b2.hit_deadline)
+    return st.plan(status="heuristic")
+
+
+# ---- throughput ----------------------------------------------------------------------------------
+def _project(problem: Problem, plan: Plan, mask: np.ndarray) -> list[int] | None:
+    """Move nodes off devices outside ``mask``'s group to the least loaded allowed device."""
+    pl = list(plan.placement)
+    load = np.zeros(problem.D)
+    ok = mask.any(axis=1)
+    if not ok.all():
+        return None
+    for v in range(problem.n):
+        if mask[v, pl[v]]:
+            load[pl[v]] += problem.T[v, pl[v]]
+    for v in range(problem.n):
+        if not mask[v, pl[v]]:
+            devs = np.flatnonzero(mask[v])
+            d = int(devs[np.argmin(load[devs] + problem.T[v, devs])])
+            pl[v] = d
+            load[d] += problem.T[v, d]
+    g = problem.groups
+    for grp in g:
+        d = pl[grp[0]]
+        for v in grp:
+            pl[v] = d
+    return pl
+
+
+def _pipeline(problem: Problem, settings: Settings, mask: np.ndarray, starts: list[tuple[Plan, object]],
+              work: float, deadline: float, mods, mod_of, sched: bool, roomy: bool) -> Plan | None:
+    """Best single-pipeline plan on the devices of ``mask`` (local search from projected starts)."""
+    tab = Tables(problem, mask)
+    score = Scorer(problem, check_memory=not roomy)
+    best, best_s = None, None
+    for plan, ev in starts:
+        pl = _project(problem, plan, mask)
+        if pl is None:
+            return None
+        st = State(tab, pl, positions_from_schedule(ev.start, ev.finish), schedule=sched)
+        s = score(st)
+        if best_s is None or better(s, best_s):
+            best, best_s = st, s
+    st = best
+    st.work = 0
+    iterated_throughput(st, score, Budget(work, deadline), random.Random(settings.seed), mod_of, mods)
+    return st.plan(status="heuristic")
+
+
+def _partition_dp(D: int, rate: dict[int, float]) -> tuple[float, tuple[int, ...]]:
+    """Best set partition of the devices into replica groups (devices may stay idle)."""
+    best = {0: 0.0}
+    choice: dict[int, tuple[int, ...]] = {0: ()}
+    for mask in range(1, 1 << D):
+        low = mask & -mask
+        rest = mask ^ low
+        b, c = best[rest], choice[rest]
+        s = rest
+        while True:
+            g = s | low
+            cand = rate.get(g, 0.0) + best[mask ^ g]
+            if cand > b * (1 + 1e-12):
+                b, c = cand, (g,) + choice[mask ^ g]
+            if s == 0:
+                break
+            s = (s - 1) & rest
+        best[mask], choice[mask] = b, c
+    full = (1 << D) - 1
+    return best[full], choice[full]
+
+
+def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tuple, Plan, object]],
+                      mods, mod_of, deadline: float, info: dict) -> Plan:
+    n, D = problem.n, problem.D
+    from .peft import allowed_mask
+
+    allowed = allowed_mask(problem)
+    roomy = _memory_room(problem)
+    sched = problem.constraints.latency_ceiling is not None
+    effort = float(settings.get("effort", 1.0))
+    work = float(settings.get("search_work", effort * (1000 * n + 500_000)))
+    feas = [(p, ev) for s, p, ev in cands if s[0] == 0 and not p.replicas] or \
+        [(p, ev) for _, p, ev in cands if not p.replicas]
+    starts = feas[:3]
+    replicate = bool(settings.get("replicate", True)) and 2 <= D <= 6
+    full = (1 << D) - 1
+    masks = [full]
+    if replicate:
+        masks = sorted(range(1, 1 << D), key=lambda m: (bin(m).count("1"), m))
+    weight = {m: bin(m).count("1") for m in masks}
+    tot = sum(weight.values())
+    plans: dict[int, Plan] = {}
+    rate: dict[int, float] = {}
+    skipped = 0
+    for m in masks:
+        devs = [d for d in range(D) if m >> d & 1]
+        mask = allowed.copy()
+        mask[:, [d for d in range(D) if d not in devs]] = False
+        if not mask.any(axis=1).all():
+            continue
+        if time.perf_counter() > deadline:
+            break
+        if m != full and len(devs) > 1:
+            # skip a group whose throughput cannot beat replicas on its own subgroups
+            best_min = np.where(mask, problem.T, np.inf).min(axis=1)
+            ub = 1.0 / max(best_min.sum() / len(devs), best_min.max(), 1e-300)
+            sub, _ = _partition_dp(D, {k: r for k, r in rate.items() if k & m == k})
+            if ub <= sub:
+                skipped += 1
+                continue
+        w = work * (0.5 if m == full else 0.5 * weight[m] / max(1, tot - weight[full])) if replicate else work
+        if len(devs) == 1:
+            pl = [devs[0]] * n
+            plan = Plan(tuple(pl), status="heuristic")
+        else:
+            plan = _pipeline(problem, settings, mask, starts if m == full else starts[:1], w, deadline, mods,
+                             mod_of, sched, roomy)
+            if plan is None:
+                continue
+        ev = evaluate(problem, plan)
+        if ev.feasible:
+            plans[m], rate[m] = plan, (1.0 / ev.period if ev.period > 0 else math.inf)
+    info["replica_groups_skipped"] = skipped
+    if not plans:
+        return cands[0][1]
+    total, groups = _partition_dp(D, rate)
+    info["replica_groups"] = [[problem.devices[d] for d in range(D) if g >> d & 1] for g in groups]
+    if len(groups) == 1:
+        return plans[groups[0]]
+    reps = tuple(plans[g] for g in groups)
+    return Plan(reps[0].placement, reps[0].order, status="heuristic", replicas=reps)
+
+
+# ---- the solver ------------------------------------------------------------------------------------
+@register("split", "modularity-based splitting heuristic: exact module solves + incremental local search "
+                   "(DiviML-style, Yahya et al. 2023)")
+def solve(problem: Problem, settings: Settings) -> Plan:
+    """Run the split heuristic (see the module docstring)."""
+    t0 = time.perf_counter()
+    limit = settings.time_limit if settings.time_limit is not None else math.inf
+    deadline = t0 + limit
+    n, D = problem.n, problem.D
+    if n == 0:
+        return Plan((), tuple(() for _ in range(D)), status="heuristic", claimed=0.0)
+    lat = problem.objective is Objective.LATENCY
+    size = int(settings.get("module_size", 24 if D <= 4 else 16))
+    mods = find_modules(problem, size, settings.seed)
+    mod_of = [0] * n
+    for k, m in enumerate(mods):
+        for v in m:
+            mod_of[v] = k
+    info: dict = {"modules": len(mods), "module_size": size}
+    plans = _baselines(problem, settings)
+    det = float(settings.get("module_det_time", 0.01))
+    if lat and n <= int(settings.get("module_pass_nodes", 200)):
+        try:
+            p = module_pass(problem, mods, settings, det, deadline)
+        except PartitionerError as err:
+            log.info("split: module pass failed: %s", err.message)
+            p = None
+        if p is not None:
+            plans.append(p.with_(solver="modules"))
+    cands = []
+    for p in plans:
+        ev = evaluate(problem, p)
+        cands.append((_score_ev(problem, ev), p, ev))
+    if not cands:
+        raise PartitionerError("split: no starting plan", hint="check that every node can run on some device")
+    cands.sort(key=lambda c: c[0])
+    info["start"] = {c[1].solver: c[0][1] for c in cands}
+    _, start, start_ev = cands[0]
+    tab = Tables(problem)
+    if lat:
+        plan = _solve_latency(problem, settings, tab, cands, mods, mod_of, deadline, info)
+    else:
+        plan = _solve_throughput(problem, settings, cands, mods, mod_of, deadline, info)
+    final = [(plan, evaluate(problem, plan))]
+    if not plan.replicas and plan.placement != start.placement:
+        alt = plan.with_(order=list_order(problem, np.asarray(plan.placement)))
+        final.append((alt, evaluate(problem, alt)))
+    final.append((start, start_ev))
+    best_s, best_p = None, None
+    for p, ev in final:
+        s = _score_ev(problem, ev)
+        if best_s is None or s < best_s:
+            best_s, best_p = s, p
+    info.update(started_from=start.solver, time_s=time.perf_counter() - t0)
+    claimed = best_s[1] if best_s[0] == 0 else None
+    return best_p.with_(solver="split", status="heuristic", claimed=claimed, info=info)
