@@ -16,8 +16,16 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 def __getattr__(name: str):
     # keep `import partitioner` light: the API (and torch) load on first use
-    if name in ("compile", "compile_plan", "compare"):
+    if name == "compile":  # the nn.Module drop-in
+        from .frontends import compile
+
+        return compile
+    if name in ("compile_plan", "compare"):
         from . import api
 
         return getattr(api, name)
+    if name == "load_artifact":
+        from .artifact import load_artifact
+
+        return load_artifact
     raise AttributeError(name)

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import cli_run
 from .errors import PartitionerError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -132,6 +133,7 @@ def compile(
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
     coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
     no_gantt: bool = typer.Option(False, "--no-gantt", help="Skip DIR/gantt.png"),
+    no_emit: bool = typer.Option(False, "--no-emit", help="Skip the runnable artifact (schedule.json, segments)"),
     json_out: bool = typer.Option(False, "--json", help="Print the plan summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
@@ -150,6 +152,7 @@ def compile(
                                    model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen)
     with atomic_dir(out, force) as tmp:
         (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
+        emit_note = None if no_emit else cli_run.write_artifact(res, tmp, display=str(out))
         (tmp / "report.md").write_text(report.markdown(res))
         res.problem.graph.save(tmp / "costgraph.json")
         (tmp / "trace.json").write_text(json.dumps(report.chrome_trace(res)))
@@ -174,6 +177,8 @@ def compile(
                   f"(value/bound {ratio:.3f}); status {s['status']}; solved in {s['solve_time_s']:.3f} s")
     console.print(f"wrote {out}/plan.json, report.md, costgraph.json, trace.json (Perfetto)"
                   + ("" if no_gantt else ", gantt.png"))
+    if emit_note:
+        console.print(emit_note)
 
 
 def _progress(disable: bool):
@@ -425,6 +430,9 @@ def solvers():
     for name, info in sorted(SOLVERS.items()):
         t.add_row(name, "yes" if info.exact else "no", info.description)
     console.print(t)
+
+
+app.command("run")(_guard(cli_run.run))
 
 
 def main() -> None:

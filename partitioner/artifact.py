@@ -1,0 +1,267 @@
+"""Artifacts: an emitted plan in memory and on disk.
+
+An :class:`Artifact` is the :class:`~partitioner.schedule.Schedule` plus one callable
+module per segment. :func:`partitioner.emit.emit` builds it in memory;
+:func:`save_artifact` writes it and :func:`load_artifact` reads it back in any process.
+
+Files (``Artifact.save(DIR)``)
+------------------------------
+``DIR/schedule.json`` (the Schedule, with sha256 checksums of every file in
+``meta.files``), ``DIR/segments/<id>/module.py`` + ``weights.safetensors`` (see
+:mod:`partitioner.segcode`), and, when example inputs are known,
+``DIR/example_inputs.pt`` and ``DIR/expected_outputs.pt`` (the original model's outputs;
+both ``torch.save`` of tensors, read with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from . import segcode
+from .errors import ArtifactError
+from .schedule import Schedule, tree_unflatten
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Artifact", "bind_inputs", "save_artifact", "load_artifact"]
+
+
+# ---- the artifact ------------------------------------------------------------------------
+@dataclass
+class Artifact:
+    """An emitted plan: the Schedule and one callable module per segment.
+
+    Attributes
+    ----------
+    schedule : Schedule
+    modules : dict of str to nn.Module
+        Segment id -> module taking the segment's inputs positionally, returning a tuple.
+    example_inputs : tuple, optional
+        Inputs to check the artifact with (saved as ``example_inputs.pt``).
+    expected_outputs : Any, optional
+        The original model's outputs on ``example_inputs`` (loaded artifacts only;
+        in memory they are computed from ``source`` on save).
+    source : torch.fx.GraphModule, optional
+        The traced model (in memory only).
+    path : Path, optional
+        Where it was loaded from or saved to.
+    """
+
+    schedule: Schedule
+    modules: dict[str, nn.Module]
+    example_inputs: tuple | None = None
+    expected_outputs: Any = None
+    source: Any = None
+    path: Path | None = None
+    _exec_args: dict = field(default_factory=dict, repr=False)
+
+    def save(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
+        """Write the artifact into ``path`` (see the module docstring); see :func:`save_artifact`."""
+        return save_artifact(self, path, overwrite=overwrite, verify=verify)
+
+    def runtime(self, **kw):
+        """A :class:`~partitioner.runtime.local.LocalRuntime` for this artifact."""
+        from .runtime.local import LocalRuntime
+
+        return LocalRuntime(self, **kw)
+
+    def run(self, *inputs, **kw):
+        """Run once on the local runtime (``kw`` as for LocalRuntime) and return the outputs."""
+        with self.runtime(**kw) as rt:
+            return rt.run(*inputs)
+
+    def segment_inputs(self, *inputs) -> dict[str, list]:
+        """Run the model once (sequentially, without grad) and return every segment's
+        arguments: example inputs to export or check one segment at a time."""
+        with torch.no_grad():
+            self.run_sequential(*inputs, capture=True)
+        return dict(self._exec_args)
+
+    def run_sequential(self, *inputs, capture: bool = False):
+        """Reference executor: run the segments one after the other in this thread.
+
+        With ``capture``, remember every segment's arguments (used by save to verify code).
+        """
+        env = bind_inputs(self.schedule, inputs)
+        for seg in self.schedule.segments:
+            args = [env[v] for v in seg.inputs]
+            if capture:
+                self._exec_args[seg.id] = args
+            outs = self.modules[seg.id](*args)
+            if not isinstance(outs, (tuple, list)) or len(outs) != len(seg.outputs):
+                raise ArtifactError(f"segment {seg.id!r} returned {type(outs).__name__} instead of "
+                                    f"{len(seg.outputs)} outputs", hint="emit the plan again")
+            env.update(zip(seg.outputs, outs))
+        return tree_unflatten(self.schedule.outputs, env.__getitem__)
+
+
+def bind_inputs(schedule: Schedule, args: tuple) -> dict[str, Any]:
+    """Map call arguments to the schedule's input values (flattening them if required)."""
+    flat = pytree.tree_leaves(list(args)) if schedule.flatten_inputs else list(args)
+    names = schedule.inputs
+    defaults = schedule.meta.get("input_defaults", {})
+    if len(flat) > len(names) or any(n not in defaults for n in names[len(flat):]):
+        raise ArtifactError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(flat)}",
+                            hint="pass the same inputs as the example inputs the plan was compiled with")
+    env = dict(zip(names, flat))
+    for n in names[len(flat):]:
+        env[n] = defaults[n]
+    return env
+
+
+# ---- files -------------------------------------------------------------------------------
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
+    """Write ``art`` into directory ``path`` (created if missing; other files in it are
+    kept, so a compile output directory can hold it next to ``plan.json``).
+
+    Every segment is written as fx code when it can be rebuilt from ``torch.nn``
+    constructors and torch functions, else as its ``torch.export`` ATen graph (which
+    needs the example inputs). With ``verify`` (and example inputs), each written
+    segment is re-instantiated from its code and checked against the in-memory one.
+
+    Raises
+    ------
+    ArtifactError
+        ``path`` already holds an artifact (without ``overwrite``), or a segment can be
+        written neither way, or its written code computes something else.
+    """
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ArtifactError(f"{root} exists and is not a directory", hint="choose another output path")
+    if (root / "schedule.json").exists() or (root / "segments").exists():
+        if not overwrite:
+            raise ArtifactError(f"{root} already holds an artifact", hint="pass overwrite=True or another directory")
+        shutil.rmtree(root / "segments", ignore_errors=True)
+        (root / "schedule.json").unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    sched = art.schedule
+    ex = art.example_inputs
+    expected = art.expected_outputs
+    if ex is not None and (verify or not art._exec_args):
+        with torch.no_grad():
+            art.run_sequential(*ex, capture=True)
+            if art.source is not None:
+                expected = art.source(*ex)
+    written: list[Path] = []
+    segments = []
+    for seg in sched.segments:
+        mod = art.modules[seg.id]
+        args = art._exec_args.get(seg.id)
+        header = (f"Segment {seg.id} of {sched.meta.get('model', 'the model')} on device {seg.device} "
+                  f"(generated by partitioner.emit).")
+        fmt = "fx"
+        try:
+            src, tensors, info = segcode.portable_source(mod, header)
+        except segcode.NotPortable as why:
+            if args is None:
+                raise ArtifactError(f"segment {seg.id} cannot be written as fx code ({why}) and there are no "
+                                    "example inputs to export it", hint="emit with example_inputs=...") from None
+            log.info("segment %s: %s; writing its torch.export graph", seg.id, why)
+            try:
+                src, tensors, info = segcode.portable_source(segcode.export_flat(mod, tuple(args)), header)
+            except segcode.NotPortable as why2:
+                raise ArtifactError(f"segment {seg.id} cannot be written as code: {why}; export: {why2}",
+                                    hint="mark the offending module as a leaf or use torch.nn building blocks"
+                                    ) from None
+            fmt = "aten"
+        if verify and args is not None:
+            _verify(seg.id, mod, segcode.instantiate(src, tensors, info["params"], f"check_{seg.id}"), args)
+        folder = root / "segments" / seg.id
+        written += segcode.write_segment(folder, src, tensors, info)
+        segments.append(replace(seg, code=f"segments/{seg.id}", format=fmt))
+    if ex is not None:
+        torch.save(tuple(ex), root / "example_inputs.pt")
+        written.append(root / "example_inputs.pt")
+        if expected is not None:
+            torch.save(expected, root / "expected_outputs.pt")
+            written.append(root / "expected_outputs.pt")
+    files = {p.relative_to(root).as_posix(): _sha256(p) for p in written}
+    out = replace(sched, segments=tuple(segments), meta=dict(sched.meta, files=files))
+    (root / "schedule.json").write_text(out.dumps())
+    art.schedule, art.path = out, root
+    return root
+
+
+def _verify(sid: str, ref: nn.Module, new: nn.Module, args: list) -> None:
+    outs = []
+    for mod in (ref, new):  # same random stream for both (dropout in training mode)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outs.append(mod(*args))
+    a, b = outs
+    try:
+        torch.testing.assert_close(tuple(b), tuple(a), rtol=1e-4, atol=1e-5, equal_nan=True)
+    except AssertionError as err:
+        raise ArtifactError(f"segment {sid}: the written code computes other values than the traced graph: "
+                            f"{str(err).splitlines()[0]}", hint="please report this bug") from None
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Load and validate an artifact directory written by :func:`save_artifact`.
+
+    Raises
+    ------
+    ArtifactError
+        A missing directory or file, invalid JSON, a schedule that fails validation
+        (unknown segment, cycle, deadlock...), a file whose checksum differs from the one
+        recorded at emit time, or code or weights that do not load.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {str(root)!r} does not exist",
+                            hint="pass the directory written by `partitioner compile ... --out DIR`")
+    sj = root / "schedule.json"
+    if not sj.is_file():
+        raise ArtifactError(f"{sj} is missing", hint="pass the directory written by `partitioner compile`")
+    try:
+        data = json.loads(sj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{sj} is not valid JSON: {err}",
+                            hint="the file is corrupted; emit the plan again") from None
+    sched = Schedule.from_json(data)
+    files = sched.meta.get("files", {})
+    for seg in sched.segments:
+        folder = (root / seg.code).resolve()
+        if not seg.code or not folder.is_relative_to(root.resolve()):
+            raise ArtifactError(f"segment {seg.id!r} has code path {seg.code!r} outside the artifact",
+                                hint="the schedule was edited by hand; emit the plan again")
+        for f in (segcode.MODULE_FILE, segcode.WEIGHTS_FILE):
+            rel = f"{seg.code}/{f}"
+            if not (root / rel).is_file():
+                raise ArtifactError(f"artifact {root}: missing file {rel} (segment {seg.id})",
+                                    hint="the artifact is incomplete; copy the whole directory or emit the plan again")
+            if rel not in files:
+                raise ArtifactError(f"artifact {root}: file {rel} has no checksum in schedule.json",
+                                    hint="the schedule was edited by hand; emit the plan again")
+    for rel, digest in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise ArtifactError(f"artifact {root}: missing file {rel}", hint="copy the whole directory or emit again")
+        if _sha256(p) != digest:
+            raise ArtifactError(f"artifact {root}: {rel} was modified after it was written (sha256 mismatch)",
+                                hint="restore the original file or emit the plan again")
+    modules = {seg.id: segcode.load_segment(root / seg.code, seg.id) for seg in sched.segments}
+    ex = exp = None
+    if (root / "example_inputs.pt").is_file():
+        ex = tuple(torch.load(root / "example_inputs.pt", weights_only=True))
+    if (root / "expected_outputs.pt").is_file():
+        exp = torch.load(root / "expected_outputs.pt", weights_only=True)
+    return Artifact(sched, modules, ex, exp, path=root)
