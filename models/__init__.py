@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .bert import bert, bert_base
+from .gpt2 import gpt2
 from .inception import inception
+from .llama import llama
 from .randwire import randwire
 from .resnet import resnet18, resnet50
 
@@ -41,6 +43,15 @@ ZOO: dict[str, Factory] = {
     "randwire-ws": partial(randwire, generator="ws"),
     "randwire-er": partial(randwire, generator="er"),
     "randwire-ba": partial(randwire, generator="ba"),
+    "llama-125m": partial(llama, "llama-125m"),
+    "llama-1b": partial(llama, "llama-1b"),
+    "llama-7b": partial(llama, "llama-7b"),
+    "llama-13b": partial(llama, "llama-13b"),
+    "llama-70b": partial(llama, "llama-70b"),
+    "gpt2": partial(gpt2, "gpt2"),
+    "gpt2-medium": partial(gpt2, "gpt2-medium"),
+    "gpt2-large": partial(gpt2, "gpt2-large"),
+    "gpt2-xl": partial(gpt2, "gpt2-xl"),
 }
 
 #: Model name -> one-line description.
@@ -53,6 +64,15 @@ DESCRIPTIONS: dict[str, str] = {
     "randwire-ws": "RandWire small regime, Watts-Strogatz WS(4, 0.75), 32 nodes/stage, C=78",
     "randwire-er": "RandWire small regime, Erdos-Renyi ER(0.2), 32 nodes/stage, C=78",
     "randwire-ba": "RandWire small regime, Barabasi-Albert BA(5), 32 nodes/stage, C=78",
+    "llama-125m": "Llama-style decoder, 12 layers, dim 768, 12 heads, SwiGLU 2048, seq 128 (fp16)",
+    "llama-1b": "Llama-style decoder (TinyLlama shape), 22 layers, dim 2048, GQA 32/4 heads, meta device",
+    "llama-7b": "Llama-2-7B shape: 32 layers, dim 4096, 32 heads, SwiGLU 11008, meta device",
+    "llama-13b": "Llama-2-13B shape: 40 layers, dim 5120, 40 heads, SwiGLU 13824, meta device",
+    "llama-70b": "Llama-2-70B shape: 80 layers, dim 8192, GQA 64/8 heads, SwiGLU 28672, meta device",
+    "gpt2": "GPT-2 small decoder: 12 layers, dim 768, 12 heads, seq 128 (fp16), tied head",
+    "gpt2-medium": "GPT-2 medium: 24 layers, dim 1024, 16 heads",
+    "gpt2-large": "GPT-2 large: 36 layers, dim 1280, 20 heads, meta device",
+    "gpt2-xl": "GPT-2 XL: 48 layers, dim 1600, 25 heads, meta device",
 }
 
 

@@ -386,7 +386,10 @@ class _CostInterpreter(torch.fx.Interpreter):
                 continue
             try:
                 storage = t.untyped_storage()
-                key = (str(t.device), storage.data_ptr())
+                ptr = storage.data_ptr() if t.device.type != "meta" else 0
+                # meta storages all have data pointer 0: tell them apart by their StorageImpl
+                # (views and tied weights of one storage still share it, so count once)
+                key = (str(t.device), ptr) if ptr else (str(t.device), "impl", storage._cdata)
                 cap = storage.nbytes()
             except Exception:  # noqa: BLE001 - meta/fake/sparse tensors: identity only
                 key, cap = ("id", id(t)), nb

@@ -71,3 +71,4 @@ def solve(problem: Problem, name: str, settings: Settings | None = None) -> Plan
 
 
 from . import cpsat, dp, greedy, heft, metis, milp, peft, single, split  # noqa: E402,F401  (register the solvers)
+from .. import symmetry  # noqa: E402,F401  (registers the 'symmetry' solver)
