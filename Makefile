@@ -18,8 +18,11 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# compile ResNet-50 for the default server with the splitting heuristic, then run the
+# emitted plan here (devices mapped onto this machine's CPU) and check its outputs
 demo: $(STAMP)
-	$(VENV)/bin/partitioner compile resnet50 --hw server-cpu-2gpu --objective latency --solver heft --out out/demo --force
+	$(VENV)/bin/partitioner compile resnet50 --hw server-cpu-2gpu --objective latency --solver split --out out/demo --force
+	$(VENV)/bin/partitioner run out/demo --check
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -19,8 +19,10 @@ Usage::
     python bench/exact.py                    # the default matrix, 60 s per solve
     python bench/exact.py --time-limit 600   # the long run of the issue (hours on 2 cores)
     python bench/exact.py --quick            # 30/60 nodes, 20 s, a few minutes
+    python bench/exact.py --time-limit 600 --graphs inception,bert --sizes 60 \
+        --specs server-cpu-2gpu --solvers milp-highs,cpsat --tag 600s   # a long-run subset
 
-Writes ``bench/results/exact.json`` and ``bench/results/exact.md``.
+Writes ``bench/results/exact.json`` and ``bench/results/exact.md`` (``exact-TAG.*`` with ``--tag``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def run_one(problem: Problem, solver: str, time_limit: float) -> dict:
             "best_bound_s": res.best_bound, "gap": res.gap, "time_s": dt}
 
 
+OUT = {"name": "exact", "solvers": SOLVERS}
+
+
 def bench(sizes: list[int], graphs: list[str], time_limit: float, spec_names: list[str]) -> list[dict]:
     rows: list[dict] = []
     for spec_name in spec_names:
@@ -79,6 +84,7 @@ def bench(sizes: list[int], graphs: list[str], time_limit: float, spec_names: li
 
 
 def _bench_spec(rows, sizes, graphs, time_limit, spec_name, spec_names) -> None:
+    solvers = OUT["solvers"]
     spec = load_spec(spec_name)
     for gname in graphs:
         model, kw = GRAPHS[gname]
@@ -94,7 +100,7 @@ def _bench_spec(rows, sizes, graphs, time_limit, spec_name, spec_names) -> None:
             row = {"spec": spec_name, "graph": gname, "fine_nodes": fine.n, "target": target, "nodes": cp.n,
                    "edges": sum(len(s) for s in cp.succs), "bound_s": bound.value,
                    "bound_binding": bound.binding, "bound_time_s": tb, "solvers": {}}
-            for s in SOLVERS:
+            for s in solvers:
                 if s.startswith("milp") and cp.n > MILP_MAX_NODES:
                     row["solvers"][s] = {"status": "skipped", "error": f"{cp.n} nodes > {MILP_MAX_NODES}"}
                     continue
@@ -118,8 +124,8 @@ def _save(rows, time_limit, spec_names) -> None:
     meta = {"time_limit_s": time_limit, "specs": spec_names, "objective": "latency", "threads": 1,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "exact.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "exact.md").write_text(markdown(rows, meta))
+    (out / f"{OUT['name']}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{OUT['name']}.md").write_text(markdown(rows, meta))
 
 
 def _cell(r: dict) -> str:
@@ -134,16 +140,17 @@ def _cell(r: dict) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    solvers = OUT["solvers"]
     lines = [f"Exact solvers, latency objective, {meta['time_limit_s']:g} s per solve, "
              f"1 thread, measured {meta['date']} by `bench/exact.py`.", "",
-             "| spec | graph | nodes | " + " | ".join(SOLVERS) + " | bound/opt | bound binding |",
-             "|---|---|---:|" + "---|" * len(SOLVERS) + "---:|---|"]
+             "| spec | graph | nodes | " + " | ".join(solvers) + " | bound/opt | bound binding |",
+             "|---|---|---:|" + "---|" * len(solvers) + "---:|---|"]
     for row in rows:
         bo = row["bound_over_opt"]
         bo_s = f"{bo:.3f}" if bo is not None else (
             f"≥{row['bound_over_best']:.3f}*" if row["bound_over_best"] is not None else "-")
         lines.append(f"| {row['spec']} | {row['graph']} | {row['nodes']} | "
-                     + " | ".join(_cell(row["solvers"][s]) for s in SOLVERS) + f" | {bo_s} | {row['bound_binding']} |")
+                     + " | ".join(_cell(row["solvers"][s]) for s in solvers) + f" | {bo_s} | {row['bound_binding']} |")
     lines += ["", "`opt T s`: proven optimal (for the coarsened problem) in T seconds; `time_limit gap G`: the "
               "incumbent at the limit, G = (value - best bound) / value; `*`: no solver proved the optimum, so "
               "bound / best value found is shown (a lower estimate of bound/opt)."]
@@ -156,15 +163,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="30,60,120,250")
     ap.add_argument("--graphs", default=",".join(GRAPHS))
     ap.add_argument("--specs", default="server-cpu-2gpu,edge-soc")
+    ap.add_argument("--solvers", default=",".join(SOLVERS))
+    ap.add_argument("--tag", default="", help="write bench/results/exact-TAG.{json,md}")
     ap.add_argument("--quick", action="store_true", help="30/60 nodes, 20 s per solve")
     a = ap.parse_args()
+    OUT["solvers"] = tuple(a.solvers.split(","))
+    OUT["name"] = f"exact-{a.tag}" if a.tag else "exact"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sizes = [int(x) for x in a.sizes.split(",")]
     tl = a.time_limit
     if a.quick:
         sizes, tl = [30, 60], 20.0
     rows = bench(sizes, a.graphs.split(","), tl, a.specs.split(","))
-    print((ROOT / "bench" / "results" / "exact.md").read_text())  # noqa: T201 (a script)
+    print((ROOT / "bench" / "results" / f"{OUT['name']}.md").read_text())  # noqa: T201 (a script)
     del rows
 
 

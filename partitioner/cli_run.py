@@ -181,6 +181,8 @@ def write_artifact(result, directory: Path, *, segmentation: str = "faithful", d
     model = getattr(result, "model", None)
     if model is None or getattr(model, "gm", None) is None:
         return "no artifact: the model is a cost graph, there is no code to emit"
+    if any(t.is_meta for t in (*model.gm.parameters(), *model.gm.buffers())):
+        return "no artifact: the model is on the meta device (no weights to save); the plan is in plan.json"
     art = emit(result, segmentation=segmentation)
     art.save(directory)
     s = art.schedule

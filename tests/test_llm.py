@@ -125,3 +125,13 @@ def test_symmetry_on_a_70b_slice_on_the_hetero_spec():
         ev = evaluate(p, plan)
         assert ev.feasible and plan.info["symmetry"] and plan.info["blocks"] == 4
         assert plan.claimed == pytest.approx(ev.value(objective))
+
+
+def test_meta_model_compiles_without_an_artifact(tmp_path):
+    """A model on the meta device has no weights: compile writes the plan and says so."""
+    from partitioner import api, cli_run
+
+    model, inputs = llama("llama-tiny", batch=1, seq=8, device="meta")
+    res = api.compile_plan(api.load_model(model, inputs), "hetero-2server", "latency", "symmetry")
+    note = cli_run.write_artifact(res, tmp_path)
+    assert "meta device" in note and not any(tmp_path.iterdir())
