@@ -470,5 +470,12 @@ def test_cli_run_reports_a_broken_artifact(saved, tmp_path):
     (root / "segments" / "s0" / "module.py").unlink()
     r = CliRunner().invoke(cli.app, ["run", str(root)])
     assert r.exit_code == 2 and "missing file segments/s0/module.py" in r.output
+    for name, junk in (("schedule.json", "{not json"), ("segments/s0/weights.safetensors", "garbage")):
+        root = _copy(saved, tmp_path / name.replace("/", "_"))
+        assert (root / name).exists(), name
+        (root / name).write_text(junk)  # a corrupted file: one clear message, exit 2
+        r = CliRunner().invoke(cli.app, ["run", str(root)])
+        assert r.exit_code == 2 and "Traceback" not in r.output, (name, r.output)
+        assert name.split("/")[-1] in r.output or "corrupt" in r.output or "hash" in r.output, (name, r.output)
     r = CliRunner().invoke(cli.app, ["run", str(saved[0]), "--map", "gpu0"])
     assert r.exit_code == 2 and "SPEC_DEVICE=TORCH_DEVICE" in r.output
