@@ -34,7 +34,7 @@ from .errors import PartitionerError, UsageError
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-__all__ = ["run", "write_artifact", "read_inputs", "write_outputs"]
+__all__ = ["run", "write_artifact", "read_inputs", "write_outputs", "replica_dirs"]
 
 
 def read_inputs(path: Path, input_names: tuple[str, ...] = ()) -> tuple:
@@ -107,6 +107,8 @@ def run(
                                "exit 1 if they differ"),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write measured per-action times (JSON)"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary"),
+    stream: int = typer.Option(0, "--stream", help="Pipeline N copies of the inputs through the plan (all "
+                               "replicas of a data-parallel plan) and report measured vs predicted samples/s"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -123,6 +125,11 @@ def run(
         args = art.example_inputs
     else:
         args = read_inputs(inputs, art.schedule.inputs)
+    if stream < 0:
+        raise UsageError(f"--stream must be >= 0, got {stream}", hint="e.g. --stream 32")
+    if stream:
+        return _run_stream(art, artifact, args, stream, _map(map_device), threads, timeout, check, out, stats,
+                           json_out)
     with torch.no_grad(), LocalRuntime(art, _map(map_device), threads=threads, timeout_s=timeout) as rt:
         for _ in range(repeat):
             outputs, st = rt.run_with_stats(*args)
@@ -169,6 +176,67 @@ def run(
         raise typer.Exit(1)
 
 
+def replica_dirs(artifact: Path) -> list[Path]:
+    """The artifact directories of a data-parallel plan: ``DIR`` (replica 0) then
+    ``DIR/replicas/r1``, ``r2``... (written by :func:`write_artifact`)."""
+    extra = sorted((p for p in (artifact / "replicas").glob("r*") if p.name[1:].isdigit()),
+                   key=lambda p: int(p.name[1:])) if (artifact / "replicas").is_dir() else []
+    return [artifact, *extra]
+
+
+def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out):
+    """``--stream N``: pipeline N copies of ``args`` (over every replica) and report rates."""
+    import torch
+
+    from .emit import load_artifact
+    from .runtime.local import LocalRuntime, stream_replicas
+
+    arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
+    rts = []
+    try:
+        for a in arts:
+            rts.append(LocalRuntime(a, mapping, threads=threads, timeout_s=timeout))
+        with torch.no_grad():
+            outputs, st = stream_replicas(rts, [tuple(args)] * n)
+    finally:
+        for rt in rts:
+            rt.close()
+    if out is not None:
+        write_outputs(out, outputs[-1])
+    mismatch = None
+    if check:
+        if art.expected_outputs is None:
+            raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
+        for k, o in enumerate(outputs):
+            try:
+                torch.testing.assert_close(o, art.expected_outputs, rtol=1e-4, atol=1e-5)
+            except AssertionError as err:
+                mismatch = f"sample {k}: " + str(err).splitlines()[0]
+                break
+    s = art.schedule
+    summary = {"artifact": str(artifact), "model": s.meta.get("model"), "spec": s.meta.get("spec"),
+               "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
+               "steady_samples_per_s": st.steady_samples_per_s,
+               "predicted_samples_per_s": st.predicted_samples_per_s,
+               "check": None if not check else (mismatch is None)}
+    if stats is not None:
+        stats.parent.mkdir(parents=True, exist_ok=True)
+        stats.write_text(json.dumps(dict(st.to_json(), summary=summary), indent=1, default=_json_default))
+    if json_out:
+        console.print_json(json.dumps(summary, default=_json_default))
+    else:
+        pred = st.predicted_samples_per_s
+        console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
+                      f"replica(s) in {_fmt(st.wall_s)}")
+        console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
+                      + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))
+        if check and mismatch is None:
+            console.print("outputs match expected_outputs.pt")
+    if mismatch is not None:
+        err_console.print(f"[bold red]error:[/] outputs differ from expected_outputs.pt: {mismatch}")
+        raise typer.Exit(1)
+
+
 def write_artifact(result, directory: Path, *, segmentation: str = "faithful", display: str | None = None) -> str:
     """Emit ``result`` and save the artifact into ``directory`` (next to ``plan.json``).
 
@@ -176,17 +244,20 @@ def write_artifact(result, directory: Path, *, segmentation: str = "faithful", d
     ``directory`` is a temporary one). Returns a one-line note for the console; a result
     without a traced model (a cost-graph JSON) writes nothing and says so.
     """
-    from .emit import emit
+    from .emit import emit_replicas
 
     model = getattr(result, "model", None)
     if model is None or getattr(model, "gm", None) is None:
         return "no artifact: the model is a cost graph, there is no code to emit"
     if any(t.is_meta for t in (*model.gm.parameters(), *model.gm.buffers())):
         return "no artifact: the model is on the meta device (no weights to save); the plan is in plan.json"
-    art = emit(result, segmentation=segmentation)
-    art.save(directory)
-    s = art.schedule
-    return (f"artifact: schedule.json + {len(s.segments)} segments, {len(s.transfers)} transfers "
+    arts = emit_replicas(result, segmentation=segmentation)
+    arts[0].save(directory)
+    for k, a in enumerate(arts[1:], start=1):
+        a.save(Path(directory) / "replicas" / f"r{k}")
+    s = arts[0].schedule
+    more = f"; {len(arts)} data-parallel replicas (DIR, DIR/replicas/r1...)" if len(arts) > 1 else ""
+    return (f"artifact: schedule.json + {len(s.segments)} segments, {len(s.transfers)} transfers{more} "
             f"(run it: partitioner run {display or directory})")
 
 

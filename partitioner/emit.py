@@ -34,6 +34,12 @@ to every other device that reads them (once per value and destination, ordered b
 the destination first needs them). The host sends model inputs first and receives the
 model outputs last.
 
+Data-parallel plans: :func:`emit` emits one replica (``replica=``);
+:func:`emit_replicas` emits all of them (one Artifact each, on disjoint devices; their
+``meta`` carries ``replica``, ``replicas``, the replica's own ``predicted_period_s`` and
+the whole plan's ``plan_predicted_period_s``). ``meta["device_hosts"]`` maps every spec
+device to its server (used by :mod:`partitioner.runtime.distributed`).
+
 The artifact's files and loading: :mod:`partitioner.artifact`.
 """
 
@@ -58,7 +64,7 @@ from .schedule import Action, Schedule, Segment, Transfer, Value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Artifact", "emit", "load_artifact", "save_artifact", "bind_inputs", "SEGMENTATIONS"]
+__all__ = ["Artifact", "emit", "emit_replicas", "load_artifact", "save_artifact", "bind_inputs", "SEGMENTATIONS"]
 
 SEGMENTATIONS = ("faithful", "minimal")
 _TRACE_HINT = "emit needs the fx GraphModule the cost graph was lowered from (LoadedModel.gm of the same compile)"
@@ -105,8 +111,13 @@ def emit(source: Any, problem=None, plan=None, *, example_inputs: tuple | None =
     if plan.replicas:
         if not 0 <= replica < len(plan.replicas):
             raise PlanError(f"replica {replica} does not exist (the plan has {len(plan.replicas)})")
-        log.warning("data-parallel plan: emitting replica %d of %d", replica, len(plan.replicas))
-        meta["replica"], plan, ev = replica, plan.replicas[replica], None
+        log.info("data-parallel plan: emitting replica %d of %d", replica, len(plan.replicas))
+        if ev is None:
+            from .evaluate import evaluate
+
+            ev = evaluate(problem, plan)
+        meta.update(replica=replica, replicas=len(plan.replicas), plan_predicted_period_s=float(ev.period))
+        plan, ev = plan.replicas[replica], None
     problem.validate_plan(plan)
     if ev is None:
         from .evaluate import evaluate
@@ -119,6 +130,20 @@ def emit(source: Any, problem=None, plan=None, *, example_inputs: tuple | None =
     seg_of, segs = _segment(gm, problem, plan, ev, idx, segmentation)
     _check_inplace(gm, seg_of)
     return _build(gm, problem, plan, ev, idx, seg_of, segs, example_inputs, meta)
+
+
+def emit_replicas(source: Any, problem=None, plan=None, **kw) -> list[Artifact]:
+    """Emit every replica of a data-parallel plan (one Artifact each, on disjoint
+    devices; a plan without replicas gives one). Each replica's
+    ``meta["predicted_period_s"]`` is its own period, so a stream can be split among
+    them in proportion to ``1 / period`` (:func:`partitioner.runtime.local.stream_replicas`);
+    ``meta["plan_predicted_period_s"]`` is the whole plan's."""
+    p = plan if plan is not None else (source.plan if hasattr(source, "plan") else
+                                       source[2] if isinstance(source, tuple) and len(source) == 3 else None)
+    n = len(p.replicas) if p is not None and p.replicas else 0
+    if n == 0:
+        return [emit(source, problem, plan, **kw)]
+    return [emit(source, problem, plan, replica=r, **kw) for r in range(n)]
 
 
 def _resolve(source, problem, plan, example_inputs):

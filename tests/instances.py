@@ -65,3 +65,28 @@ def two_gpu_spec(gpu_flops: float = 1e13, cpu_flops: float = 1e11, capacity: flo
     return parse_spec({"name": "two-gpu", "comm_blocks_device": comm_blocks, "devices": [
         dev("cpu0", "cpu", cpu_flops, 1e11), dev("gpu0", "gpu", gpu_flops, 1e12), dev("gpu1", "gpu", gpu_flops, 1e12)],
         "links": links})
+
+
+def _torch_chain():
+    import torch
+    from torch import nn
+
+    class Chain(nn.Module):
+        """A small MLP chain with skip connections and two outputs (runtime tests)."""
+
+        def __init__(self, n=6, w=12):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(n))
+
+        def forward(self, x):
+            skip = x
+            for i, layer in enumerate(self.layers):
+                x = torch.relu(layer(x))
+                if i % 2:
+                    x, skip = x + skip, x
+            return x, skip.sum()
+
+    return Chain
+
+
+Chain = _torch_chain()

@@ -9,26 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from instances import two_gpu_spec
+from instances import Chain, two_gpu_spec
 from partitioner import api
 from partitioner.emit import emit
 from partitioner.errors import ArtifactError, RuntimeFailure, UsageError
 from partitioner.problem import Plan, Problem
 from partitioner.runtime.local import LocalRuntime
-
-
-class Chain(nn.Module):
-    def __init__(self, n=6, w=12):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(n))
-
-    def forward(self, x):
-        skip = x
-        for i, layer in enumerate(self.layers):
-            x = torch.relu(layer(x))
-            if i % 2:
-                x, skip = x + skip, x
-        return x, skip.sum()
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,18 @@ Every run records each action's wall-clock start and end relative to the run's s
 its time is the kernel time, not the launch time. ``RunStats.fidelity(schedule)``
 compares measured segment times with the plan's predictions.
 
+Streams (pipelining)
+--------------------
+:meth:`LocalRuntime.stream` submits N samples at once: every worker runs its program
+once per sample, in sample order, with per-sample mailboxes (transfers are tagged per
+sample), so stages overlap across samples. A device's trailing recvs (the host's model
+outputs) are waited for by a helper thread of that worker, so the host starts the next
+sample at once. :func:`stream_replicas` shares a stream among the runtimes of a
+data-parallel plan's replicas (:func:`partitioner.emit.emit_replicas`) in proportion to
+their predicted throughputs. :class:`StreamStats` reports measured samples/s next to
+``1 / meta["predicted_period_s"]``. Measured throughput reaches the prediction only when
+every device has its own core: the period model assumes devices never wait mid-program.
+
 Grad mode and inference mode of the calling thread apply in the workers. A failing
 segment, a timeout or a worker that hangs ends the run with a
 :class:`~partitioner.errors.RuntimeFailure` naming the device and action; a runtime
@@ -66,7 +78,8 @@ from ..schedule import Action, Schedule, tree_unflatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRuntime", "RunStats", "ActionTime", "resolve_devices"]
+__all__ = ["LocalRuntime", "RunStats", "StreamStats", "ActionTime", "resolve_devices", "stream_replicas",
+           "split_stream"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,59 @@ class RunStats:
                              "start_s": a.start_s, "end_s": a.end_s} for a in self.actions]}
 
 
+@dataclass
+class StreamStats:
+    """Measured throughput of a stream of samples (see :meth:`LocalRuntime.stream`).
+
+    Attributes
+    ----------
+    samples : int
+    wall_s : float
+        From submitting the first sample to the last one's outputs.
+    starts_s, ends_s : list of float
+        Per sample: its first action's start and its last action's end (from the stream's start).
+    predicted_samples_per_s : float
+        ``1 / meta["predicted_period_s"]`` of the schedule (summed over replicas); NaN when unknown.
+    actions : list of list of ActionTime
+        Per sample, every action's interval (from the stream's start; one runtime only).
+    """
+
+    samples: int
+    wall_s: float
+    starts_s: list[float]
+    ends_s: list[float]
+    predicted_samples_per_s: float = math.nan
+    actions: list[list[ActionTime]] = field(default_factory=list, repr=False)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples over the whole wall time (pipeline fill and drain included)."""
+        return self.samples / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """Rate between the first and the last completion (excludes the pipeline fill)."""
+        if self.samples < 2:
+            return self.samples_per_s
+        span = max(self.ends_s) - min(self.ends_s)
+        return (self.samples - 1) / span if span > 0 else math.nan
+
+    @property
+    def latencies_s(self) -> list[float]:
+        return [e - s for s, e in zip(self.starts_s, self.ends_s)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "wall_s": self.wall_s, "samples_per_s": self.samples_per_s,
+                "steady_samples_per_s": self.steady_samples_per_s,
+                "predicted_samples_per_s": self.predicted_samples_per_s,
+                "starts_s": self.starts_s, "ends_s": self.ends_s}
+
+
+def _predicted_rate(schedule: Schedule) -> float:
+    p = schedule.meta.get("predicted_period_s")
+    return 1.0 / p if isinstance(p, (int, float)) and p > 0 and math.isfinite(p) else math.nan
+
+
 def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, torch.device]:
     """Spec device id -> torch device: ``None`` (all cpu), one device for all, or a dict
     (unlisted devices go to cpu). Checks that CUDA devices exist."""
@@ -166,11 +232,13 @@ class _Slot:
 class _Run:
     """State of one run shared by the workers."""
 
-    def __init__(self, schedule: Schedule, env: dict, n_workers: int, timeout_s: float):
+    def __init__(self, schedule: Schedule, env: dict, n_workers: int, timeout_s: float,
+                 t0: float | None = None, deadline: float | None = None):
         self.slots = {t.tag: _Slot() for t in schedule.transfers}
         self.env = env
-        self.t0 = time.perf_counter()
-        self.deadline = self.t0 + timeout_s
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.deadline = self.t0 + timeout_s if deadline is None else deadline
+        self.end = math.nan
         self.failed = False
         self.errors: list[tuple[float, str, BaseException]] = []
         self.lock = threading.Lock()
@@ -193,6 +261,7 @@ class _Run:
         with self.lock:
             self.left -= 1
             if self.left == 0:
+                self.end = time.perf_counter()
                 self.done.set()
 
 
@@ -221,6 +290,14 @@ class _Worker:
         self.copy_stream = torch.cuda.Stream(self.tdev) if self.cuda else None
         self.budget = budget
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        tail = len(self.actions)
+        while tail > 0 and self.actions[tail - 1].op == "recv":
+            tail -= 1
+        self.tail_start = tail
+        self.tail_queue: queue.SimpleQueue | None = None
+        if tail < len(self.actions) and tail > 0:
+            self.tail_queue = queue.SimpleQueue()
+            threading.Thread(target=self._tail_loop, name=f"partitioner-{dev}-tail", daemon=True).start()
         self.thread = threading.Thread(target=self._loop, args=(ready,), name=f"partitioner-{dev}", daemon=True)
         self.thread.start()
 
@@ -238,28 +315,78 @@ class _Worker:
         while True:
             run = self.queue.get()
             if run is None:
+                if self.tail_queue is not None:
+                    self.tail_queue.put(None)
                 return
+            handed = False
             try:
-                with torch.inference_mode(run.inference), torch.set_grad_enabled(run.grad):
-                    if self.cuda:
-                        with torch.cuda.device(self.tdev), torch.cuda.stream(self.stream):
-                            self._execute(run)
-                    else:
-                        self._execute(run)
+                with self._context(run):
+                    handed = self._execute(run)
             except BaseException as err:  # noqa: BLE001 - reported to the caller
-                where = run.current.get(self.dev, "start")
-                run.fail(f"device {self.dev} ({self.tdev}) failed at {where}: {type(err).__name__}: {err}", err)
+                self._fail(run, err)
+            finally:
+                if not handed:
+                    run.finish_one()
+
+    def _context(self, run: _Run):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(run.inference))
+        stack.enter_context(torch.set_grad_enabled(run.grad))
+        if self.cuda:
+            stack.enter_context(torch.cuda.device(self.tdev))
+            stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    def _fail(self, run: _Run, err: BaseException) -> None:
+        where = run.current.get(self.dev, "start")
+        run.fail(f"device {self.dev} ({self.tdev}) failed at {where}: {type(err).__name__}: {err}", err)
+
+    def _tail_loop(self) -> None:
+        """Trailing recvs (the host's model outputs) of each run, in run order, so that
+        the worker can start the next sample meanwhile (pipelined streams)."""
+        while True:
+            item = self.tail_queue.get()
+            if item is None:
+                return
+            run, store = item
+            try:
+                with self._context(run):
+                    if self._actions(run, store, self.tail_start, len(self.actions)):
+                        self._collect(run, store)
+            except BaseException as err:  # noqa: BLE001 - reported to the caller
+                self._fail(run, err)
             finally:
                 run.finish_one()
 
-    def _execute(self, run: _Run) -> None:
+    def _execute(self, run: _Run) -> bool:
+        """Run the actions before the trailing recvs; return True when the rest was
+        handed to the tail thread (which then finishes the run)."""
         store: dict[str, Any] = {}
         if self.is_host:
             for v in self.inputs:
                 store[v] = _tree_to(run.env[v], self.tdev)
-        for k, a in enumerate(self.actions):
+        if not self._actions(run, store, 0, self.tail_start):
+            return False
+        if self.tail_queue is not None:
+            self.tail_queue.put((run, store))
+            return True
+        self._collect(run, store)
+        return False
+
+    def _collect(self, run: _Run, store: dict) -> None:
+        if self.is_host:
+            if self.cuda:
+                self.stream.synchronize()
+            run.outputs = {v: store[v] for v in self.outputs}
+
+    def _actions(self, run: _Run, store: dict, lo: int, hi: int) -> bool:
+        """Actions ``lo:hi``; False when the run was aborted meanwhile."""
+        for k in range(lo, hi):
+            a = self.actions[k]
             if run.failed:
-                return
+                return False
             run.current[self.dev] = f"action #{k} ({a.describe()})"
             t0 = time.perf_counter()
             if a.op == "compute":
@@ -276,16 +403,13 @@ class _Worker:
             else:
                 store[a.value] = self._recv(run, a, k)
                 if store[a.value] is _ABORTED:
-                    return
+                    return False
             t1 = time.perf_counter()
             for v in self.free_after[k]:
                 store.pop(v, None)
             run.times.append(ActionTime(self.dev, k, a.op, a.segment if a.op == "compute" else a.value,
                                         t0 - run.t0, t1 - run.t0))
-        if self.is_host:
-            if self.cuda:
-                self.stream.synchronize()
-            run.outputs = {v: store[v] for v in self.outputs}
+        return True
 
     def _send(self, run: _Run, value: Any, a: Action) -> None:
         dst = self.devices[a.peer]
@@ -451,21 +575,78 @@ class LocalRuntime:
                 run.fail("timeout", TimeoutError())
                 finished = run.done.wait(timeout=_GRACE_S)
             wall = time.perf_counter() - run.t0
-        if not finished:
-            stuck = "; ".join(f"{d} at {w}" for d, w in sorted(run.current.items()))
-            self._broken = f"a worker did not finish within {self.timeout_s:.0f} s ({stuck})"
-            raise RuntimeFailure(f"the run did not finish within {self.timeout_s:.0f} s: {stuck}",
-                                 hint="a segment hangs or is far slower than planned; raise timeout_s")
-        if run.errors:
-            real = [e for e in run.errors if e[1] != "timeout"] or run.errors
-            _, msg, err = min(real, key=lambda e: e[0])
-            if isinstance(err, RuntimeFailure):
-                raise RuntimeFailure(msg, hint=err.hint) from err
-            raise RuntimeFailure(msg, hint="the segment's code raised: check the inputs' shapes and dtypes "
-                                           "against the example inputs") from err
+        self._check(run, finished)
         run.times.sort(key=lambda a: (a.start_s, a.device, a.index))
         self.last_stats = RunStats(wall, run.times)
         return tree_unflatten(self.schedule.outputs, run.outputs.__getitem__), self.last_stats
+
+    def _check(self, run: _Run, finished: bool, what: str = "the run") -> None:
+        if not finished:
+            stuck = "; ".join(f"{d} at {w}" for d, w in sorted(run.current.items()))
+            self._broken = f"a worker did not finish within {self.timeout_s:.0f} s ({stuck})"
+            raise RuntimeFailure(f"{what} did not finish within {self.timeout_s:.0f} s: {stuck}",
+                                 hint="a segment hangs or is far slower than planned; raise timeout_s")
+        if run.errors:
+            real = [e for e in run.errors if e[1] not in ("timeout", "aborted")] or run.errors
+            _, msg, err = min(real, key=lambda e: e[0])
+            prefix = "" if what == "the run" else f"{what}: "
+            if isinstance(err, RuntimeFailure):
+                raise RuntimeFailure(prefix + msg, hint=err.hint) from err
+            raise RuntimeFailure(prefix + msg, hint="the segment's code raised: check the inputs' shapes and dtypes "
+                                                    "against the example inputs") from err
+
+    def stream(self, inputs_list: list) -> tuple[list, "StreamStats"]:
+        """Pipeline a list of samples through the plan; return ``(outputs, StreamStats)``.
+
+        Every worker runs its program once per sample, in sample order, as soon as the
+        values it needs for that sample are there: while a device computes sample ``k``,
+        the device before it in the pipeline already computes sample ``k + 1``. Each
+        sample has its own mailboxes, so transfers are tagged per sample. Sample ``k``
+        must finish within ``(k + 1) * timeout_s`` of the stream's start; the first
+        failure aborts the samples after it and is raised as for :meth:`run`.
+
+        Parameters
+        ----------
+        inputs_list : list
+            One entry per sample: a tuple of call arguments (or a single tensor).
+        """
+        from ..artifact import bind_inputs
+
+        if self._broken:
+            raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
+        if not self._finalizer.alive:
+            raise RuntimeFailure("this runtime is closed", hint="create a new LocalRuntime")
+        envs = [bind_inputs(self.schedule, x if isinstance(x, tuple) else (x,)) for x in inputs_list]
+        if not envs:
+            return [], StreamStats(0, 0.0, [], [], _predicted_rate(self.schedule))
+        with self._lock:
+            t0 = time.perf_counter()
+            runs = [_Run(self.schedule, env, len(self._workers), self.timeout_s, t0=t0,
+                         deadline=t0 + self.timeout_s * (k + 1)) for k, env in enumerate(envs)]
+            for w in self._workers:
+                for r in runs:
+                    w.queue.put(r)
+            bad: tuple[int, bool] | None = None
+            for k, r in enumerate(runs):
+                finished = r.done.wait(timeout=max(0.0, r.deadline - time.perf_counter()) + _GRACE_S)
+                if not finished:
+                    r.fail("timeout", TimeoutError())
+                    finished = r.done.wait(timeout=_GRACE_S)
+                if not finished or r.errors:
+                    bad = (k, finished)
+                    break
+            if bad is not None:
+                for r in runs[bad[0] + 1:]:
+                    r.fail("aborted", RuntimeFailure("aborted"))
+                for r in runs[bad[0] + 1:]:
+                    r.done.wait(timeout=_GRACE_S)
+                self._check(runs[bad[0]], bad[1], f"sample {bad[0]} of the stream")
+            wall = time.perf_counter() - t0
+        outputs = [tree_unflatten(self.schedule.outputs, r.outputs.__getitem__) for r in runs]
+        starts = [min((a.start_s for a in r.times), default=0.0) for r in runs]
+        ends = [r.end - t0 for r in runs]
+        acts = [sorted(r.times, key=lambda a: (a.start_s, a.device, a.index)) for r in runs]
+        return outputs, StreamStats(len(runs), wall, starts, ends, _predicted_rate(self.schedule), acts)
 
     def close(self) -> None:
         """Stop the worker threads (also done when the runtime is garbage-collected)."""
@@ -484,3 +665,63 @@ def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if all(t.device == dev for t in tensors):
         return module
     return copy.deepcopy(module).to(dev)
+
+
+def split_stream(n: int, rates: list[float]) -> list[int]:
+    """Replica of each of ``n`` samples, in proportion to ``rates`` (smooth weighted
+    round robin: deterministic, and every prefix of the stream is split as evenly as
+    possible). Non-finite or non-positive rates count as equal shares."""
+    if not rates:
+        raise UsageError("no replicas to split the stream over", hint="pass at least one runtime")
+    w = [r if math.isfinite(r) and r > 0 else math.nan for r in rates]
+    if any(math.isnan(x) for x in w):
+        w = [1.0] * len(rates)
+    total, credit, out = sum(w), [0.0] * len(w), []
+    for _ in range(n):
+        credit = [c + x for c, x in zip(credit, w)]
+        k = max(range(len(w)), key=lambda i: (credit[i], -i))
+        credit[k] -= total
+        out.append(k)
+    return out
+
+
+def stream_replicas(runtimes: list[LocalRuntime], inputs_list: list) -> tuple[list, StreamStats]:
+    """Data parallelism: share a stream of samples among replicas (one LocalRuntime per
+    replica, on disjoint devices), in proportion to their predicted throughputs
+    (:func:`split_stream`); each replica pipelines its share (:meth:`LocalRuntime.stream`)
+    and all replicas run at the same time. Outputs come back in input order; the
+    predicted rate is the sum of the replicas'."""
+    rates = [_predicted_rate(rt.schedule) for rt in runtimes]
+    assign = split_stream(len(inputs_list), rates)
+    shares = [[i for i, a in enumerate(assign) if a == r] for r in range(len(runtimes))]
+    results: list[Any] = [None] * len(runtimes)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def go(r: int) -> None:
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                t = time.perf_counter()
+                results[r] = (t, runtimes[r].stream([inputs_list[i] for i in shares[r]]))
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            results[r] = err
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=go, args=(r,), name=f"partitioner-replica{r}") for r in range(len(runtimes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for r, res in enumerate(results):
+        if isinstance(res, BaseException):
+            if isinstance(res, RuntimeFailure):
+                raise RuntimeFailure(f"replica {r}: {res.message}", hint=res.hint) from res
+            raise res
+    outputs: list[Any] = [None] * len(inputs_list)
+    starts, ends = [0.0] * len(inputs_list), [0.0] * len(inputs_list)
+    for r, (ts, (outs, st)) in enumerate(results):
+        for j, i in enumerate(shares[r]):
+            outputs[i] = outs[j]
+            starts[i], ends[i] = st.starts_s[j] + ts - t0, st.ends_s[j] + ts - t0
+    pred = sum(rates) if all(math.isfinite(x) for x in rates) else math.nan
+    return outputs, StreamStats(len(inputs_list), wall, starts, ends, pred)
