@@ -259,12 +259,55 @@ def coarsen_problem(problem: Problem, target: int):
     return c, coarse_problem(problem, c)
 
 
+def apply_measured(loaded: LoadedModel, spec: Spec, profile: Any,
+                   device_map: dict[str, str] | None = None) -> tuple[LoadedModel, Spec, dict[str, Any]]:
+    """Measured costs for planning: the spec calibrated from ``profile`` and the model's
+    cost graph carrying the profile's per-node times.
+
+    Spec devices matched to a profiled device (:func:`partitioner.profile.match_devices`,
+    ``device_map`` first) take the measured time of every node the profile covers; the
+    other nodes, and unmatched devices, use the roofline calibrated on the profile
+    (:func:`partitioner.calibrate.calibrate`: efficiencies, launch overhead; unmatched
+    devices of a calibrated kind take its factors) and links between matched devices take
+    the measured transfer figures. Nodes that fall back to the roofline are logged.
+
+    Parameters
+    ----------
+    profile : Profile or path
+        Written by ``partitioner profile`` / :func:`partitioner.profile.profile_graph`.
+
+    Returns
+    -------
+    (LoadedModel, Spec, dict)
+        The model with measured times, the calibrated spec, and provenance (``profile``
+        path, ``device_map`` used, ``calibrated`` devices, ``links``) for ``Result.extra``.
+    """
+    from .calibrate import calibrate
+    from .profile import Profile, load_profile, match_devices, with_profile
+
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    cal = calibrate(spec, prof, device_map=device_map, strict=False)
+    matched = match_devices(cal.spec, prof, device_map)
+    measured = with_profile(loaded, cal.spec, prof, device_map=matched)
+    info = {"profile": str(profile) if not isinstance(profile, Profile) else "(in memory)",
+            "device_map": matched, "calibrated": sorted(k for k, f in cal.fits.items()),
+            "links": dict(cal.links)}
+    log.info("costs from profile %s: measured on %s; calibrated roofline on %s", info["profile"], matched,
+             info["calibrated"])
+    return measured, cal.spec, info
+
+
 def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
                  solver: str = "heft", settings: Settings | None = None,
                  constraints: Constraints | None = None, example_inputs: tuple | None = None,
                  frontend: str = "fx", model_kwargs: dict | None = None,
-                 coarsen_to: int | None = None) -> Result:
+                 coarsen_to: int | None = None, profile: Any = None,
+                 device_map: dict[str, str] | None = None) -> Result:
     """Trace (or load) a model, build the problem for a spec, solve it and grade the plan.
+
+    With ``profile`` (a :class:`~partitioner.profile.Profile` or its file), node times and
+    links are the measured ones and the rest of the spec is calibrated on them
+    (:func:`apply_measured`; ``device_map``: spec device id -> profiled device id).
 
     Raises
     ------
@@ -274,6 +317,11 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, example_inputs, frontend=frontend, model_kwargs=model_kwargs)
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
+    measured_info = None
+    if profile is not None:
+        loaded, spec, measured_info = apply_measured(loaded, spec, profile, device_map)
+    elif device_map:
+        raise UsageError("a device map needs a profile", hint="pass profile=FILE (--profile FILE) too")
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     t0 = time.perf_counter()
     progress.step(f"lower bound ({problem.n} nodes)")
@@ -283,6 +331,8 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     plan, info = solve_problem(problem, solver, settings, coarsen_to)
     res = grade(problem, plan, bound, model=loaded)
     res.extra.update(info, compile_time_s=time.perf_counter() - t0)
+    if measured_info is not None:
+        res.extra["measured_costs"] = measured_info
     if res.status == "infeasible":
         raise InfeasibleError(f"solver {solver!r} found no feasible plan: " + "; ".join(res.evaluation.violations),
                               hint="try another solver, a spec with more memory, or relax the constraints")
@@ -300,7 +350,8 @@ def default_solvers(n: int) -> list[str]:
 
 def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | None = None,
             settings: Settings | None = None, constraints: Constraints | None = None, on_solver=None,
-            coarsen_to: int | None = None, **load_kw) -> dict[str, Any]:
+            coarsen_to: int | None = None, profile: Any = None, device_map: dict[str, str] | None = None,
+            **load_kw) -> dict[str, Any]:
     """Run several solvers on one problem and grade each against the same bound.
 
     Parameters
@@ -310,6 +361,8 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
         ``coarsen_to`` is given).
     on_solver : callable, optional
         Called as ``on_solver(solver_name, row_or_None)``: before each solve (``None``) and after.
+    profile, device_map : optional
+        Measured costs, as for :func:`compile_plan`.
 
     Returns
     -------
@@ -323,6 +376,10 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kw)
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
+    if profile is not None:
+        loaded, spec, _ = apply_measured(loaded, spec, profile, device_map)
+    elif device_map:
+        raise UsageError("a device map needs a profile", hint="pass profile=FILE (--profile FILE) too")
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     problem.check_supported()
     size = problem.n if coarsen_to is None else min(problem.n, coarsen_to)
@@ -364,5 +421,5 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
             "bound_parts_s": dict(bound.parts), "rows": rows}
 
 
-__all__ = ["LoadedModel", "Result", "coarsen_problem", "compare", "compile_plan", "default_solvers", "grade", "load_model",
+__all__ = ["LoadedModel", "Result", "apply_measured", "coarsen_problem", "compare", "compile_plan", "default_solvers", "grade", "load_model",
            "solve_problem"]

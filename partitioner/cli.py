@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_run
+from . import cli_profile, cli_run
 from .errors import PartitionerError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -84,6 +84,15 @@ def _parse_kv(items: list[str] | None) -> dict:
     return out
 
 
+def _profile_kw(profile: Optional[Path], profile_map: Optional[list[str]]) -> dict:
+    """``profile=`` / ``device_map=`` for api.compile_plan / api.compare from --profile / --profile-map."""
+    if profile is None:
+        if profile_map:
+            raise UsageError("--profile-map needs --profile", hint="pass --profile FILE (from `partitioner profile`)")
+        return {}
+    return {"profile": profile, "device_map": cli_profile.parse_map(profile_map, "--profile-map") or None}
+
+
 def _settings(seed, time_limit, threads, backend):
     from .problem import Settings
 
@@ -132,6 +141,9 @@ def compile(
     latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
     coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Measured costs: a file from `partitioner profile`"),
+    profile_map: Optional[list[str]] = typer.Option(None, "--profile-map",
+                                                    help="SPEC_DEVICE=PROFILED_DEVICE, e.g. cpu0=cpu:1t (repeatable)"),
     no_gantt: bool = typer.Option(False, "--no-gantt", help="Skip DIR/gantt.png"),
     no_emit: bool = typer.Option(False, "--no-emit", help="Skip the runnable artifact (schedule.json, segments)"),
     json_out: bool = typer.Option(False, "--json", help="Print the plan summary as JSON"),
@@ -149,7 +161,8 @@ def compile(
         task = prog.add_task(f"compiling {model} for {hw}", total=None)
         with _progress_sink(prog, task):
             res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
-                                   model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen)
+                                   model_kwargs=_parse_kv(model_arg), coarsen_to=coarsen,
+                                   **_profile_kw(profile, profile_map))
     with atomic_dir(out, force) as tmp:
         (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
         emit_note = None if no_emit else cli_run.write_artifact(res, tmp, display=str(out))
@@ -267,6 +280,9 @@ def compare(
     backend: str = typer.Option("highs", help="Backend of the `milp` solver: highs | cbc"),
     coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Measured costs: a file from `partitioner profile`"),
+    profile_map: Optional[list[str]] = typer.Option(None, "--profile-map",
+                                                    help="SPEC_DEVICE=PROFILED_DEVICE, e.g. cpu0=cpu:1t (repeatable)"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON to this file"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a value/bound bar chart (PNG)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
@@ -295,7 +311,7 @@ def compare(
 
         with _progress_sink(prog, task):
             out = api.compare(loaded, hw, _objective(objective), names, settings, on_solver=progress,
-                              coarsen_to=coarsen)
+                              coarsen_to=coarsen, **_profile_kw(profile, profile_map))
     if json_file is not None:
         _write_atomic(json_file, json.dumps(out, indent=1, default=_json_default))
     if plot is not None:
@@ -433,6 +449,8 @@ def solvers():
 
 
 app.command("run")(_guard(cli_run.run))
+app.command("profile")(_guard(cli_profile.profile))
+app.command("calibrate")(_guard(cli_profile.calibrate))
 
 
 def main() -> None:

@@ -130,9 +130,11 @@ def run(
     if stream:
         return _run_stream(art, artifact, args, stream, _map(map_device), threads, timeout, check, out, stats,
                            json_out)
+    runs = []
     with torch.no_grad(), LocalRuntime(art, _map(map_device), threads=threads, timeout_s=timeout) as rt:
         for _ in range(repeat):
             outputs, st = rt.run_with_stats(*args)
+            runs.append(st)
     if out is not None:
         write_outputs(out, outputs)
     mismatch = None
@@ -148,6 +150,10 @@ def run(
                "segments": len(s.segments), "transfers": len(s.transfers), "measured_s": st.wall_s,
                "predicted_latency_s": s.meta.get("predicted_latency_s"), "busy_s": st.busy_s(),
                "check": None if not check else (mismatch is None), "out": str(out) if out else None}
+    from .fidelity import fidelity_summary, fidelity_table, from_profile
+
+    fid = fidelity_summary(s, runs)
+    summary["fidelity_summary"] = fid
     if stats is not None:
         stats.parent.mkdir(parents=True, exist_ok=True)
         stats.write_text(json.dumps(dict(st.to_json(), fidelity=st.fidelity(s), summary=summary), indent=1,
@@ -169,6 +175,8 @@ def run(
         pl = s.meta.get("predicted_latency_s")
         console.print(f"measured {_fmt(st.wall_s)} end to end (predicted latency "
                       f"{_fmt(pl) if pl is not None else 'n/a'})" + (f"; wrote {out}" if out else ""))
+        if from_profile(s):
+            console.print(fidelity_table(s, summary=fid))
         if check and mismatch is None:
             console.print("outputs match expected_outputs.pt")
     if mismatch is not None:

@@ -160,6 +160,9 @@ def _resolve(source, problem, plan, example_inputs):
             example_inputs = model.example_inputs
         ev = res.evaluation
         meta.update(status=res.status, predicted_value_s=res.value, bound_s=res.best_bound, gap=res.gap)
+        measured = (getattr(res, "extra", None) or {}).get("measured_costs")
+        if measured:
+            meta.update(measured_costs=measured)
     elif isinstance(source, tuple) and len(source) == 3:
         gm, problem, plan = source
     else:

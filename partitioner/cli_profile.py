@@ -1,0 +1,148 @@
+"""Command-line functions for ``partitioner profile`` and ``partitioner calibrate``.
+
+They are plain typer-annotated functions; :mod:`partitioner.cli` registers them::
+
+    from . import cli_profile
+    app.command("profile")(_guard(cli_profile.profile))
+    app.command("calibrate")(_guard(cli_profile.calibrate))
+
+and ``compile --profile FILE [--profile-map SPEC_DEVICE=PROFILED_DEVICE]`` passes
+``profile=`` and ``device_map=parse_map(...)`` to :func:`partitioner.api.compile_plan`.
+
+Errors are the project's own (:mod:`partitioner.errors`): the CLI's guard prints them as
+one message with a hint and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UsageError
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def parse_map(items: list[str] | None, option: str = "--map") -> dict[str, str]:
+    """``["cpu0=cpu:1t", ...]`` -> ``{"cpu0": "cpu:1t"}`` (spec device id -> profiled device id)."""
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k or not v:
+            raise UsageError(f"{option} {it!r} is not SPEC_DEVICE=PROFILED_DEVICE", hint=f"e.g. {option} cpu0=cpu:1t")
+        out[k] = v
+    return out
+
+
+def _model_kwargs(items: list[str] | None) -> dict:
+    from .cli import _parse_kv  # one parser for --model-arg (imported lazily: cli imports this module)
+
+    return _parse_kv(items)
+
+
+def profile(
+    model: str = typer.Argument(..., help="Zoo name or path/to/file.py:factory"),
+    devices: str = typer.Option("cpu", "--devices", help="Comma-separated: cpu, cpu:Nt (N threads), cuda, cuda:K"),
+    out: Path = typer.Option(Path("profile.json"), "--out", help="Profile file; an existing one is reused as cache"),
+    repeats: int = typer.Option(10, "--repeats", help="Timed samples per op (the median is kept)"),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed calls before sampling"),
+    min_sample_s: float = typer.Option(2e-4, "--min-sample-s", help="Isolated mode: repeat fast ops until a sample "
+                                       "lasts this long"),
+    mode: str = typer.Option("context", "--mode", help="context: time nodes inside whole-model passes (as they run); "
+                             "isolated: each node alone"),
+    transfers: bool = typer.Option(True, "--transfers/--no-transfers", help="Measure transfers between devices"),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore the existing --out file (no cache)"),
+    frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
+):
+    """Time every operator of MODEL on each local device and write (or extend) a profile file."""
+    from .profile import add_transfers, load_profile, parse_devices, profile_model
+
+    devs = parse_devices(devices)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory", hint="give a file path, e.g. --out profile.json")
+    cache = None if fresh or not out.exists() else load_profile(out)
+    prof, loaded = profile_model(model, devs, model_kwargs=_model_kwargs(model_arg), frontend=frontend,
+                                 warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, cache=cache, mode=mode)
+    if transfers and devs:
+        add_transfers(prof, devs)
+    prof.save(out)
+    run = prof.runs[-1]
+    keys = prof.graphs[loaded.graph.name]["nodes"]
+    totals = {d.id: sum(prof.time(k, d.model) or 0.0 for k in keys.values()) for d in devs}
+    summary = {"model": loaded.graph.name, "out": str(out), "nodes": run["nodes"], "unique_ops": run["unique_ops"],
+               "timed": run["timed"], "cached": run["cached"], "wall_s": run["wall_s"],
+               "load_before": run["load_before"], "load_after": run["load_after"],
+               "sum_of_node_times_s": totals,
+               "transfers": [{k: t[k] for k in ("src", "dst", "mode", "latency_s") if k in t}
+                             for t in prof.transfers]}
+    if json_out:
+        console.print_json(json.dumps(summary))
+        return
+    if quiet:
+        return
+    from .report import fmt_time
+
+    t = Table(title=f"profile of {loaded.graph.name}: {run['nodes']} nodes, {run['unique_ops']} distinct ops")
+    for col in ("device", "model", "sum of node times"):
+        t.add_column(col, justify="left" if col != "sum of node times" else "right")
+    for d in devs:
+        t.add_row(d.id, d.model, fmt_time(totals[d.id]))
+    console.print(t)
+    console.print(f"timed {run['timed']} (op, device) pairs, {run['cached']} from the cache, in {run['wall_s']:.1f} s "
+                  f"(load {run['load_before'][0]:.2f} -> {run['load_after'][0]:.2f} on {os.cpu_count()} cores); "
+                  f"wrote {out}")
+
+
+def calibrate(
+    profile_file: Path = typer.Argument(..., metavar="PROFILE", help="A profile written by `partitioner profile`"),
+    hw: str = typer.Option(..., "--hw", help="Spec name or YAML path to calibrate"),
+    out: Path = typer.Option(..., "--out", help="Where to write the calibrated spec YAML"),
+    device_map: Optional[list[str]] = typer.Option(None, "--map", help="SPEC_DEVICE=PROFILED_DEVICE, e.g. cpu0=cpu:1t"),
+    no_overhead: bool = typer.Option(False, "--no-overhead", help="Keep the spec's launch overhead"),
+    copy_same_device: bool = typer.Option(False, "--copy-same-device",
+                                          help="Links between logical devices copy values (default: by reference)"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file"),
+    json_out: bool = typer.Option(False, "--json", help="Print the fits as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
+):
+    """Fit a spec's roofline efficiencies (and launch overheads, links) to a profile; write SPEC.yaml."""
+    from . import calibrate as cal_mod
+    from .hardware import load_spec
+    from .profile import load_profile
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists", hint="pass --force to replace it, or choose another --out")
+    spec = load_spec(hw)
+    prof = load_profile(profile_file)
+    cal = cal_mod.calibrate(spec, prof, device_map=parse_map(device_map), fit_overhead=not no_overhead,
+                            copy_same_device=copy_same_device)
+    cal_mod.write_spec_yaml(cal, out, profile_path=str(profile_file))
+    if json_out:
+        console.print_json(json.dumps(dict(cal.to_json(), out=str(out))))
+        return
+    if quiet:
+        return
+    t = Table(title=f"calibration of {spec.name} from {profile_file}")
+    for col in ("device", "from", "f_compute", "f_memory", "launch", "median err", "p90 err", "sum err"):
+        t.add_column(col, justify="left" if col in ("device", "from") else "right")
+
+    def pct(before, after, attr):
+        return f"{100 * getattr(before, attr):.0f}% -> {100 * getattr(after, attr):.0f}%" if after else "-"
+
+    for d, f in cal.fits.items():
+        t.add_row(d, f.source, f"{f.factor_compute:.3g}", f"{f.factor_memory:.3g}", f"{f.launch_overhead_s:.2e} s",
+                  pct(f.before, f.after, "median"), pct(f.before, f.after, "p90"), pct(f.before, f.after, "total"))
+    console.print(t)
+    for k, v in cal.links.items():
+        console.print(f"link {k}: latency {v['latency_s']:.3g} s, bandwidth {v['bandwidth_Bps']:.3g} B/s (measured)")
+    console.print(f"wrote {out}")

@@ -1,0 +1,877 @@
+"""Measured per-node times on local devices, cached in a JSON profile.
+
+Two ways of timing a node, both under ``torch.no_grad()`` (the plan runs for inference):
+
+``mode="context"`` (the default)
+    The whole graph runs ``warmup`` + ``repeats`` times through a :class:`torch.fx.Interpreter`
+    on each requested local device, and every node that launches a kernel is timed where it
+    sits in the real forward pass (``torch.cuda.synchronize`` before and after it on a GPU).
+    Cache state then matches a real run: a layer's weights come from memory, as they do
+    when the rest of the model has gone through the caches in between. An op's time is the
+    median over every pass and every node with its signature. This is what the runtime
+    executes; it costs ``warmup + repeats`` forward passes per device.
+``mode="isolated"``
+    At every node, the node alone is called on its real input tensors: ``warmup`` calls,
+    then ``repeats`` samples, each the mean of ``number`` back-to-back calls (``number``
+    grows until a sample lasts at least ``min_sample_s``). Repeated calls keep the layer's
+    weights in cache, so this *under-estimates* in-model times (ResNet-50 on one thread:
+    the sum of isolated times was 14% below the forward pass, the in-context sum within
+    1%; see ``bench/results/fidelity.md``). Kept for ops too fast to time in one call.
+
+On a machine shared with other processes, a sample during which this process's threads
+waited for a CPU (run-queue wait in Linux ``/proc/self/task/*/schedstat``,
+:func:`runqueue_wait_s`) for more than ``CLEAN_WAIT`` of its duration is *contended*:
+sampling continues until ``repeats`` clean samples (at most ``3 * repeats`` in all), and the
+median is taken over the clean ones (over all when fewer than half are clean); in
+context mode, the same holds for whole passes. Each measurement records ``samples``,
+``clean``, the median wait fraction, the load average and the ``method``.
+
+Keys
+----
+A time is stored under (op signature, device model). The signature names what runs and on
+what (:func:`node_signature`): the module's ``repr`` (class and configuration, not the
+weights) or the function / method, the shapes and dtypes of the tensor arguments (from the
+trace's ``node.meta``) and the constant arguments. Nodes with the same signature (the
+repeated blocks of a ResNet or a transformer) are timed once per device model, and a
+profile file passed back as ``cache`` is reused: only (signature, model) pairs it lacks
+are measured.
+
+Devices
+-------
+``cpu`` (the current intra-op thread count), ``cpu:Nt`` (a *logical CPU device*: the CPU
+with an intra-op budget of N threads, device model ``cpu-Nt``), ``cuda`` / ``cuda:K``
+(model ``cuda-<device name>``). Logical CPU devices with different budgets are a real,
+measurable heterogeneous system on a CPU-only machine (see ``hw_specs/cpu-threads-2.yaml``).
+Each CPU device is timed with ``torch.set_num_threads(N)`` on the calling thread (restored
+afterwards).
+
+Transfers
+---------
+:func:`measure_transfers` measures every pair of profiled devices. Between two logical
+devices on the same torch device the local runtime passes a value by reference: the cost
+is the hand-off between two threads (``latency_s``, a ping-pong of ``threading.Event``,
+half the round trip), and ``copy_*`` fits a ``clone`` (used when the runtime copies).
+Across torch devices, ``tensor.to(dst)`` is timed for several sizes and
+``latency + bytes / bandwidth`` is fitted by least squares.
+
+Applying a profile
+------------------
+:func:`apply_profile` writes the measured times into a :class:`~partitioner.graph.CostGraph`
+as ``time_s`` keyed by *spec device id* (the most specific key, see
+:mod:`partitioner.cost`), for every spec device matched to a profiled device
+(:func:`match_devices`: an explicit map, else same id, else same model, else a CPU whose
+``threads`` equals the budget, else the only profiled model of the device's kind). Unmatched
+devices keep the roofline (calibrate it with :mod:`partitioner.calibrate`).
+``partitioner.api.compile_plan(..., profile=FILE, device_map=...)`` (``compile --profile``)
+does both: calibrated spec, measured node times and links.
+
+File format ``partitioner.profile/1``: ``devices`` (id -> kind, model, torch_device,
+threads), ``ops`` (key -> op, signature, flops, bytes_moved, dtype, ``times`` per device
+model: median_s, p25_s, p75_s, repeats, number, load1), ``graphs`` (graph name -> node id
+-> key), ``transfers`` and ``runs`` (settings, duration and the load average of each run).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import math
+import operator
+import os
+import platform
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from . import progress
+from .cost import FREE_OPS
+from .errors import CostModelError, UsageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "LocalDevice", "Profile", "parse_devices", "node_signature", "profile_model", "profile_graph",
+           "measure_transfers", "add_transfers", "runqueue_wait_s", "load_profile", "match_devices", "apply_profile", "with_profile"]
+
+FORMAT = "partitioner.profile/1"
+#: A timing sample is contended when the process waited for a CPU more than this fraction of it.
+CLEAN_WAIT = 0.02
+_DEVICE_HINT = "use cpu, cpu:Nt (a logical CPU with N intra-op threads, e.g. cpu:1t), cuda or cuda:K"
+_PROFILE_HINT = "create it with `partitioner profile MODEL --devices cpu:1t,cpu:2t --out FILE`"
+_INPLACE_FUNCS = {getattr(operator, f"i{n}") for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
+                                                        "and_", "or_", "xor", "lshift", "rshift", "matmul")
+                  if hasattr(operator, f"i{n}")}
+
+
+# ---- devices -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalDevice:
+    """A device of this machine that nodes are timed on."""
+
+    id: str  # "cpu:2t", "cuda:0"
+    kind: str  # "cpu" | "gpu"
+    model: str  # "cpu-2t", "cuda-nvidia-h100-80gb-hbm3": the key of times in a profile
+    torch_device: str  # "cpu", "cuda:0"
+    threads: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "torch_device": self.torch_device, "threads": self.threads}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def parse_devices(devices: str | list[str]) -> list[LocalDevice]:
+    """Parse ``"cpu:1t,cpu:2t,cuda:0"`` (or a list of such strings) into local devices.
+
+    Raises
+    ------
+    UsageError
+        An unknown device string, a bad thread count, a duplicate, or CUDA that is not there.
+    """
+    items = devices.split(",") if isinstance(devices, str) else list(devices)
+    items = [s.strip() for s in items if s and s.strip()]
+    if not items:
+        raise UsageError("no device to profile on", hint=_DEVICE_HINT)
+    out: list[LocalDevice] = []
+    for s in items:
+        low = s.lower()
+        m_cpu = re.fullmatch(r"cpu(?::(\d+)t?)?", low)
+        m_gpu = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", low)
+        if m_cpu:
+            n = int(m_cpu.group(1)) if m_cpu.group(1) else torch.get_num_threads()
+            if n < 1:
+                raise UsageError(f"device {s!r}: a logical CPU needs at least 1 thread", hint=_DEVICE_HINT)
+            if n > (os.cpu_count() or 1):
+                log.warning("device %s asks for %d threads but this machine has %s cores: timings will be "
+                            "oversubscribed", s, n, os.cpu_count())
+            dev = LocalDevice(f"cpu:{n}t", "cpu", f"cpu-{n}t", "cpu", n)
+        elif m_gpu:
+            k = int(m_gpu.group(1) or 0)
+            if not torch.cuda.is_available():
+                raise UsageError(f"device {s!r}: CUDA is not available on this machine",
+                                 hint="profile on cpu devices only, or run on a machine with a GPU")
+            if k >= torch.cuda.device_count():
+                raise UsageError(f"device {s!r}: only {torch.cuda.device_count()} CUDA device(s) exist",
+                                 hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            dev = LocalDevice(f"cuda:{k}", "gpu", "cuda-" + _slug(torch.cuda.get_device_name(k)), f"cuda:{k}")
+        else:
+            raise UsageError(f"unknown device {s!r}", hint=_DEVICE_HINT)
+        if any(d.id == dev.id for d in out):
+            raise UsageError(f"device {dev.id!r} is listed twice", hint="list each device once")
+        out.append(dev)
+    return out
+
+
+# ---- signatures ----------------------------------------------------------------------------
+def _describe_arg(a: Any) -> str:
+    if isinstance(a, torch.fx.Node):
+        meta = a.meta.get("partitioner")
+        if meta is None:
+            return f"?{a.op}"
+        shapes = ",".join("x".join(str(d) for d in s) for s in meta.shapes)
+        return f"T[{shapes}:{meta.dtype}]"
+    if isinstance(a, (list, tuple)):
+        inner = ",".join(_describe_arg(x) for x in a)
+        return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+    if isinstance(a, dict):
+        return "{" + ",".join(f"{k}={_describe_arg(v)}" for k, v in sorted(a.items(), key=lambda kv: str(kv[0]))) + "}"
+    if isinstance(a, torch.Tensor):  # a constant tensor baked into the graph
+        return f"C[{'x'.join(map(str, a.shape))}:{str(a.dtype).removeprefix('torch.')}]"
+    return repr(a)
+
+
+def _target_name(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        text = re.sub(r"\s+", " ", repr(mod))
+        return f"module:{text}{'' if not mod.training else ':train'}"
+    if n.op == "call_method":
+        return f"method:{n.target}"
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"aten:{t}"
+    mod = getattr(t, "__module__", None) or ""
+    return f"fn:{mod}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}"
+
+
+def node_signature(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str | None:
+    """What node ``n`` runs and on which shapes, or None for a node that launches no kernel
+    (placeholders, output, ``get_attr``, :data:`partitioner.cost.FREE_OPS`)."""
+    if n.op in ("placeholder", "output", "get_attr"):
+        return None
+    meta = n.meta.get("partitioner")
+    if meta is None:
+        raise CostModelError(f"fx node {n.name!r} carries no shapes", hint="trace the model with partitioner.trace.trace()")
+    if meta.op in FREE_OPS:
+        return None
+    return f"{_target_name(gm, n)}|{_describe_arg(n.args)}|{_describe_arg(n.kwargs)}"
+
+
+def _key(signature: str) -> str:
+    return hashlib.sha1(signature.encode()).hexdigest()[:16]
+
+
+# ---- the profile ---------------------------------------------------------------------------
+class Profile:
+    """Measured op times and transfers; see the module docstring for the JSON layout."""
+
+    def __init__(self, data: dict | None = None):
+        data = data or {}
+        self.devices: dict[str, dict] = dict(data.get("devices", {}))
+        self.ops: dict[str, dict] = dict(data.get("ops", {}))
+        self.graphs: dict[str, dict] = dict(data.get("graphs", {}))
+        self.transfers: list[dict] = list(data.get("transfers", []))
+        self.runs: list[dict] = list(data.get("runs", []))
+
+    def time(self, key: str, model: str) -> float | None:
+        """Median seconds of op ``key`` on device model ``model`` (None if not measured)."""
+        t = self.ops.get(key, {}).get("times", {}).get(model)
+        return None if t is None else float(t["median_s"])
+
+    def model_of(self, device_id: str) -> str:
+        return self.devices[device_id]["model"]
+
+    def counts(self) -> dict[str, int]:
+        """How many nodes of the profiled graphs use each op key."""
+        c: dict[str, int] = {}
+        for g in self.graphs.values():
+            for k in g["nodes"].values():
+                c[k] = c.get(k, 0) + 1
+        return c
+
+    def transfer(self, a: str, b: str) -> dict | None:
+        """The transfer measurement between profiled devices ``a`` and ``b`` (either direction)."""
+        for t in self.transfers:
+            if (t["src"], t["dst"]) in ((a, b), (b, a)):
+                return t
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "devices": self.devices, "ops": self.ops, "graphs": self.graphs,
+                "transfers": self.transfers, "runs": self.runs}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (a temporary file renamed over ``path``)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, p)
+        return p
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read and validate a profile file.
+
+    Raises
+    ------
+    CostModelError
+        The file is missing, not JSON, of another format, or its entries are malformed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CostModelError(f"profile file {str(p)!r} does not exist", hint=_PROFILE_HINT)
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CostModelError(f"profile {p} is not valid JSON: {err}",
+                             hint="the file is corrupted; delete it and profile again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CostModelError(f"{p} is not a profile (format {got!r}, expected {FORMAT!r})",
+                             hint=f"pass a file written by `partitioner profile`; {_PROFILE_HINT}")
+    _validate(data, str(p))
+    return Profile(data)
+
+
+def _validate(data: dict, source: str) -> None:
+    def bad(what: str) -> CostModelError:
+        return CostModelError(f"profile {source}: {what}", hint="the file is corrupted; delete it and profile again")
+
+    for key, typ in (("devices", dict), ("ops", dict), ("graphs", dict), ("transfers", list), ("runs", list)):
+        if not isinstance(data.get(key, typ()), typ):
+            raise bad(f"`{key}` must be a {typ.__name__}")
+    for did, d in data.get("devices", {}).items():
+        if not isinstance(d, dict) or not isinstance(d.get("model"), str) or d.get("kind") not in ("cpu", "gpu"):
+            raise bad(f"device {did!r} needs a `model` and a `kind` (cpu or gpu)")
+    for k, op in data.get("ops", {}).items():
+        if not isinstance(op, dict) or not isinstance(op.get("times"), dict):
+            raise bad(f"op {k!r} has no `times`")
+        for m, t in op["times"].items():
+            x = t.get("median_s") if isinstance(t, dict) else None
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
+                raise bad(f"op {k!r} on {m!r}: median_s must be a finite number > 0, got {x!r}")
+    for name, g in data.get("graphs", {}).items():
+        if not isinstance(g, dict) or not isinstance(g.get("nodes"), dict):
+            raise bad(f"graph {name!r} has no `nodes` map")
+        missing = sorted({k for k in g["nodes"].values() if k not in data.get("ops", {})})
+        if missing:
+            raise bad(f"graph {name!r} names unknown op keys {missing[:3]}")
+    for t in data.get("transfers", []):
+        if not isinstance(t, dict) or not {"src", "dst", "latency_s"} <= set(t):
+            raise bad("every transfer needs src, dst and latency_s")
+
+
+# ---- timing --------------------------------------------------------------------------------
+def _sync_for(dev: LocalDevice):
+    if dev.kind == "gpu":
+        tdev = torch.device(dev.torch_device)
+        return lambda: torch.cuda.synchronize(tdev)
+    return lambda: None
+
+
+def runqueue_wait_s() -> float | None:
+    """Seconds the threads of this process have spent runnable but waiting for a CPU
+    (Linux ``/proc/self/task/*/schedstat``, second field), or None where unavailable."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for t in tids:
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total * 1e-9
+
+
+def _time_call(fn, sync, warmup: int, repeats: int, min_sample_s: float) -> tuple[list[float], int, dict]:
+    """Samples of the mean time of ``number`` calls, after ``warmup`` calls.
+
+    A sample during which this process's threads waited for a CPU for more than
+    ``CLEAN_WAIT`` of its duration (another process held the cores) is *contended*.
+    Sampling goes on until ``repeats`` clean samples are taken or ``3 * repeats`` in all;
+    the clean ones are returned when there are at least half of ``repeats``, else all.
+    """
+    for _ in range(max(0, warmup)):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = time.perf_counter() - t0
+    number = 1 if one >= min_sample_s else min(1000, math.ceil(min_sample_s / max(one, 1e-7)))
+    repeats = max(1, repeats)
+    samples, clean, fracs = [], [], []
+    while len(clean) < repeats and len(samples) < 3 * repeats:
+        w0 = runqueue_wait_s()
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        dt = time.perf_counter() - t0
+        w1 = runqueue_wait_s()
+        samples.append(dt / number)
+        frac = (w1 - w0) / dt if w0 is not None and w1 is not None and dt > 0 else 0.0
+        fracs.append(frac)
+        if frac <= CLEAN_WAIT:
+            clean.append(dt / number)
+    kept = clean if len(clean) >= math.ceil(repeats / 2) else samples
+    return kept, number, {"samples": len(samples), "clean": len(clean), "wait_frac": float(np.median(fracs))}
+
+
+def _is_inplace(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(n.target), "inplace", False))
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.target in _INPLACE_FUNCS:
+        return True
+    name = getattr(n.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or bool(n.kwargs.get("inplace", False))
+
+
+def _to(value: Any, tdev: str, clone: bool) -> Any:
+    def f(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.to(tdev)
+        return t.clone() if clone else t
+    return pytree.tree_map(f, value)
+
+
+class _Timer(torch.fx.Interpreter):
+    """Runs the graph once; times every node whose (key, model) is wanted on each device."""
+
+    def __init__(self, gm, keys: dict[str, str], want: dict[str, list[LocalDevice]], warmup: int, repeats: int,
+                 min_sample_s: float, sink):
+        super().__init__(gm, garbage_collect_values=True)
+        self.keys, self.want, self.sink = keys, want, sink
+        self.warmup, self.repeats, self.min_sample_s = warmup, repeats, min_sample_s
+        self.moved: dict[tuple[str, str], torch.nn.Module] = {}
+        self.done = 0
+        self.total = sum(len(v) for v in want.values())
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        key = self.keys.get(n.name)
+        devs = self.want.pop(key, None) if key is not None else None
+        if devs:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            clone = _is_inplace(self.module, n)
+            for dev in devs:
+                self._time(n, key, dev, args, kwargs, clone)
+        return result
+
+    def _time(self, n, key, dev: LocalDevice, args, kwargs, clone: bool) -> None:
+        a, kw = _to((args, kwargs), dev.torch_device, clone)
+        if n.op == "call_module":
+            mod = self.module.get_submodule(n.target)
+            if dev.torch_device != "cpu":
+                mk = (n.target, dev.torch_device)
+                if mk not in self.moved:
+                    self.moved[mk] = copy.deepcopy(mod).to(dev.torch_device)
+                mod = self.moved[mk]
+            fn = lambda: mod(*a, **kw)  # noqa: E731
+        elif n.op == "call_method":
+            fn = lambda: getattr(a[0], n.target)(*a[1:], **kw)  # noqa: E731
+        else:
+            fn = lambda: n.target(*a, **kw)  # noqa: E731
+        prev = torch.get_num_threads()
+        if dev.threads is not None:
+            torch.set_num_threads(dev.threads)
+        try:
+            samples, number, info = _time_call(fn, _sync_for(dev), self.warmup, self.repeats, self.min_sample_s)
+        finally:
+            if dev.threads is not None:
+                torch.set_num_threads(prev)
+        s = np.asarray(samples)
+        self.sink(key, dev.model, {"median_s": float(np.median(s)), "p25_s": float(np.percentile(s, 25)),
+                                   "p75_s": float(np.percentile(s, 75)), "repeats": len(samples), "number": number,
+                                   **info, "load1": round(os.getloadavg()[0], 2)})
+        self.done += 1
+        if self.done % 25 == 0:
+            progress.step(f"profiling: {self.done}/{self.total} (op, device) pairs timed")
+
+
+class _ContextTimer(torch.fx.Interpreter):
+    """Runs the whole graph; records the time of every node named in ``keys`` in ``self.times``."""
+
+    def __init__(self, gm, keys: dict[str, str], sync):
+        super().__init__(gm, garbage_collect_values=True)
+        self.keys, self.sync = keys, sync
+        self.times: dict[str, float] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name not in self.keys:
+            return super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            fn = getattr(self, n.op)
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(n.target, args, kwargs)
+            self.sync()
+            self.times[n.name] = time.perf_counter() - t0
+        return out
+
+
+def _profile_in_context(gm, flat: list, keys: dict[str, str], dev: LocalDevice, warmup: int,
+                        repeats: int) -> tuple[dict[str, dict], dict]:
+    """Time every node of ``keys`` in whole-graph passes on ``dev`` (module docstring).
+
+    Returns ``({op key: record}, pass info)``.
+    """
+    module = gm if dev.torch_device == "cpu" else copy.deepcopy(gm).to(dev.torch_device)
+    sync = _sync_for(dev)
+    timer = _ContextTimer(module, keys, sync)
+    prev = torch.get_num_threads()
+    if dev.threads is not None:
+        torch.set_num_threads(dev.threads)
+    passes: list[tuple[dict[str, float], float, float]] = []  # (node times, wait fraction, wall)
+    try:
+        for _ in range(max(0, warmup)):
+            timer.run(*_to(flat, dev.torch_device, True))
+        sync()
+        n_clean = 0
+        while n_clean < repeats and len(passes) < 3 * repeats:
+            inputs = _to(flat, dev.torch_device, True)  # a pass may update its inputs in place
+            timer.times = {}
+            w0 = runqueue_wait_s()
+            t0 = time.perf_counter()
+            timer.run(*inputs)
+            sync()
+            dt = time.perf_counter() - t0
+            w1 = runqueue_wait_s()
+            frac = (w1 - w0) / dt if w0 is not None and w1 is not None and dt > 0 else 0.0
+            passes.append((timer.times, frac, dt))
+            n_clean += frac <= CLEAN_WAIT
+    finally:
+        if dev.threads is not None:
+            torch.set_num_threads(prev)
+    clean = [p for p in passes if p[1] <= CLEAN_WAIT]
+    kept = clean if len(clean) >= math.ceil(repeats / 2) else passes
+    pooled: dict[str, list[float]] = {}
+    for times, _, _ in kept:
+        for node, t in times.items():
+            pooled.setdefault(keys[node], []).append(t)
+    load = round(os.getloadavg()[0], 2)
+    info = {"samples": len(passes), "clean": len(clean), "wait_frac": float(np.median([p[1] for p in passes])),
+            "method": "context"}
+    out = {}
+    for k, xs in pooled.items():
+        a = np.asarray(xs)
+        out[k] = {"median_s": max(float(np.median(a)), 1e-9), "p25_s": float(np.percentile(a, 25)),
+                  "p75_s": float(np.percentile(a, 75)), "repeats": len(kept), "number": 1, "occurrences": len(a),
+                  **info, "load1": load}
+    return out, dict(info, pass_median_s=float(np.median([p[2] for p in kept])))
+
+
+def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str | list, *, name: str | None = None,
+                  warmup: int = 2, repeats: int = 10, min_sample_s: float = 2e-4,
+                  cache: Profile | str | os.PathLike | None = None, mode: str = "context") -> Profile:
+    """Time every node of a traced graph on each local device (see the module docstring).
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        From :func:`partitioner.trace.trace` (``node.meta["partitioner"]`` on every node).
+    example_inputs : tuple
+        The inputs the graph was traced with.
+    devices : str or list
+        ``"cpu:1t,cpu:2t"`` or parsed :class:`LocalDevice` objects.
+    name : str, optional
+        The graph's name in the profile (default ``gm``'s class name); use the cost graph's
+        name so that :func:`apply_profile` can find it without the fx graph.
+    warmup, repeats : int
+        Untimed calls (passes) before timing, and timed samples (the median is kept).
+    min_sample_s : float
+        Isolated mode: a sample repeats the call until it lasts at least this long.
+    mode : {"context", "isolated"}
+        Time nodes inside whole-graph passes (default), or each node alone (module docstring).
+    cache : Profile or path, optional
+        Existing measurements: (op, device model) pairs in it are not timed again. A path
+        that does not exist yet starts an empty profile.
+
+    Returns
+    -------
+    Profile
+        ``cache`` (or a new profile) with the new measurements and this graph's node map.
+    """
+    if warmup < 0 or repeats < 1:
+        raise UsageError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}",
+                         hint="e.g. --warmup 2 --repeats 10")
+    if mode not in ("context", "isolated"):
+        raise UsageError(f"unknown profiling mode {mode!r}", hint="use context (whole-graph passes) or isolated")
+    if isinstance(devices, list) and devices and all(isinstance(d, LocalDevice) for d in devices):
+        devs = list(devices)
+    else:
+        devs = parse_devices(devices)
+    if isinstance(cache, Profile):
+        prof = cache
+    elif cache is not None and Path(cache).exists():
+        prof = load_profile(cache)
+    else:
+        prof = Profile()
+    name = name or type(gm).__name__
+    keys: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        sig = node_signature(gm, n)
+        if sig is None:
+            continue
+        k = _key(sig)
+        keys[n.name] = k
+        meta = n.meta["partitioner"]
+        entry = prof.ops.setdefault(k, {"op": meta.op, "signature": sig, "flops": float(meta.flops),
+                                        "bytes_moved": float(meta.bytes_moved), "dtype": meta.dtype or "float32",
+                                        "times": {}})
+        if entry.get("signature") != sig:  # pragma: no cover - a 64-bit hash collision
+            raise CostModelError(f"profile key collision for {n.name!r}", hint="delete the cache and profile again")
+    for d in devs:
+        known = prof.devices.get(d.id)
+        if known is not None and known.get("model") != d.model:
+            raise CostModelError(f"profile device {d.id!r} was model {known.get('model')!r}, now {d.model!r}",
+                                 hint="use a new profile file for a different machine")
+        prof.devices[d.id] = d.to_json()
+    want: dict[str, list[LocalDevice]] = {}
+    for k in dict.fromkeys(keys.values()):
+        missing = [d for d in devs if d.model not in prof.ops[k]["times"]]
+        if missing:
+            want[k] = missing
+    n_pairs = sum(len(v) for v in want.values())
+    cached = len(set(keys.values())) * len(devs) - n_pairs
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    passes: dict[str, dict] = {}
+    if want:
+        progress.step(f"profiling {name}: {n_pairs} (op, device) pairs, {cached} cached")
+
+        def sink(k, model, rec):
+            prof.ops[k]["times"][model] = rec
+
+        flat = [a.detach() if isinstance(a, torch.Tensor) else a for a in example_inputs]
+        mha = getattr(torch.backends, "mha", None)
+        fast = mha.get_fastpath_enabled() if mha is not None else None
+        saved = [(b, b.detach().clone()) for b in gm.buffers()]
+        try:
+            with torch.no_grad():
+                if mode == "isolated":
+                    _Timer(gm, keys, want, warmup, repeats, min_sample_s, sink).run(*flat)
+                else:
+                    for d in devs:
+                        todo = {k for k, ds in want.items() if d in ds}
+                        if not todo:
+                            continue
+                        recs, info = _profile_in_context(gm, flat, keys, d, warmup, repeats)
+                        passes[d.id] = info
+                        for k in sorted(todo):
+                            sink(k, d.model, recs[k])
+        finally:
+            with torch.no_grad():
+                for buf, c in saved:
+                    if buf.shape == c.shape:
+                        buf.copy_(c)
+            if mha is not None:
+                mha.set_fastpath_enabled(fast)
+    wall = time.perf_counter() - t0
+    prof.graphs[name] = {"nodes": keys}
+    prof.runs.append({"graph": name, "devices": [d.id for d in devs], "timed": n_pairs, "cached": cached,
+                      "unique_ops": len(set(keys.values())), "nodes": len(keys), "wall_s": wall,
+                      "warmup": warmup, "repeats": repeats, "min_sample_s": min_sample_s, "mode": mode,
+                      **({"passes": passes} if passes else {}),
+                      "load_before": [round(x, 2) for x in load_before],
+                      "load_after": [round(x, 2) for x in os.getloadavg()],
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+                      "cpu_count": os.cpu_count()})
+    log.info("profiled %s on %s: %d pairs timed, %d cached, %.1f s (load %.2f -> %.2f)", name,
+             ",".join(d.id for d in devs), n_pairs, cached, wall, load_before[0], os.getloadavg()[0])
+    return prof
+
+
+def profile_model(ref: Any, devices: str | list = "cpu", *, example_inputs: tuple | None = None,
+                  model_kwargs: dict | None = None, frontend: str = "fx", **kw) -> tuple[Profile, Any]:
+    """Load (trace) a model with :func:`partitioner.api.load_model` and profile it.
+
+    Returns ``(profile, loaded_model)``; ``kw`` as for :func:`profile_graph`.
+    """
+    from .api import load_model
+
+    loaded = load_model(ref, example_inputs, frontend=frontend, model_kwargs=model_kwargs)
+    if loaded.gm is None:
+        raise UsageError(f"{ref!r} is a cost graph, not a model: there is nothing to run",
+                         hint="profile a zoo name, path/to/file.py:factory or an nn.Module")
+    return profile_graph(loaded.gm, loaded.example_inputs, devices, name=loaded.graph.name, **kw), loaded
+
+
+# ---- transfers -----------------------------------------------------------------------------
+def _fit_affine(sizes: list[float], times: list[float]) -> tuple[float, float]:
+    """Least squares ``t = lat + bytes / bw`` (lat >= 0); returns (lat, bw)."""
+    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, float)], axis=1)
+    (lat, inv), *_ = np.linalg.lstsq(A, np.asarray(times, float), rcond=None)
+    if inv <= 0:
+        return float(max(lat, 0.0)), math.inf
+    if lat < 0:
+        inv = float(np.dot(sizes, times) / np.dot(sizes, sizes))
+        lat = 0.0
+    return float(lat), float(1.0 / inv)
+
+
+def _handoff_latency(rounds: int) -> float:
+    """Half the median round trip of a ping-pong between two threads (threading.Event)."""
+    ping, pong = threading.Event(), threading.Event()
+
+    def echo():
+        for _ in range(rounds):
+            ping.wait()
+            ping.clear()
+            pong.set()
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    rts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        ping.set()
+        pong.wait()
+        pong.clear()
+        rts.append(time.perf_counter() - t0)
+    th.join(timeout=5)
+    return float(np.median(rts)) / 2
+
+
+def measure_transfers(devices: list[LocalDevice], sizes: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20, 1 << 23),
+                      repeats: int = 10) -> list[dict]:
+    """Latency and bandwidth between every pair of ``devices``, a device with itself included
+    (two logical devices of that model); see the module docstring."""
+    out = []
+    same_dev: dict[str, dict] = {}
+    for i, a in enumerate(devices):
+        for b in devices[i:]:
+            load = round(os.getloadavg()[0], 2)
+            same = a.torch_device == b.torch_device
+            if same and a.torch_device in same_dev:
+                out.append(dict(same_dev[a.torch_device], src=a.id, dst=b.id))
+                continue
+            samples = []
+            prev = torch.get_num_threads()
+            if a.threads is not None:
+                torch.set_num_threads(a.threads)  # the sender copies with its own budget
+            try:
+                for nb in sizes:
+                    x = torch.empty(nb // 4, dtype=torch.float32, device=a.torch_device).uniform_()
+                    sync = _sync_for(b if b.kind == "gpu" else a)
+                    fn = (lambda: x.clone()) if same else (lambda: x.to(b.torch_device))  # noqa: E731
+                    s, _, _ = _time_call(fn, sync, 2, repeats, 2e-4)
+                    samples.append([nb, float(np.median(s))])
+            finally:
+                torch.set_num_threads(prev)
+            lat, bw = _fit_affine([s[0] for s in samples], [s[1] for s in samples])
+            rec = {"src": a.id, "dst": b.id, "samples": samples, "load1": load}
+            if same:
+                rec.update(mode="reference", latency_s=_handoff_latency(200), copy_latency_s=lat,
+                           copy_bandwidth_Bps=bw)
+                same_dev[a.torch_device] = rec
+            else:
+                rec.update(mode="copy", latency_s=lat, bandwidth_Bps=bw)
+            out.append(rec)
+    return out
+
+
+def add_transfers(profile: Profile, devices: str | list, **kw) -> Profile:
+    """Measure transfers between ``devices`` (:func:`measure_transfers`) into ``profile``,
+    replacing earlier measurements of the same pairs."""
+    devs = devices if isinstance(devices, list) and all(isinstance(d, LocalDevice) for d in devices) \
+        else parse_devices(devices)
+    for d in devs:
+        profile.devices[d.id] = d.to_json()
+    recs = measure_transfers(devs, **kw)
+    pairs = {frozenset((r["src"], r["dst"])) for r in recs}
+    profile.transfers = [t for t in profile.transfers if frozenset((t["src"], t["dst"])) not in pairs] + recs
+    return profile
+
+
+# ---- applying a profile --------------------------------------------------------------------
+def match_devices(spec, profile: Profile, device_map: dict[str, str] | None = None) -> dict[str, str]:
+    """Spec device id -> profiled device id, for every spec device that one matches.
+
+    Rules (first that applies): ``device_map``; a profiled device with the same id; with
+    the same model; a CPU whose thread budget equals the spec device's ``threads``; for a
+    GPU, the only GPU model in the profile; for a CPU without ``threads``, the only CPU
+    model in the profile.
+
+    Raises
+    ------
+    UsageError
+        ``device_map`` names a spec device or a profiled device that does not exist.
+    """
+    device_map = dict(device_map or {})
+    ids = spec.device_ids
+    for s, p in device_map.items():
+        if s not in ids:
+            raise UsageError(f"device map names {s!r}, which is not a device of spec {spec.name!r}",
+                             hint=f"spec devices: {', '.join(ids)}")
+        if p not in profile.devices:
+            raise UsageError(f"device map sends {s!r} to {p!r}, which the profile does not hold",
+                             hint=f"profiled devices: {', '.join(profile.devices) or '(none)'}")
+    gpu_models = sorted({d["model"] for d in profile.devices.values() if d["kind"] == "gpu"})
+    cpu_models = sorted({d["model"] for d in profile.devices.values() if d["kind"] == "cpu"})
+    out = {}
+    for dev in spec.devices:
+        cand = device_map.get(dev.id)
+        for pid, pd in profile.devices.items():
+            if cand is not None:
+                break
+            if pid == dev.id or (dev.model and pd["model"] == dev.model):
+                cand = pid
+        if cand is None and dev.kind == "cpu" and dev.threads is not None:
+            cand = next((pid for pid, pd in profile.devices.items()
+                         if pd["kind"] == "cpu" and pd.get("threads") == dev.threads), None)
+        only = gpu_models if dev.kind == "gpu" else cpu_models if dev.kind == "cpu" and dev.threads is None else []
+        if cand is None and len(only) == 1:
+            cand = next(pid for pid, pd in profile.devices.items() if pd["model"] == only[0])
+        if cand is not None:
+            out[dev.id] = cand
+    return out
+
+
+def _node_keys(graph, profile: Profile, gm) -> dict[str, str]:
+    if gm is not None:
+        keys = {}
+        for n in gm.graph.nodes:
+            sig = node_signature(gm, n)
+            if sig is not None:
+                keys[n.name] = _key(sig)
+        return keys
+    g = profile.graphs.get(graph.name)
+    if g is None:
+        raise CostModelError(f"the profile holds no graph {graph.name!r} (it holds: {', '.join(profile.graphs) or 'none'})",
+                             hint="pass the traced model (LoadedModel.gm), or profile this model")
+    return dict(g["nodes"])
+
+
+def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | None = None,
+                  device_map: dict[str, str] | None = None, strict: bool = False):
+    """A copy of ``graph`` whose nodes carry the profile's times as ``time_s[spec device id]``.
+
+    Parameters
+    ----------
+    graph : CostGraph
+    profile : Profile
+    spec : Spec
+        Its devices are matched to profiled ones with :func:`match_devices`.
+    gm : GraphModule, optional
+        The traced graph ``graph`` was lowered from: node signatures are computed from it.
+        Without it, the profile's node map for a graph of the same name is used.
+    device_map : dict, optional
+        Explicit spec device id -> profiled device id.
+    strict : bool
+        Raise when a node that launches a kernel has no time for a matched device.
+
+    Raises
+    ------
+    CostModelError
+        No spec device matches a profiled device, or (``strict``) a node is not covered.
+    """
+    from .graph import CostGraph
+
+    matched = match_devices(spec, profile, device_map)
+    if not matched:
+        raise CostModelError(f"no device of spec {spec.name!r} matches a profiled device "
+                             f"({', '.join(profile.devices) or 'none'})",
+                             hint="map them explicitly (e.g. --map cpu0=cpu:1t), or set `threads`/`model` in the spec")
+    keys = _node_keys(graph, profile, gm)
+    nodes, missing = [], []
+    for n in graph.nodes:
+        k = keys.get(n.fx_name or n.id, keys.get(n.id))
+        ts = dict(n.time_s)
+        if k is not None:
+            for sid, pid in matched.items():
+                t = profile.time(k, profile.model_of(pid))
+                if t is not None:
+                    ts[sid] = t
+                else:
+                    missing.append((n.id, sid))
+        elif n.op not in FREE_OPS:
+            missing.extend((n.id, sid) for sid in matched)
+        nodes.append(replace(n, time_s=ts))
+    if missing:
+        msg = (f"the profile has no time for {len(missing)} (node, device) pairs, e.g. node {missing[0][0]!r} on "
+               f"{missing[0][1]!r}; they keep the roofline")
+        if strict:
+            raise CostModelError(msg, hint="profile this model (same shapes) on the matched devices")
+        log.warning(msg)
+    log.info("applied profile to %s: spec devices %s", graph.name, matched)
+    edges = graph.edges()
+    return CostGraph(graph.name, nodes, edges, list(graph.inputs), list(graph.outputs))
+
+
+def with_profile(loaded, spec, profile: Profile | str | os.PathLike, device_map: dict[str, str] | None = None):
+    """A :class:`~partitioner.api.LoadedModel` whose cost graph carries the profile's times
+    for ``spec`` (the one-line hook of ``compile_plan(..., profile=...)``)."""
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    return replace(loaded, graph=apply_profile(loaded.graph, prof, spec, gm=loaded.gm, device_map=device_map))
