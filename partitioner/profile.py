@@ -83,9 +83,8 @@ import operator
 import os
 import platform
 import re
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,8 @@ from .errors import CostModelError, UsageError
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "LocalDevice", "Profile", "parse_devices", "node_signature", "profile_model", "profile_graph",
-           "measure_transfers", "add_transfers", "runqueue_wait_s", "load_profile", "match_devices", "apply_profile", "with_profile"]
+           "runqueue_wait_s", "load_profile"]  # + measure_transfers, add_transfers, match_devices, apply_profile,
+# with_profile, served lazily from profile_links / profile_apply (see __getattr__ at the end)
 
 FORMAT = "partitioner.profile/1"
 #: A timing sample is contended when the process waited for a CPU more than this fraction of it.
@@ -668,210 +668,14 @@ def profile_model(ref: Any, devices: str | list = "cpu", *, example_inputs: tupl
     return profile_graph(loaded.gm, loaded.example_inputs, devices, name=loaded.graph.name, **kw), loaded
 
 
-# ---- transfers -----------------------------------------------------------------------------
-def _fit_affine(sizes: list[float], times: list[float]) -> tuple[float, float]:
-    """Least squares ``t = lat + bytes / bw`` (lat >= 0); returns (lat, bw)."""
-    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, float)], axis=1)
-    (lat, inv), *_ = np.linalg.lstsq(A, np.asarray(times, float), rcond=None)
-    if inv <= 0:
-        return float(max(lat, 0.0)), math.inf
-    if lat < 0:
-        inv = float(np.dot(sizes, times) / np.dot(sizes, sizes))
-        lat = 0.0
-    return float(lat), float(1.0 / inv)
+_MOVED = {"measure_transfers": "profile_links", "add_transfers": "profile_links", "match_devices": "profile_apply",
+          "apply_profile": "profile_apply", "with_profile": "profile_apply"}
 
 
-def _handoff_latency(rounds: int) -> float:
-    """Half the median round trip of a ping-pong between two threads (threading.Event)."""
-    ping, pong = threading.Event(), threading.Event()
+def __getattr__(name: str):
+    # transfers and applying a profile live in their own modules (imported lazily: they import this one)
+    if name in _MOVED:
+        import importlib
 
-    def echo():
-        for _ in range(rounds):
-            ping.wait()
-            ping.clear()
-            pong.set()
-
-    th = threading.Thread(target=echo, daemon=True)
-    th.start()
-    rts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        ping.set()
-        pong.wait()
-        pong.clear()
-        rts.append(time.perf_counter() - t0)
-    th.join(timeout=5)
-    return float(np.median(rts)) / 2
-
-
-def measure_transfers(devices: list[LocalDevice], sizes: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20, 1 << 23),
-                      repeats: int = 10) -> list[dict]:
-    """Latency and bandwidth between every pair of ``devices``, a device with itself included
-    (two logical devices of that model); see the module docstring."""
-    out = []
-    same_dev: dict[str, dict] = {}
-    for i, a in enumerate(devices):
-        for b in devices[i:]:
-            load = round(os.getloadavg()[0], 2)
-            same = a.torch_device == b.torch_device
-            if same and a.torch_device in same_dev:
-                out.append(dict(same_dev[a.torch_device], src=a.id, dst=b.id))
-                continue
-            samples = []
-            prev = torch.get_num_threads()
-            if a.threads is not None:
-                torch.set_num_threads(a.threads)  # the sender copies with its own budget
-            try:
-                for nb in sizes:
-                    x = torch.empty(nb // 4, dtype=torch.float32, device=a.torch_device).uniform_()
-                    sync = _sync_for(b if b.kind == "gpu" else a)
-                    fn = (lambda: x.clone()) if same else (lambda: x.to(b.torch_device))  # noqa: E731
-                    s, _, _ = _time_call(fn, sync, 2, repeats, 2e-4)
-                    samples.append([nb, float(np.median(s))])
-            finally:
-                torch.set_num_threads(prev)
-            lat, bw = _fit_affine([s[0] for s in samples], [s[1] for s in samples])
-            rec = {"src": a.id, "dst": b.id, "samples": samples, "load1": load}
-            if same:
-                rec.update(mode="reference", latency_s=_handoff_latency(200), copy_latency_s=lat,
-                           copy_bandwidth_Bps=bw)
-                same_dev[a.torch_device] = rec
-            else:
-                rec.update(mode="copy", latency_s=lat, bandwidth_Bps=bw)
-            out.append(rec)
-    return out
-
-
-def add_transfers(profile: Profile, devices: str | list, **kw) -> Profile:
-    """Measure transfers between ``devices`` (:func:`measure_transfers`) into ``profile``,
-    replacing earlier measurements of the same pairs."""
-    devs = devices if isinstance(devices, list) and all(isinstance(d, LocalDevice) for d in devices) \
-        else parse_devices(devices)
-    for d in devs:
-        profile.devices[d.id] = d.to_json()
-    recs = measure_transfers(devs, **kw)
-    pairs = {frozenset((r["src"], r["dst"])) for r in recs}
-    profile.transfers = [t for t in profile.transfers if frozenset((t["src"], t["dst"])) not in pairs] + recs
-    return profile
-
-
-# ---- applying a profile --------------------------------------------------------------------
-def match_devices(spec, profile: Profile, device_map: dict[str, str] | None = None) -> dict[str, str]:
-    """Spec device id -> profiled device id, for every spec device that one matches.
-
-    Rules (first that applies): ``device_map``; a profiled device with the same id; with
-    the same model; a CPU whose thread budget equals the spec device's ``threads``; for a
-    GPU, the only GPU model in the profile; for a CPU without ``threads``, the only CPU
-    model in the profile.
-
-    Raises
-    ------
-    UsageError
-        ``device_map`` names a spec device or a profiled device that does not exist.
-    """
-    device_map = dict(device_map or {})
-    ids = spec.device_ids
-    for s, p in device_map.items():
-        if s not in ids:
-            raise UsageError(f"device map names {s!r}, which is not a device of spec {spec.name!r}",
-                             hint=f"spec devices: {', '.join(ids)}")
-        if p not in profile.devices:
-            raise UsageError(f"device map sends {s!r} to {p!r}, which the profile does not hold",
-                             hint=f"profiled devices: {', '.join(profile.devices) or '(none)'}")
-    gpu_models = sorted({d["model"] for d in profile.devices.values() if d["kind"] == "gpu"})
-    cpu_models = sorted({d["model"] for d in profile.devices.values() if d["kind"] == "cpu"})
-    out = {}
-    for dev in spec.devices:
-        cand = device_map.get(dev.id)
-        for pid, pd in profile.devices.items():
-            if cand is not None:
-                break
-            if pid == dev.id or (dev.model and pd["model"] == dev.model):
-                cand = pid
-        if cand is None and dev.kind == "cpu" and dev.threads is not None:
-            cand = next((pid for pid, pd in profile.devices.items()
-                         if pd["kind"] == "cpu" and pd.get("threads") == dev.threads), None)
-        only = gpu_models if dev.kind == "gpu" else cpu_models if dev.kind == "cpu" and dev.threads is None else []
-        if cand is None and len(only) == 1:
-            cand = next(pid for pid, pd in profile.devices.items() if pd["model"] == only[0])
-        if cand is not None:
-            out[dev.id] = cand
-    return out
-
-
-def _node_keys(graph, profile: Profile, gm) -> dict[str, str]:
-    if gm is not None:
-        keys = {}
-        for n in gm.graph.nodes:
-            sig = node_signature(gm, n)
-            if sig is not None:
-                keys[n.name] = _key(sig)
-        return keys
-    g = profile.graphs.get(graph.name)
-    if g is None:
-        raise CostModelError(f"the profile holds no graph {graph.name!r} (it holds: {', '.join(profile.graphs) or 'none'})",
-                             hint="pass the traced model (LoadedModel.gm), or profile this model")
-    return dict(g["nodes"])
-
-
-def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | None = None,
-                  device_map: dict[str, str] | None = None, strict: bool = False):
-    """A copy of ``graph`` whose nodes carry the profile's times as ``time_s[spec device id]``.
-
-    Parameters
-    ----------
-    graph : CostGraph
-    profile : Profile
-    spec : Spec
-        Its devices are matched to profiled ones with :func:`match_devices`.
-    gm : GraphModule, optional
-        The traced graph ``graph`` was lowered from: node signatures are computed from it.
-        Without it, the profile's node map for a graph of the same name is used.
-    device_map : dict, optional
-        Explicit spec device id -> profiled device id.
-    strict : bool
-        Raise when a node that launches a kernel has no time for a matched device.
-
-    Raises
-    ------
-    CostModelError
-        No spec device matches a profiled device, or (``strict``) a node is not covered.
-    """
-    from .graph import CostGraph
-
-    matched = match_devices(spec, profile, device_map)
-    if not matched:
-        raise CostModelError(f"no device of spec {spec.name!r} matches a profiled device "
-                             f"({', '.join(profile.devices) or 'none'})",
-                             hint="map them explicitly (e.g. --map cpu0=cpu:1t), or set `threads`/`model` in the spec")
-    keys = _node_keys(graph, profile, gm)
-    nodes, missing = [], []
-    for n in graph.nodes:
-        k = keys.get(n.fx_name or n.id, keys.get(n.id))
-        ts = dict(n.time_s)
-        if k is not None:
-            for sid, pid in matched.items():
-                t = profile.time(k, profile.model_of(pid))
-                if t is not None:
-                    ts[sid] = t
-                else:
-                    missing.append((n.id, sid))
-        elif n.op not in FREE_OPS:
-            missing.extend((n.id, sid) for sid in matched)
-        nodes.append(replace(n, time_s=ts))
-    if missing:
-        msg = (f"the profile has no time for {len(missing)} (node, device) pairs, e.g. node {missing[0][0]!r} on "
-               f"{missing[0][1]!r}; they keep the roofline")
-        if strict:
-            raise CostModelError(msg, hint="profile this model (same shapes) on the matched devices")
-        log.warning(msg)
-    log.info("applied profile to %s: spec devices %s", graph.name, matched)
-    edges = graph.edges()
-    return CostGraph(graph.name, nodes, edges, list(graph.inputs), list(graph.outputs))
-
-
-def with_profile(loaded, spec, profile: Profile | str | os.PathLike, device_map: dict[str, str] | None = None):
-    """A :class:`~partitioner.api.LoadedModel` whose cost graph carries the profile's times
-    for ``spec`` (the one-line hook of ``compile_plan(..., profile=...)``)."""
-    prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    return replace(loaded, graph=apply_profile(loaded.graph, prof, spec, gm=loaded.gm, device_map=device_map))
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(name)
