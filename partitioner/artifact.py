@@ -120,12 +120,29 @@ def bind_inputs(schedule: Schedule, args: tuple) -> dict[str, Any]:
 
 
 # ---- files -------------------------------------------------------------------------------
-def _sha256(p: Path) -> str:
+def sha256_file(p: Path) -> str:
+    """Hex SHA-256 of a file (checksums recorded in ``schedule.json`` meta)."""
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_schedule_dir(path: str | Path, what: str, written_by: str, corrupt_hint: str) -> tuple[Path, Schedule]:
+    """``(root, schedule)`` of a directory holding ``schedule.json`` (an artifact or an ONNX
+    export), validated; clear :class:`ArtifactError` for a missing directory or file or bad JSON."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"{what} {str(root)!r} does not exist", hint=f"pass the directory written by {written_by}")
+    sj = root / "schedule.json"
+    if not sj.is_file():
+        raise ArtifactError(f"{sj} is missing", hint=f"pass the directory written by {written_by}")
+    try:
+        data = json.loads(sj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{sj} is not valid JSON: {err}", hint=corrupt_hint) from None
+    return root, Schedule.from_json(data)
 
 
 def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
@@ -193,7 +210,7 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
         if expected is not None:
             torch.save(expected, root / "expected_outputs.pt")
             written.append(root / "expected_outputs.pt")
-    files = {p.relative_to(root).as_posix(): _sha256(p) for p in written}
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in written}
     out = replace(sched, segments=tuple(segments), meta=dict(sched.meta, files=files))
     (root / "schedule.json").write_text(out.dumps())
     art.schedule, art.path = out, root
@@ -224,19 +241,8 @@ def load_artifact(path: str | Path) -> Artifact:
         (unknown segment, cycle, deadlock...), a file whose checksum differs from the one
         recorded at emit time, or code or weights that do not load.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"artifact directory {str(root)!r} does not exist",
-                            hint="pass the directory written by `partitioner compile ... --out DIR`")
-    sj = root / "schedule.json"
-    if not sj.is_file():
-        raise ArtifactError(f"{sj} is missing", hint="pass the directory written by `partitioner compile`")
-    try:
-        data = json.loads(sj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{sj} is not valid JSON: {err}",
-                            hint="the file is corrupted; emit the plan again") from None
-    sched = Schedule.from_json(data)
+    root, sched = read_schedule_dir(path, "artifact directory", "`partitioner compile ... --out DIR`",
+                                    "the file is corrupted; emit the plan again")
     files = sched.meta.get("files", {})
     for seg in sched.segments:
         folder = (root / seg.code).resolve()
@@ -255,7 +261,7 @@ def load_artifact(path: str | Path) -> Artifact:
         p = root / rel
         if not p.is_file():
             raise ArtifactError(f"artifact {root}: missing file {rel}", hint="copy the whole directory or emit again")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise ArtifactError(f"artifact {root}: {rel} was modified after it was written (sha256 mismatch)",
                                 hint="restore the original file or emit the plan again")
     modules = {seg.id: segcode.load_segment(root / seg.code, seg.id) for seg in sched.segments}

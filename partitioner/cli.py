@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_profile, cli_run
+from . import cli_export, cli_profile, cli_run
 from .errors import PartitionerError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -449,6 +449,7 @@ def solvers():
 
 
 app.command("run")(_guard(cli_run.run))
+app.command("export")(_guard(cli_export.export))
 app.command("profile")(_guard(cli_profile.profile))
 app.command("calibrate")(_guard(cli_profile.calibrate))
 

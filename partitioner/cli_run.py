@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PartitionerError, UsageError
+from .errors import UsageError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -118,6 +118,13 @@ def run(
 
     if repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {repeat}", hint="e.g. --repeat 10")
+    from .export_onnx import is_onnx_export
+
+    if is_onnx_export(artifact):  # `partitioner export DIR --format onnx` output: run it with onnxruntime
+        from .cli_export import run_onnx
+
+        return run_onnx(artifact, inputs=inputs, out=out, map_device=map_device, threads=threads,
+                        repeat=repeat, check=check, stats=stats, json_out=json_out, stream=stream)
     art = load_artifact(artifact)
     if inputs is None:
         if art.example_inputs is None:
@@ -145,13 +152,24 @@ def run(
             torch.testing.assert_close(outputs, art.expected_outputs, rtol=1e-4, atol=1e-5)
         except AssertionError as err:
             mismatch = str(err).splitlines()[0]
-    s = art.schedule
+    report_run(art.schedule, artifact, runs, outputs_file=out, check=check, mismatch=mismatch, stats=stats,
+               json_out=json_out)
+
+
+def report_run(s, artifact: Path, runs: list, *, outputs_file: Path | None, check: bool, mismatch: str | None,
+               stats: Path | None, json_out: bool, engine: str = "") -> None:
+    """Report measured runs of schedule ``s`` (the last one's times; the fidelity summary over
+    all): ``--stats`` JSON, ``--json`` or a table, then exit 1 if ``--check`` failed."""
+    from .fidelity import fidelity_summary, fidelity_table, from_profile
+
+    st = runs[-1]
     summary = {"artifact": str(artifact), "model": s.meta.get("model"), "spec": s.meta.get("spec"),
                "segments": len(s.segments), "transfers": len(s.transfers), "measured_s": st.wall_s,
                "predicted_latency_s": s.meta.get("predicted_latency_s"), "busy_s": st.busy_s(),
-               "check": None if not check else (mismatch is None), "out": str(out) if out else None}
-    from .fidelity import fidelity_summary, fidelity_table, from_profile
-
+               "check": None if not check else (mismatch is None),
+               "out": str(outputs_file) if outputs_file else None}
+    if engine:
+        summary["format"] = engine
     fid = fidelity_summary(s, runs)
     summary["fidelity_summary"] = fid
     if stats is not None:
@@ -161,20 +179,20 @@ def run(
     if json_out:
         console.print_json(json.dumps(summary, default=_json_default))
     else:
-        t = Table(title=f"{s.meta.get('model')} on {s.meta.get('spec')}: {len(s.segments)} segments, "
-                        f"{len(s.transfers)} transfers")
+        t = Table(title=f"{s.meta.get('model')} on {s.meta.get('spec')}" + (f" ({engine}runtime)" if engine else "")
+                  + f": {len(s.segments)} segments, {len(s.transfers)} transfers")
         for col in ("device", "segments", "busy (measured)", "compute (predicted)"):
             t.add_column(col, justify="left" if col == "device" else "right")
         busy = st.busy_s()
         for d in s.devices:
             segs = [x for x in s.segments if x.device == d]
             if segs:
-                pred = sum(x.predicted_compute_s for x in segs)
-                t.add_row(d, str(len(segs)), _fmt(busy.get(d, 0.0)), _fmt(pred))
+                t.add_row(d, str(len(segs)), _fmt(busy.get(d, 0.0)), _fmt(sum(x.predicted_compute_s for x in segs)))
         console.print(t)
         pl = s.meta.get("predicted_latency_s")
         console.print(f"measured {_fmt(st.wall_s)} end to end (predicted latency "
-                      f"{_fmt(pl) if pl is not None else 'n/a'})" + (f"; wrote {out}" if out else ""))
+                      f"{_fmt(pl) if pl is not None else 'n/a'})"
+                      + (f"; wrote {outputs_file}" if outputs_file else ""))
         if from_profile(s):
             console.print(fidelity_table(s, summary=fid))
         if check and mismatch is None:

@@ -60,7 +60,7 @@ from torch import nn
 from . import segcode
 from .artifact import Artifact, bind_inputs, load_artifact, save_artifact
 from .errors import ArtifactError, PlanError
-from .schedule import Action, Schedule, Segment, Transfer, Value
+from .schedule import Action, Schedule, Segment, Transfer, Value, json_scalar, tree_encode
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def _build(gm, problem, plan, ev, idx, seg_of, segs, example_inputs, meta) -> Ar
                                 hint="return computed tensors from forward")
     transfers, actions = _program(problem, ev, segments, values, out_values, devices, host)
     meta = dict(meta, predicted_latency_s=float(ev.latency), predicted_period_s=float(ev.period),
-                input_defaults={p.name: p.args[0] for p in placeholders if p.args and _jsonable(p.args[0])})
+                input_defaults={p.name: p.args[0] for p in placeholders if p.args and json_scalar(p.args[0])})
     sched = Schedule(tuple(devices), host, tuple(p.name for p in placeholders), outputs, values, tuple(segments),
                      tuple(transfers), actions, flatten_inputs=_is_pytree(gm), meta=meta)
     sched.validate()
@@ -480,26 +480,17 @@ def _output_tree(gm) -> tuple[dict, list[str]]:
                                     gm.graph._codegen.pytree_info.out_spec)
     names: list[str] = []
 
-    def enc(x):
+    def leaf(x):
         if isinstance(x, torch.fx.Node):
             names.append(x.name)
             return {"value": x.name}
-        if isinstance(x, tuple):
-            return {"tuple": [enc(y) for y in x]}
-        if isinstance(x, list):
-            return {"list": [enc(y) for y in x]}
-        if isinstance(x, dict) and all(isinstance(k, (str, int)) for k in x):
-            return {"dict": [[k, enc(y)] for k, y in x.items()]}
-        if _jsonable(x):
-            return {"const": x}
+        return None
+
+    def fail(x):
         raise ArtifactError(f"model output of type {type(x).__name__} is not supported",
                             hint="return tensors, or tuples/lists/dicts of them")
 
-    return enc(arg), list(dict.fromkeys(names))
-
-
-def _jsonable(x) -> bool:
-    return x is None or isinstance(x, (bool, int, str)) or (isinstance(x, float) and math.isfinite(x))
+    return tree_encode(arg, leaf, fail), list(dict.fromkeys(names))
 
 
 def _program(problem, ev, segments, values, out_values, devices, host):

@@ -56,7 +56,8 @@ from typing import Any
 
 from .errors import ArtifactError
 
-__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "tree_leaves", "tree_unflatten"]
+__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "tree_leaves", "tree_unflatten", "tree_encode",
+           "json_scalar", "sequential_order"]
 
 FORMAT = "partitioner.schedule/1"
 OPS = ("compute", "send", "recv")
@@ -519,6 +520,34 @@ class Schedule:
 
 
 # ---- output trees ----------------------------------------------------------------------
+def json_scalar(x: Any) -> bool:
+    """Whether ``x`` can be a ``{"const": x}`` leaf (None, bool, int, str, finite float)."""
+    return x is None or isinstance(x, (bool, int, str)) or (isinstance(x, float) and math.isfinite(x))
+
+
+def tree_encode(obj: Any, leaf, fail, sequences: tuple = (tuple,)) -> dict:
+    """Encode ``obj`` as an output tree: ``leaf(x)`` returns the node for a leaf (or None if
+    ``x`` is not one); ``sequences`` become ``{"tuple"}``, lists ``{"list"}``, dicts with
+    str/int keys ``{"dict"}``, JSON scalars ``{"const"}``; anything else calls ``fail(x)``
+    (which raises)."""
+
+    def enc(x):
+        node = leaf(x)
+        if node is not None:
+            return node
+        if isinstance(x, sequences):
+            return {"tuple": [enc(y) for y in x]}
+        if isinstance(x, list):
+            return {"list": [enc(y) for y in x]}
+        if isinstance(x, dict) and all(isinstance(k, (str, int)) for k in x):
+            return {"dict": [[k, enc(y)] for k, y in x.items()]}
+        if json_scalar(x):
+            return {"const": x}
+        return fail(x)
+
+    return enc(obj)
+
+
 def tree_leaves(tree: Any) -> list[dict]:
     """Leaves (``{"value": ...}`` or ``{"const": ...}``) of an output tree, in order."""
     out: list[dict] = []
@@ -562,3 +591,32 @@ def _num(x: float) -> float | None:
 
 def _unnum(x: Any) -> float:
     return math.nan if x is None else float(x)
+
+
+def sequential_order(s: "Schedule") -> list[tuple[str, int]]:
+    """A valid sequential order of every action, as ``(device, index)`` pairs.
+
+    Deterministic (the same on every process): in rounds over the devices in schedule
+    order, each device advances by at most one action (sends are asynchronous, a recv
+    waits for its send). Used by executors that run several devices on one thread.
+    """
+    pc = {d: 0 for d in s.devices}
+    sent: set[int] = set()
+    out: list[tuple[str, int]] = []
+    progress = True
+    while progress:
+        progress = False
+        for d in s.devices:
+            acts = s.actions.get(d, ())
+            if pc[d] < len(acts):
+                a = acts[pc[d]]
+                if a.op == "recv" and a.tag not in sent:
+                    continue
+                if a.op == "send":
+                    sent.add(a.tag)
+                out.append((d, pc[d]))
+                pc[d] += 1
+                progress = True
+    if len(out) != sum(len(a) for a in s.actions.values()):
+        raise ArtifactError("the schedule deadlocks", hint="emit the plan again")  # validate() rules this out
+    return out

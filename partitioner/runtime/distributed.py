@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, PartitionerError, RuntimeFailure, UsageError
-from ..schedule import Schedule, tree_unflatten
+from ..schedule import Schedule, sequential_order, tree_unflatten
 
 log = logging.getLogger(__name__)
 
@@ -145,31 +145,7 @@ def layout(schedule: Schedule, device_hosts: dict[str, str] | None = None) -> Ho
         if hosts_map[d] not in hosts:
             hosts.append(hosts_map[d])
     rank_of = {d: hosts.index(hosts_map[d]) for d in schedule.devices}
-    return HostLayout(tuple(hosts), rank_of, tuple(_global_order(schedule)))
-
-
-def _global_order(s: Schedule) -> list[tuple[str, int]]:
-    """Every device advances by at most one action per round (async sends, blocking recvs)."""
-    pc = {d: 0 for d in s.devices}
-    sent: set[int] = set()
-    out: list[tuple[str, int]] = []
-    progress = True
-    while progress:
-        progress = False
-        for d in s.devices:
-            acts = s.actions.get(d, ())
-            if pc[d] < len(acts):
-                a = acts[pc[d]]
-                if a.op == "recv" and a.tag not in sent:
-                    continue
-                if a.op == "send":
-                    sent.add(a.tag)
-                out.append((d, pc[d]))
-                pc[d] += 1
-                progress = True
-    if len(out) != sum(len(a) for a in s.actions.values()):
-        raise ArtifactError("the schedule deadlocks", hint="emit the plan again")  # validate() rules this out
-    return out
+    return HostLayout(tuple(hosts), rank_of, tuple(sequential_order(schedule)))
 
 
 # ---- value descriptions (JSON, no pickle) ---------------------------------------------------
