@@ -71,10 +71,17 @@ def profile(
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory", hint="give a file path, e.g. --out profile.json")
     cache = None if fresh or not out.exists() else load_profile(out)
-    prof, loaded = profile_model(model, devs, model_kwargs=_model_kwargs(model_arg), frontend=frontend,
-                                 warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, cache=cache, mode=mode)
-    if transfers and devs:
-        add_transfers(prof, devs)
+    from .cli import _progress, _progress_sink
+
+    with _progress(quiet or json_out) as prog:
+        task = prog.add_task(f"profiling {model} on {devices}", total=None)
+        with _progress_sink(prog, task):
+            prof, loaded = profile_model(model, devs, model_kwargs=_model_kwargs(model_arg), frontend=frontend,
+                                         warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, cache=cache,
+                                         mode=mode)
+            if transfers and devs:
+                prog.update(task, description="measuring transfers between devices")
+                add_transfers(prof, devs)
     prof.save(out)
     run = prof.runs[-1]
     keys = prof.graphs[loaded.graph.name]["nodes"]

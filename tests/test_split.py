@@ -205,3 +205,18 @@ def test_a_2000_node_graph_finishes_with_a_valid_plan():
     assert ev.feasible
     heft = value(p, SOLVERS["heft"].fn(p, Settings()))
     assert ev.latency <= heft * (1 + 1e-9)
+
+
+def test_split_reports_progress_incumbents():
+    """With a listener, split publishes its phases and improving incumbents (no worse than the
+    returned plan's value at the end)."""
+    from partitioner import progress
+
+    p = Problem(dnn_graph(120, 3), two_gpu_spec(gpu_link=True))
+    events = []
+    with progress.listen(lambda kind, **data: events.append((kind, data))):
+        plan = split.solve(p, Settings(seed=0, time_limit=20, extra=FAST))
+    steps = [d["description"] for k, d in events if k == "step"]
+    incs = [d["value"] for k, d in events if k == "incumbent"]
+    assert any(s.startswith("split:") for s in steps)
+    assert incs and incs[-1] >= value(p, plan) * (1 - 1e-9)

@@ -59,6 +59,7 @@ import time
 
 import numpy as np
 
+from .. import progress
 from ..errors import PartitionerError
 from ..evaluate import evaluate, list_order
 from ..problem import Objective, Plan, Problem, Settings
@@ -156,6 +157,8 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
         hit = hit or b.hit_deadline
         if best is None or better(s, best_s):
             best, best_s = st, s
+            if best_s[0] == 0:
+                progress.incumbent(best_s[1], phase=f"local search, start {k + 1}/{len(starts)}")
     st = best
     st.work = spent
     size = min(int(settings.get("window_size", 16)), n)
@@ -164,7 +167,10 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
         _windows(st, score, settings, count, size, float(settings.get("module_det_time", 0.01)), deadline,
                  roomy, info)
     b2 = Budget(work, deadline)
-    latency_descent(st, score, b2, mod_of, mods)
+    progress.step("split: final descent")
+    s = latency_descent(st, score, b2, mod_of, mods)
+    if s[0] == 0:
+        progress.incumbent(s[1], phase="final descent")
     info.update(search_work=st.work, starts=len(starts), hit_time_limit=hit or b2.hit_deadline)
     return st.plan(status="heuristic")
 
@@ -336,6 +342,9 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     cands.sort(key=lambda c: c[0])
     info["start"] = {c[1].solver: c[0][1] for c in cands}
     _, start, start_ev = cands[0]
+    progress.step(f"split: {len(mods)} modules; local search from {start.solver}")
+    if cands[0][0][0] == 0:
+        progress.incumbent(cands[0][0][1], phase=f"start ({start.solver})")
     tab = Tables(problem)
     if lat:
         plan = _solve_latency(problem, settings, tab, cands, mods, mod_of, deadline, info)
