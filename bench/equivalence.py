@@ -464,12 +464,13 @@ def _md(s: str) -> str:
 
 # ---- main ------------------------------------------------------------------------------------
 def run(quick: bool = False, max_minutes: float = 20.0, prefix: Path | None = None,
-        on_case: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
-    """Run the cases; return ``(records, meta)`` (and write them when ``prefix`` is given)."""
+        on_case: Callable[[dict], None] | None = None, only: str | None = None) -> tuple[list[dict], dict]:
+    """Run the cases (``only``: the phases whose name contains it); return ``(records, meta)``
+    (and write them when ``prefix`` is given)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     deadline = t0 + 60 * max_minutes
-    phases = plan_cases(quick)
+    phases = [(n, cs) for n, cs in plan_cases(quick) if only is None or only in n]
     zoo = Zoo()
     records: list[dict] = []
     meta: dict[str, Any] = dict(
@@ -510,13 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-prefix", default=None,
                     help="write PREFIX.json and PREFIX.md (default bench/results/equivalence, "
                          "equivalence.quick with --quick)")
+    ap.add_argument("--phases", default=None, help="run only the phases whose name contains this "
+                    "(e.g. 'throughput'; write them with --out-prefix)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("partitioner", "torch", "torch._dynamo", "torch.onnx", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     prefix = Path(a.out_prefix or ROOT / "bench" / "results" / ("equivalence.quick" if a.quick else "equivalence"))
-    records, meta = run(a.quick, a.max_minutes, prefix)
+    records, meta = run(a.quick, a.max_minutes, prefix, only=a.phases)
     s = summarize(records)
     log.info("done in %.0f s: %s", meta["wall_s"], json.dumps(s))
     return 0
