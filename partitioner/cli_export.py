@@ -42,12 +42,9 @@ _RTOL, _ATOL = 1e-4, 1e-4
 
 
 def _check_outputs(outputs: Any, expected: Any) -> str | None:
-    import torch
+    from .artifact import outputs_mismatch
 
-    try:
-        torch.testing.assert_close(outputs, expected, rtol=_RTOL, atol=_ATOL, equal_nan=True)
-    except AssertionError as err:
-        return str(err).strip().splitlines()[0]
+    return outputs_mismatch(outputs, expected, rtol=_RTOL, atol=_ATOL)
     return None
 
 

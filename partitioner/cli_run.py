@@ -113,6 +113,7 @@ def run(
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
 
+    from .artifact import outputs_mismatch
     from .emit import load_artifact
     from .runtime.local import LocalRuntime
 
@@ -148,10 +149,7 @@ def run(
     if check:
         if art.expected_outputs is None:
             raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
-        try:
-            torch.testing.assert_close(outputs, art.expected_outputs, rtol=1e-4, atol=1e-5)
-        except AssertionError as err:
-            mismatch = str(err).splitlines()[0]
+        mismatch = outputs_mismatch(outputs, art.expected_outputs)
     report_run(art.schedule, artifact, runs, outputs_file=out, check=check, mismatch=mismatch, stats=stats,
                json_out=json_out)
 
@@ -214,6 +212,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
     """``--stream N``: pipeline N copies of ``args`` (over every replica) and report rates."""
     import torch
 
+    from .artifact import outputs_mismatch
     from .emit import load_artifact
     from .runtime.local import LocalRuntime, stream_replicas
 
@@ -234,10 +233,9 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         if art.expected_outputs is None:
             raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
         for k, o in enumerate(outputs):
-            try:
-                torch.testing.assert_close(o, art.expected_outputs, rtol=1e-4, atol=1e-5)
-            except AssertionError as err:
-                mismatch = f"sample {k}: " + str(err).splitlines()[0]
+            bad = outputs_mismatch(o, art.expected_outputs)
+            if bad is not None:
+                mismatch = f"sample {k}: {bad}"
                 break
     s = art.schedule
     summary = {"artifact": str(artifact), "model": s.meta.get("model"), "spec": s.meta.get("spec"),

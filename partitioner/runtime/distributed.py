@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 
+from ..artifact import outputs_mismatch
 from ..errors import ArtifactError, PartitionerError, RuntimeFailure, UsageError
 from ..schedule import Schedule, sequential_order, tree_unflatten
 
@@ -469,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save(_to(out, torch.device("cpu")), ns.out)
             log.warning("rank %d: ran in %.3f s (includes rendezvous)", rank, wall)
             if ns.check and art.expected_outputs is not None:
-                torch.testing.assert_close(_to(out, torch.device("cpu")), art.expected_outputs, rtol=1e-4, atol=1e-5)
+                bad = outputs_mismatch(_to(out, torch.device("cpu")), art.expected_outputs)
+                if bad is not None:
+                    raise AssertionError(bad)
     except PartitionerError as err:
         sys.stderr.write(ERROR_PREFIX + json.dumps(str(err.message)) + "\n")
         if err.hint:
