@@ -182,6 +182,26 @@ def test_split_is_close_to_the_milp_optimum_on_tiny_graphs(seed):
     assert ev.latency <= opt.claimed * 1.02
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_small_graphs_end_with_an_exact_solve_whose_bound_grades_the_plan(seed):
+    """On a graph within ``exact_nodes`` the whole-problem CP-SAT finish reaches the proven
+    optimum (and proves it: the returned solver_bound meets the value), and switching it
+    off never gives a better plan."""
+    from partitioner import api
+
+    p = Problem(random_graph(seed, 14, 0.3), random_spec(seed, 3))
+    opt = SOLVERS["cpsat"].fn(p, Settings(time_limit=30))
+    assert opt.status == "optimal"
+    plan, ev = run_split(p)
+    assert plan.status == "heuristic" and plan.info["exact"]["solver"] == "cpsat"
+    assert ev.latency <= opt.claimed * (1 + 1e-6)
+    assert plan.solver_bound is not None and plan.solver_bound <= ev.latency * (1 + 1e-9)
+    res = api.grade(p, plan)
+    assert res.gap <= 1e-6
+    off, ev_off = run_split(p, exact_nodes=0)
+    assert "exact" not in off.info and ev_off.latency >= ev.latency * (1 - 1e-9)
+
+
 # ---- determinism, settings, scale ---------------------------------------------------------------
 @pytest.mark.parametrize("objective", ["latency", "throughput"])
 def test_same_seed_same_plan(objective):

@@ -81,7 +81,8 @@ differ. ``threads`` is not used in this mode: CP-SAT 9.15's interleaved loop wit
 workers was deterministic but up to 40x slower here. ``cpsat_deterministic = False`` runs
 the parallel portfolio with ``num_workers = threads`` on the wall clock only (faster, not
 reproducible). ``extra["cpsat_det_ratio"]`` changes the 0.05; ``extra["deterministic_time"]``
-sets the deterministic limit in CP-SAT units directly.
+sets the deterministic limit in CP-SAT units directly. ``extra["hint_plans"]`` adds starting
+plans (besides HEFT, greedy and single) for the hint and the time scale.
 """
 
 from __future__ import annotations
@@ -317,6 +318,8 @@ def _serial_period(problem: Problem) -> float:
 
 
 def _heuristics(problem: Problem, settings: Settings):
+    """Starting plans, best first: HEFT, greedy, single, and the caller's ``extra["hint_plans"]``
+    (e.g. the split heuristic's best plan); the best one is the hint and sets the time scale."""
     from . import greedy, heft, single
 
     out = []
@@ -327,6 +330,11 @@ def _heuristics(problem: Problem, settings: Settings):
             continue
         ev = evaluate(problem, plan)
         out.append((not ev.feasible, ev.value(problem.objective), k, name, plan, ev))
+    for k, plan in enumerate(settings.get("hint_plans", ())):
+        if plan.replicas:
+            continue
+        ev = evaluate(problem, plan)
+        out.append((not ev.feasible, ev.value(problem.objective), 3 + k, plan.solver or "given", plan, ev))
     out.sort(key=lambda x: x[:3])
     return out
 

@@ -33,6 +33,13 @@ rarely improved on the local search beyond ~200 nodes, so they are not run there
    single pipeline with a budget in proportion to its size, and a DP over set partitions
    picks data-parallel replicas (throughputs add up), as DESIGN.md allows.
 
+6. **Exact finish** (``n <= exact_nodes``, 60): CP-SAT on the whole problem, hinted with the
+   best plan so far, for ``exact_det_time`` (0.2) deterministic units (about a second
+   here); kept when the evaluator says it is better. Its proven bound is returned as
+   ``solver_bound``, so a small graph solved to optimality shows a gap of 0 (status stays
+   "heuristic"). DiviML's module solves are exact; on a graph no bigger than a module this
+   is that solve given a real budget.
+
 Budgets are counted in work units (node recomputations, edges scanned and relocations by
 the incremental evaluator, about a microsecond each) and in CP-SAT deterministic time for
 exact solves, so the same input and seed give the same plan; ``time_limit`` is only a
@@ -47,7 +54,7 @@ evaluator (``claimed``) and is never worse than the best starting plan. Status
 Settings extras: ``module_size`` (24, 16 above 4 devices), ``module_solver`` ("cpsat" |
 "milp"), ``module_det_time``, ``module_time``, ``module_pass_nodes`` (200), ``windows``,
 ``window_size``, ``effort`` (1.0), ``search_work``, ``restarts``, ``replicate`` (True),
-``baselines`` (solver names).
+``baselines`` (solver names), ``exact_nodes``, ``exact_det_time``.
 """
 
 from __future__ import annotations
@@ -72,6 +79,10 @@ from ._split_search import (Budget, Scorer, better, iterated_search, iterated_th
 log = logging.getLogger(__name__)
 
 START_COUNT = 3
+#: graphs of at most this many nodes end with a whole-problem CP-SAT solve (step 6)
+EXACT_NODES = 60
+#: its budget, in CP-SAT deterministic time units
+EXACT_DET_TIME = 0.2
 
 
 def _score_ev(problem: Problem, ev) -> tuple:
@@ -360,6 +371,40 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         s = _score_ev(problem, ev)
         if best_s is None or s < best_s:
             best_s, best_p = s, p
+    solver_bound = None
+    if n <= int(settings.get("exact_nodes", EXACT_NODES)) and time.perf_counter() < deadline:
+        ex = _exact_whole(problem, settings, best_p.with_(solver="split"), deadline, info)
+        if ex is not None:
+            ev = evaluate(problem, ex)
+            s = _score_ev(problem, ev)
+            if s < best_s:
+                best_s, best_p = s, ex
+            solver_bound = ex.solver_bound
     info.update(started_from=start.solver, time_s=time.perf_counter() - t0)
     claimed = best_s[1] if best_s[0] == 0 else None
-    return best_p.with_(solver="split", status="heuristic", claimed=claimed, info=info)
+    if claimed is None or (solver_bound is not None and solver_bound > claimed):
+        solver_bound = None
+    return best_p.with_(solver="split", status="heuristic", claimed=claimed, solver_bound=solver_bound, info=info)
+
+
+def _exact_whole(problem: Problem, settings: Settings, hint: Plan, deadline: float, info: dict) -> Plan | None:
+    """Small graphs: CP-SAT on the whole problem, hinted with split's best plan, for
+    ``exact_det_time`` units of CP-SAT's deterministic clock (about a second here). Its
+    proven bound becomes the plan's ``solver_bound`` (so a proven optimum shows gap 0); the
+    status stays "heuristic"."""
+    from . import cpsat
+
+    det = float(settings.get("exact_det_time", EXACT_DET_TIME))
+    left = deadline - time.perf_counter()
+    sub = Settings(seed=settings.seed, time_limit=min(left, 60.0 * det) if math.isfinite(left) else 60.0 * det,
+                   threads=1, extra={"deterministic_time": det, "hint_plans": (hint,)})
+    t0 = time.perf_counter()
+    try:
+        with progress.muted():
+            plan = cpsat.solve(problem, sub)
+    except PartitionerError as err:
+        log.info("split: whole-problem CP-SAT gave no plan: %s", err.message)
+        return None
+    info["exact"] = {"solver": "cpsat", "status": plan.status, "value_s": plan.claimed,
+                     "bound_s": plan.solver_bound, "time_s": time.perf_counter() - t0}
+    return plan
