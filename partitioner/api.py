@@ -18,7 +18,7 @@ from typing import Any
 from . import graph as graphmod
 from . import progress
 from .bounds import Bound, lower_bound
-from .errors import InfeasibleError, PartitionerError, SolverError, UsageError
+from .errors import InfeasibleError, NoSolutionError, PartitionerError, SolverError, UsageError
 from .evaluate import Evaluation, evaluate
 from .hardware import Spec, load_spec
 from .problem import Constraints, Objective, Plan, Problem, Settings, gap
@@ -97,12 +97,11 @@ def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str =
         else:
             import models
 
-            try:
-                model, inputs = models.get_model(ref, **(model_kwargs or {}))
-            except KeyError:
+            if ref not in models.ZOO:
                 names = ", ".join(n for n, _ in models.list_models())
                 raise UsageError(f"unknown model {ref!r}",
                                  hint=f"zoo models: {names}; or path/to/file.py:factory; or a cost-graph .json")
+            model, inputs = _zoo_model(models, ref, dict(model_kwargs or {}))
             name = ref
     else:
         if example_inputs is None:
@@ -111,6 +110,34 @@ def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str =
     progress.step(f"tracing {name} ({frontend})")
     gm = trace(model, inputs, frontend=frontend)
     return LoadedModel(graphmod.from_fx(gm, name), gm, inputs, source=str(name))
+
+
+def _zoo_model(models, name: str, kwargs: dict):
+    """Build zoo model ``name`` with factory arguments ``kwargs`` (from ``--model-arg``): an
+    argument the factory does not take, or a value of the wrong type or range, is a
+    UsageError that lists the factory's arguments and their defaults."""
+    import inspect
+
+    factory = models.ZOO[name]
+    params = {k: p for k, p in inspect.signature(factory).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted = ", ".join(f"{k}={p.default!r}" if p.default is not p.empty else k for k, p in params.items())
+    hint = f"{name} takes: {accepted}" if accepted else f"{name} takes no arguments"
+    for k, v in kwargs.items():
+        if k not in params:
+            raise UsageError(f"model {name!r} has no argument {k!r} (--model-arg {k}=...)", hint=hint)
+        default = params[k].default
+        if isinstance(default, (bool, int, float, str)) and default is not None and not isinstance(v, type(default)) \
+                and not (isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)):
+            raise UsageError(f"--model-arg {k}={v!r}: model {name!r} expects a value of type {type(default).__name__} "
+                             f"(default {default!r})", hint=hint)
+    if not kwargs:
+        return models.get_model(name)
+    try:
+        return models.get_model(name, **kwargs)
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, IndexError, RuntimeError) as err:
+        args = " ".join(f"--model-arg {k}={v}" for k, v in kwargs.items())
+        raise UsageError(f"model {name!r} cannot be built with {args}: {err}", hint=hint) from None
 
 
 @dataclass
@@ -404,6 +431,8 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
                    "latency_s": res.evaluation.latency, "period_s": res.evaluation.period, **info}
         except InfeasibleError as err:
             row = {"solver": name, "status": "infeasible", "error": err.message}
+        except NoSolutionError as err:  # stopped without a plan, nothing proven: the others still count
+            row = {"solver": name, "status": "no_solution", "error": err.message}
         except SolverError:
             raise  # a solver whose claim the evaluator contradicts is a bug: fail loudly
         except PartitionerError as err:

@@ -100,6 +100,8 @@ def _settings(seed, time_limit, threads, backend):
         raise UsageError(f"--time-limit must be > 0 seconds, got {time_limit}", hint="pass e.g. --time-limit 60")
     if backend not in ("highs", "cbc"):
         raise UsageError(f"--backend must be highs or cbc, got {backend!r}", hint="use --backend highs")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}", hint="e.g. --threads 2")
     return Settings(seed=seed, time_limit=time_limit, threads=threads, milp_backend=backend)
 
 

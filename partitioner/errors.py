@@ -43,6 +43,11 @@ class SolverError(PartitionerError):
     """A solver failed or returned figures the evaluator does not confirm."""
 
 
+class NoSolutionError(SolverError):
+    """A solver stopped (time limit, or a conservative model that rejects every plan tried)
+    with no feasible plan, and without proving that none exists: status "no_solution"."""
+
+
 class PlanError(PartitionerError):
     """A plan is malformed (unplaced nodes, unknown devices, bad order)."""
 

@@ -218,6 +218,9 @@ def from_json(data: Any, source: str = "<json>") -> CostGraph:
     for i, rn in enumerate(raw_nodes):
         if not isinstance(rn, dict) or "id" not in rn:
             raise GraphError(f"{source}: nodes[{i}] must be an object with an `id`", hint="give every node an id")
+        if not isinstance(rn["id"], (str, int)) or isinstance(rn["id"], bool) or str(rn["id"]) == "":
+            raise GraphError(f"{source}: nodes[{i}] has id {rn['id']!r}; an id is a non-empty string (or an integer)",
+                             hint="give every node a unique string id")
         bad = set(rn) - _NODE_KEYS
         if bad:
             raise GraphError(f"{source}: node {rn['id']!r} has unknown keys {sorted(bad)}",
@@ -226,6 +229,9 @@ def from_json(data: Any, source: str = "<json>") -> CostGraph:
         if not isinstance(ts, dict):
             raise GraphError(f"{source}: node {rn['id']!r} time_s must be an object", hint='e.g. {"gpu0": 0.001}')
         so = rn.get("supported_on")
+        if so is not None and (not isinstance(so, list) or not all(isinstance(x, str) for x in so)):
+            raise GraphError(f"{source}: node {rn['id']!r} supported_on must be a list of device ids, models or "
+                             f"kinds, got {so!r}", hint='e.g. "supported_on": ["gpu"]')
         nodes.append(Node(
             id=str(rn["id"]), op=str(rn.get("op", "unknown")), flops=rn.get("flops", 0.0),
             param_bytes=rn.get("param_bytes", 0), output_bytes=rn.get("output_bytes", 0),
@@ -237,7 +243,9 @@ def from_json(data: Any, source: str = "<json>") -> CostGraph:
         ))
 
     def _items(key: str, fields: tuple[str, ...]) -> list[dict]:
-        items = data.get(key, []) or []
+        items = data.get(key, [])
+        if items is None:
+            items = []
         if not isinstance(items, list):
             raise GraphError(f"{source}: `{key}` must be a list", hint="see the format in the README")
         for i, it in enumerate(items):

@@ -23,7 +23,22 @@ def check_out_dir(path: str | os.PathLike, force: bool) -> Path:
                          hint="pass --force to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {str(out)!r} exists and is not a directory", hint="choose another --out")
+    parent = out.absolute().parent
+    while not parent.exists():  # the nearest existing ancestor must be a writable directory
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot create output directory {str(out)!r}: {str(parent)!r} is not a directory",
+                         hint="choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create output directory {str(out)!r}: {str(parent)!r} is not writable",
+                         hint="choose another --out")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -32,6 +47,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False):
     out = check_out_dir(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output is an ordinary directory
     try:
         yield tmp
     except BaseException:

@@ -213,9 +213,9 @@ class Problem:
             for d, seq in enumerate(plan.order):
                 for i in seq:
                     if seen[i] or pl[i] != d:
-                        raise PlanError(
-                            f"plan order of {self.devices[d]!r} lists node {self.node_name(i)!r} "
-                            f"{'twice' if seen[i] else 'placed on ' + self.devices[pl[i]]!r}")
+                        why = "twice" if seen[i] else f"although it is placed on {self.devices[pl[i]]!r}"
+                        raise PlanError(f"plan order of {self.devices[d]!r} lists node {self.node_name(i)!r} {why}",
+                                        hint="list each node once, in the order of the device it is placed on")
                     seen[i] = True
             if not seen.all():
                 missing = self.node_name(int(np.flatnonzero(~seen)[0]))
@@ -225,6 +225,20 @@ class Problem:
                         **kw) -> Plan:
         """Build a Plan from node-id -> device-id mappings (as in plan.json)."""
         di = {d: j for j, d in enumerate(self.devices)}
+        if not isinstance(placement, Mapping) or not all(isinstance(d, str) for d in placement.values()):
+            raise PlanError("placement must be a JSON object mapping node ids to device ids",
+                            hint='e.g. {"placement": {"conv1": "gpu0", ...}} or plan.json from compile')
+        if order is not None:
+            if not isinstance(order, Mapping) or not all(
+                    isinstance(seq, list) and all(isinstance(v, str) for v in seq) for seq in order.values()):
+                raise PlanError("order must be a JSON object mapping device ids to lists of node ids",
+                                hint='e.g. {"order": {"gpu0": ["conv1", "relu1"], ...}}, or leave it out')
+            bad_dev = sorted(set(order) - set(di))
+            if bad_dev:
+                raise PlanError(f"order names unknown device(s) {bad_dev}", hint=f"devices: {', '.join(self.devices)}")
+            bad_node = sorted({v for seq in order.values() for v in seq if v not in self.graph.index})
+            if bad_node:
+                raise PlanError(f"order names unknown node(s) {bad_node[:5]}", hint="use the graph's node ids")
         missing = [v for v in self.graph.order if v not in placement]
         if missing:
             raise PlanError(f"placement leaves out {len(missing)} node(s), e.g. {missing[0]!r}",

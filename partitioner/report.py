@@ -51,9 +51,67 @@ def markdown(res: Result) -> str:
                      f"{fmt_bytes(info['memory_peak_bytes'])} | {fmt_bytes(info['capacity_bytes'])} |")
     if s["violations"]:
         lines += ["", "## Violations", ""] + [f"- {v}" for v in s["violations"]]
+    lines += _placement_sections(res)
     lines += ["", "Figures come from the evaluator (see DESIGN.md, the machine model); the gap is "
               "(value - bound) / value against a proven lower bound.", ""]
     return "\n".join(lines)
+
+
+#: the per-operator table of report.md lists at most this many nodes (the module table is always there)
+MAX_NODE_ROWS = 2000
+
+
+def _placement_sections(res: Result) -> list[str]:
+    """Where each op went and why: modules by device, the critical path, and every operator
+    with its time on its device next to its fastest device's."""
+    import numpy as np
+
+    p, plan = res.problem, res.plan
+    devs = p.devices
+    if plan.replicas:
+        lines = ["", "## Data-parallel replicas", "", "| replica | devices | nodes per device |", "|---|---|---|"]
+        for k, r in enumerate(plan.replicas):
+            cnt = np.bincount(np.asarray(r.placement, dtype=np.int64), minlength=p.D)
+            used = [devs[d] for d in range(p.D) if cnt[d]]
+            lines.append(f"| {k} | {', '.join(used)} | "
+                         f"{', '.join(f'{devs[d]} {cnt[d]}' for d in range(p.D) if cnt[d])} |")
+        return lines
+    ev, pl, T = res.evaluation, np.asarray(plan.placement), p.T
+    nodes = p.graph.nodes
+    mods = _modules(res)
+    lines = ["", "## Placement by module", "",
+             "| module | nodes | " + " | ".join(devs) + " | busy |", "|---|---:|" + "---:|" * p.D + "---:|"]
+    seen: dict[str, list[int]] = {}
+    for i, m in enumerate(mods):
+        seen.setdefault(m, []).append(i)
+    for m, idx in seen.items():
+        cnt = np.bincount(pl[idx], minlength=p.D)
+        busy = float(T[idx, pl[idx]].sum())
+        lines.append(f"| `{m}` | {len(idx)} | " + " | ".join(str(c) if c else "" for c in cnt) +
+                     f" | {fmt_time(busy)} |")
+    best = np.where(np.isfinite(T), T, np.inf).argmin(axis=1)
+
+    def why(i: int) -> str:
+        d, f = int(pl[i]), int(best[i])
+        if d == f:
+            return "fastest device"
+        return f"{devs[f]} would take {fmt_time(float(T[i, f]))}"
+
+    path = critical_path(res) if ev.feasible and p.n else []
+    if path:
+        lines += ["", f"## Critical path ({len(path)} nodes)", "",
+                  "| node | op | device | start | finish | note |", "|---|---|---|---:|---:|---|"]
+        for i in path:
+            lines.append(f"| `{p.node_name(i)}` | {nodes[i].op} | {devs[pl[i]]} | {fmt_time(float(ev.start[i]))} | "
+                         f"{fmt_time(float(ev.finish[i]))} | {why(i)} |")
+    rows = sorted(range(p.n), key=lambda i: (float(ev.start[i]), i))
+    lines += ["", f"## Operators ({p.n}, by start time)" + (f"; the first {MAX_NODE_ROWS}" if p.n > MAX_NODE_ROWS
+                                                             else ""), "",
+              "| node | op | module | device | start | time | note |", "|---|---|---|---|---:|---:|---|"]
+    for i in rows[:MAX_NODE_ROWS]:
+        lines.append(f"| `{p.node_name(i)}` | {nodes[i].op} | `{nodes[i].module_path or '-'}` | {devs[pl[i]]} | "
+                     f"{fmt_time(float(ev.start[i]))} | {fmt_time(float(T[i, pl[i]]))} | {why(i)} |")
+    return lines
 
 
 # ---- critical path, Gantt chart, Chrome trace ----------------------------------------------
@@ -99,8 +157,17 @@ def _modules(res: Result) -> list[str]:
 
 
 def gantt_png(res: Result, path, max_labels: int = 60) -> None:
+    """Write :func:`gantt_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = gantt_figure(res, max_labels)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gantt_figure(res: Result, max_labels: int = 60):
     """One lane per device and one per busy directed link; ops coloured by top-level module;
-    the critical path outlined in black."""
+    the critical path outlined in black. Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,8 +207,7 @@ def gantt_png(res: Result, path, max_labels: int = 60) -> None:
         ax.legend(handles=[Patch(color=colour[m], label=m) for m in mods], fontsize=6, ncol=min(6, len(mods)),
                   loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(lanes) < 6 else -0.12), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def chrome_trace(res: Result) -> dict:

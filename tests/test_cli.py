@@ -63,6 +63,10 @@ def test_evaluate_given_placement(tiny, tmp_path):
     (lambda d: d["nodes"][1].update(time_s={"gpu0": -1.0}), "time"),
     (lambda d: d["nodes"].append(dict(d["nodes"][0])), "duplicate"),
     (lambda d: d.pop("nodes"), "nodes"),
+    (lambda d: d["nodes"][1].update(time_s={"gpu0": 0.0}), "is 0"),
+    (lambda d: d["nodes"][0].update(id=None), "an id is a non-empty string"),
+    (lambda d: d["nodes"][1].update(supported_on="gpu"), "supported_on must be a list"),
+    (lambda d: d.update(edges={}), "`edges` must be a list"),
 ])
 def test_bad_cost_graphs_exit_2_and_write_nothing(tmp_path, mutate, needle):
     d = json.loads(json.dumps(TINY))
@@ -94,6 +98,36 @@ def test_bad_arguments(tiny, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert needle in r.output, (args, r.output)
         assert "Traceback" not in r.output
+
+
+def test_bad_model_args_placements_and_output_paths(tiny, tmp_path):
+    """Each gives exit code 2 and one message naming the problem (no "internal error")."""
+    (tmp_path / "file.txt").write_text("x")
+    place = tmp_path / "p.json"
+    cases = [
+        (("compile", "resnet50", "--model-arg", "bogus=1", "--no-emit"), "has no argument 'bogus'", None),
+        (("compile", "randwire-ws", "--model-arg", "nodes=abc", "--no-emit"), "expects a value of type int", None),
+        (("compile", "randwire-ws", "--model-arg", "nodes=-3", "--no-emit"), "cannot be built with", None),
+        (("compile", "bert", "--model-arg", "layers=0", "--no-emit"), "sizes must be positive", None),
+        (("compile", tiny, "--threads", "0"), "--threads must be >= 1", None),
+        (("compile", tiny, "--out", tmp_path / "file.txt" / "x"), "is not a directory", None),
+        (("evaluate", tiny, "--placement", place), "placement must be a JSON object", '{"placement": 5}'),
+        (("evaluate", tiny, "--placement", place), "order must be a JSON object",
+         '{"placement": {"a": "gpu0", "b": "gpu0"}, "order": [1, 2]}'),
+        (("evaluate", tiny, "--placement", place), "order names unknown node(s) ['zz']",
+         '{"placement": {"a": "gpu0", "b": "gpu0"}, "order": {"gpu0": ["a", "zz"]}}'),
+        (("evaluate", tiny, "--placement", place), "lists node 'b' although it is placed on 'gpu1'",
+         '{"placement": {"a": "gpu0", "b": "gpu1"}, "order": {"gpu0": ["a", "b"]}}'),
+    ]
+    for k, (args, needle, content) in enumerate(cases):
+        if content is not None:
+            place.write_text(content)
+        if args[0] == "compile" and "--out" not in args:
+            args = args + ("--out", tmp_path / f"o{k}")
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert needle in r.output and "internal error" not in r.output, (args, r.output)
+        assert not (tmp_path / f"o{k}").exists()
 
 
 def test_bad_spec_file(tiny, tmp_path):
@@ -129,6 +163,24 @@ def test_compare_table_json_and_plot(tiny, tmp_path):
         assert row["value_over_bound"] >= 1 - 1e-9 and row["value_s"] >= rows["cpsat"]["value_s"] * (1 - 1e-5)
     assert png.stat().st_size > 1000
     assert "value/bound" in r.output and "milp-highs" in r.output
+
+
+def test_compare_keeps_the_table_when_a_solver_finds_no_plan(tiny, tmp_path, monkeypatch):
+    """A solver that stops without a plan (and without proving infeasibility) is a
+    "no_solution" row; the other solvers' rows are still shown and written."""
+    from partitioner.errors import NoSolutionError
+    from partitioner.solvers import SOLVERS, SolverInfo
+
+    def nothing(problem, settings):
+        raise NoSolutionError("stub: no feasible plan found within the time limit", hint="raise the time limit")
+
+    monkeypatch.setitem(SOLVERS, "nothing", SolverInfo("nothing", nothing, "finds nothing", True, None))
+    js = tmp_path / "c.json"
+    r = run("compare", tiny, "--solvers", "heft,nothing,greedy", "--time-limit", "5", "--json", js)
+    assert r.exit_code == 0, r.output
+    rows = {row["solver"]: row for row in json.loads(js.read_text())["rows"]}
+    assert rows["nothing"]["status"] == "no_solution" and "within the time limit" in rows["nothing"]["error"]
+    assert rows["heft"]["value_s"] > 0 and rows["greedy"]["value_s"] > 0
 
 
 def test_compare_defaults_and_bad_input(tiny, tmp_path):

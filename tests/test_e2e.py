@@ -45,8 +45,8 @@ def check_plan(res) -> None:
     assert math.isfinite(res.value) and 0 <= res.gap < 1
 
 
-# the LLM-scale specs are exercised by tests/test_llm.py and test_symmetry.py
-E2E_SPECS = [s for s in list_specs() if s not in ("hetero-2server", "h100-server")]
+# every shipped spec, the LLM-scale ones (hetero-2server, h100-server) included
+E2E_SPECS = list_specs()
 
 
 @pytest.mark.parametrize("spec", E2E_SPECS)

@@ -8,7 +8,7 @@ import pytest
 
 from partitioner.api import grade
 from partitioner.problem import Problem, Settings
-from partitioner.report import chrome_trace, critical_path, gantt_png, markdown
+from partitioner.report import chrome_trace, critical_path, gantt_figure, gantt_png, markdown
 from partitioner.solvers import solve
 from instances import random_graph, random_spec
 
@@ -41,4 +41,29 @@ def test_gantt_and_chrome_trace(tmp_path):
     ops = [e for e in tr["traceEvents"] if e["ph"] == "X" and e["tid"] < p.D]
     assert len(ops) == p.n and all(e["dur"] >= 0 for e in ops)
     assert max(e["ts"] + e["dur"] for e in ops) <= res.evaluation.latency * 1e6 * (1 + 1e-9)
-    assert "Plan for" in markdown(res)
+    md = markdown(res)
+    assert "Plan for" in md and "## Placement by module" in md and "## Critical path" in md
+    assert md.count("fastest device") + md.count("would take") >= p.n  # every operator says why
+
+
+def test_gantt_lanes_bars_and_critical_path_outline():
+    """The chart has one lane per device and per busy directed link, one bar per node and
+    per transfer, and exactly the critical path's bars outlined."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    p = Problem(random_graph(7, 24), random_spec(7, 3), "latency")
+    res = grade(p, solve(p, "heft", Settings()))
+    ev = res.evaluation
+    links = sorted({(t.src, t.dst) for t in ev.transfers if t.src != t.dst})
+    assert links, "the instance should move tensors between devices"
+    fig = gantt_figure(res)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == list(p.devices) + [f"{p.devices[a]}->{p.devices[b]}" for a, b in links]
+    bars = [r for r in ax.patches if isinstance(r, Rectangle)]
+    busy = [t for t in ev.transfers if t.src != t.dst]
+    assert len(bars) == p.n + len(busy)
+    outlined = [r for r in bars if r.get_linewidth() > 0 and tuple(r.get_edgecolor()) == (0.0, 0.0, 0.0, 1.0)]
+    assert len(outlined) == len(critical_path(res))
+    plt.close(fig)

@@ -99,7 +99,7 @@ from ortools.sat.python import cp_model
 from .. import progress
 
 from ..bounds import lower_bound
-from ..errors import InfeasibleError, SolverError
+from ..errors import InfeasibleError, NoSolutionError, SolverError
 from ..evaluate import evaluate
 from ..problem import Boundary, Objective, Plan, Problem, Settings
 from . import register
@@ -392,9 +392,9 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     info["hint"] = heur[0][3] if heur else None
     if best is None:
         if info["proxy_infeasible"]:
-            raise SolverError(f"{who}: the conservative memory/floor model admits no plan, and no heuristic plan "
+            raise NoSolutionError(f"{who}: the conservative memory/floor model admits no plan, and no heuristic plan "
                               f"is feasible", hint="try the milp solver, or relax the constraints")
-        raise SolverError(f"{who}: no feasible plan found within the time limit",
+        raise NoSolutionError(f"{who}: no feasible plan found within the time limit",
                           hint="raise the time limit or use a heuristic solver")
     pl, order, val, ev = best
     if not lat:
@@ -511,7 +511,7 @@ def solve_latency_subproblem(problem: Problem, boundary: Boundary | None = None,
         best, bound, finished, info = _drive(build, value_of, (gpl, gorder, gval, gok, (gst, gfi)), settings, unit,
                                              "cpsat subproblem", warn=False)
     if best is None:
-        raise SolverError("cpsat subproblem: no plan found within the time limit",
+        raise NoSolutionError("cpsat subproblem: no plan found within the time limit",
                           hint="raise the time limit")
     pl, order, val, (st, fi) = best
     return SubSolution(dict(pl), tuple(tuple(s) for s in order), dict(st), dict(fi), float(val),

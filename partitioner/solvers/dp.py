@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SolverError
+from ..errors import NoSolutionError
 from ..evaluate import evaluate
 from ..problem import Objective, Plan, Problem, Settings
 from . import register
@@ -467,7 +467,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         if best is None or cand[0] < best[0]:
             best = cand
     if best is None:
-        raise SolverError("pipeline-dp found no contiguous split: every split needs a device twice or a "
+        raise NoSolutionError("pipeline-dp found no contiguous split: every split needs a device twice or a "
                           "device that cannot run a segment's ops or hold its memory",
                           hint="use a list-scheduling solver (heft, peft) or split")
     (_, value), plan, info = best

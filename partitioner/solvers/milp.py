@@ -54,7 +54,7 @@ from dataclasses import replace
 
 import pulp
 
-from ..errors import InfeasibleError, PartitionerError, SolverError
+from ..errors import InfeasibleError, NoSolutionError, PartitionerError, SolverError
 from ..evaluate import evaluate, list_order, subset_schedule
 from ..problem import Boundary, Objective, Plan, Problem, Settings
 from . import register
@@ -209,9 +209,9 @@ def solve_flow(problem: Problem, settings: Settings, deadline: float | None, bui
             relaxed_done = _nogood_rounds(problem, settings, deadline, m, plan, results, what)
     if not results:
         if timed_out:
-            raise SolverError(f"the {what} MILP found no feasible plan within the time limit and no heuristic "
+            raise NoSolutionError(f"the {what} MILP found no feasible plan within the time limit and no heuristic "
                               "plan is feasible", hint="raise the time limit")
-        raise SolverError(f"no plan found that passes the conservative memory model ({what}); feasibility is "
+        raise NoSolutionError(f"no plan found that passes the conservative memory model ({what}); feasibility is "
                           "not proven either way", hint="use a spec with more memory, or try the cpsat solver")
     val, src, plan, ev = min(results, key=lambda r: (r[0], r[1] != "milp", r[1]))
     if bound_s is not None and bound_s > val * (1 + CHECK_RTOL) + 1e-15:

@@ -39,7 +39,7 @@ import numpy as np
 import pulp
 
 from ..bounds import load_lp_bound
-from ..errors import InfeasibleError, SolverError
+from ..errors import InfeasibleError, NoSolutionError, SolverError
 from ..evaluate import evaluate
 from ..problem import Boundary, Plan, Problem, Settings
 from ._milp_model import CONSERVATIVE, NONE, SIDE_RTOL, TIME_UNITS, MilpModel, horizon
@@ -229,7 +229,7 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
         why = results[full][3].partition(": ")[2] or "no device group can run the whole model"
         raise InfeasibleError(why, hint="use a spec with more memory or devices, or relax the constraints")
     if not groups or best[full] <= 0:
-        raise SolverError("the throughput MILP found no feasible plan on any device group (infeasibility is not "
+        raise NoSolutionError("the throughput MILP found no feasible plan on any device group (infeasibility is not "
                           "proven: the conservative memory model rejects every plan tried)",
                           hint="raise the time limit, or use a spec with more memory")
     plans = [results[g][0] for g in groups]
