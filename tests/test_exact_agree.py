@@ -30,15 +30,17 @@ def _value(p, name, **kw):
 
 
 @hsettings(max_examples=12, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 10**6), n=st.integers(5, 12), D=st.integers(2, 4), objective=st.sampled_from(
+@given(seed=st.integers(0, 10**6), n=st.integers(5, 14), D=st.integers(2, 4), objective=st.sampled_from(
     ["latency", "latency", "throughput"]), blocks=st.booleans())
 def test_bound_le_exact_equal_le_heuristics(seed, n, D, objective, blocks):
     p = rand_problem(seed, n, D, objective, blocks=blocks)
-    if objective == "throughput" and n > 8:
-        p = rand_problem(seed, 8, D, objective, blocks=blocks)
     exact = {name: _value(p, name) for name in EXACT}
+    # CP-SAT does not model data-parallel replicas, so it can prove a throughput optimum only
+    # when the bound meets it; for latency every exact solver must prove the optimum
+    must = EXACT if objective == "latency" else ("milp-cbc", "milp-highs")
     proven = [v for v, status in exact.values() if status == "optimal"]
-    assert proven, f"no exact solver proved optimality on a {p.n}-node instance: {exact}"
+    unproven = [name for name in must if exact[name][1] != "optimal"]
+    assert not unproven, f"{unproven} did not prove optimality on a {p.n}-node {objective} instance: {exact}"
     opt = proven[0]
     for v in proven:
         assert v == pytest.approx(opt, rel=TOL)
