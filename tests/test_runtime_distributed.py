@@ -99,6 +99,22 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(saved):
     assert time.perf_counter() - t0 < 20
 
 
+def test_a_rank_killed_mid_run_ends_the_run_with_a_clear_error(saved):
+    """SIGKILL in the middle of the run, after its first actions (transfers already went
+    through): the survivors fail their pending transfer at once and name it; no hang."""
+    _, _, art, root, _ = saved
+    lay = D.layout(art.schedule)
+    mine = [(d, k) for d, k in lay.order if lay.rank_of[d] == 1]
+    assert len(mine) >= 3
+    t0 = time.perf_counter()
+    with pytest.raises(D.DistributedFailure) as e:
+        D.launch(root, timeout_s=20, env={D.KILL_ENV: f"1:{len(mine) // 2}"})
+    msg = str(e.value)
+    assert "rank 1 (host h1) was killed by signal SIGKILL" in msg
+    assert "transfer" in msg
+    assert time.perf_counter() - t0 < 20
+
+
 def test_a_silent_rank_times_out_and_is_killed(saved):
     _, _, _, root, _ = saved
     t0 = time.perf_counter()

@@ -54,7 +54,9 @@ Command line (one process per server; the host's server is node rank 0)::
 
 Test hooks: environment ``PARTITIONER_DIST_DIE_RANK=R`` makes rank ``R`` exit with code 17
 right after joining the process group (before its first transfer);
-``PARTITIONER_DIST_HANG_RANK=R`` makes it sleep instead (a peer that never answers).
+``PARTITIONER_DIST_HANG_RANK=R`` makes it sleep instead (a peer that never answers);
+``PARTITIONER_DIST_KILL=R:K`` makes rank ``R`` send itself SIGKILL before its ``K``-th
+action (a rank killed in the middle of the run, after earlier transfers went through).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +91,7 @@ STRIDE = 256
 ERROR_PREFIX = "partitioner-dist-error: "
 DIE_ENV = "PARTITIONER_DIST_DIE_RANK"
 HANG_ENV = "PARTITIONER_DIST_HANG_RANK"
+KILL_ENV = "PARTITIONER_DIST_KILL"
 
 
 class DistributedFailure(RuntimeFailure):
@@ -307,9 +311,15 @@ class _Rank:
         for d in mine:
             for v, k in s.last_uses(d).items():
                 free[d].setdefault(k, []).append(v)
+        kill_at = _kill_hook(self.rank)
+        done = 0
         for d, k in lay.order:
             if lay.rank_of[d] != self.rank:
                 continue
+            if done == kill_at:
+                log.warning("rank %d kills itself (SIGKILL) before its action %d (%s)", self.rank, done, KILL_ENV)
+                os.kill(os.getpid(), signal.SIGKILL)
+            done += 1
             a = s.actions[d][k]
             self.current = f"{d} action #{k} ({a.describe()})"
             st = store[d]
@@ -338,6 +348,15 @@ class _Rank:
         if s.host in mine:
             return tree_unflatten(s.outputs, store[s.host].__getitem__)
         return None
+
+
+def _kill_hook(rank: int) -> int | None:
+    """``PARTITIONER_DIST_KILL=R:K``: rank R sends itself SIGKILL before its K-th action."""
+    spec = os.environ.get(KILL_ENV, "")
+    r, _, k = spec.partition(":")
+    if r.strip() == str(rank) and k.strip().isdigit():
+        return int(k)
+    return None
 
 
 def _to(value: Any, dev: torch.device) -> Any:
@@ -583,9 +602,11 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
                     break
                 time.sleep(0.05)
         finally:
-            for p in procs:
+            watchdog_killed = set()
+            for r, p in enumerate(procs):
                 if p.poll() is None:
                     p.kill()
+                    watchdog_killed.add(r)
             for p in procs:
                 p.wait()
         codes = [p.returncode for p in procs]
@@ -598,7 +619,12 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
             msg = _rank_error(logs[r])
             if codes[r] == 0:
                 continue
-            state = "killed by the watchdog" if codes[r] < 0 else f"exited with code {codes[r]}"
+            if r in watchdog_killed:
+                state = "killed by the watchdog"
+            elif codes[r] < 0:
+                state = f"was killed by signal {signal.Signals(-codes[r]).name}"
+            else:
+                state = f"exited with code {codes[r]}"
             parts.append(f"rank {r} (host {host}) {state}" + (f": {msg}" if msg else ""))
         timed_out = first_bad is None
         head = (f"the distributed run did not finish within {startup_s + timeout_s:.0f} s" if timed_out
