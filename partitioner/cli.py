@@ -176,7 +176,7 @@ def compile(
     s = res.summary()
     if res.plan.info.get("interrupted"):
         err_console.print(f"[yellow]interrupted:[/] solver {res.plan.info['interrupted']} was stopped; "
-                          f"{out} holds the HEFT plan it started from, gap {100 * res.gap:.2f}%")
+                          f"{out} holds {res.plan.info.get('interrupted_plan', 'the HEFT plan it started from')}, gap {100 * res.gap:.2f}%")
     if json_out:
         console.print_json(json.dumps(dict(s, out=str(out))))
         return

@@ -122,7 +122,8 @@ def test_ctrl_c_returns_a_marked_fallback_plan():
         p = Problem(random_graph(7, 20), random_spec(7, 3), "latency")
         res = grade(p, solve(p, "_interrupt_me", Settings()))
         assert res.status == "interrupted" and res.evaluation.feasible and res.gap < 1
-        assert res.plan.info == {"interrupted": "_interrupt_me", "fallback": "heft"}
+        assert res.plan.info == {"interrupted": "_interrupt_me", "fallback": "heft",
+                                 "interrupted_plan": "the HEFT plan it started from"}
         with pytest.raises(KeyboardInterrupt):
             solve(p, "_interrupt_me", Settings(extra={"interrupt_fallback": False}))
     finally:

@@ -27,7 +27,8 @@ consumers to the producer's device.
 "Iterated local search", 2003): descend, kick (1 to 3 random critical nodes to random
 devices; sometimes a run of critical nodes, or two devices trading their nodes), descend
 again, keep the best. All budgets count :attr:`State.work`; the wall-clock deadline is
-only a safety cap.
+only a safety cap, and a stop request (Ctrl-C, :func:`partitioner.progress.stop_requested`)
+ends every budget at once (the state is always at its best plan between moves).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import random
 import time
 
+from .. import progress
 from ..problem import Objective, Problem
 from ._split_engine import State, _between
 
@@ -48,16 +50,21 @@ PART = 32   # largest module part moved as a block
 
 
 class Budget:
-    """A work budget (deterministic) with a wall-clock safety deadline."""
+    """A work budget (deterministic) with a wall-clock safety deadline; a stop request
+    (Ctrl-C) exhausts it (``stopped``)."""
 
     def __init__(self, work: float, deadline: float):
         self.limit = work
         self.deadline = deadline
         self.hit_deadline = False
+        self.stopped = False
         self._calls = 0
 
     def out(self, st: State) -> bool:
         if st.work >= self.limit:
+            return True
+        if progress.stop_requested():
+            self.stopped = True
             return True
         self._calls += 1
         if self._calls % 16 == 0 and time.perf_counter() > self.deadline:

@@ -83,6 +83,12 @@ the parallel portfolio with ``num_workers = threads`` on the wall clock only (fa
 reproducible). ``extra["cpsat_det_ratio"]`` changes the 0.05; ``extra["deterministic_time"]``
 sets the deterministic limit in CP-SAT units directly. ``extra["hint_plans"]`` adds starting
 plans (besides HEFT, greedy and single) for the hint and the time scale.
+
+Ctrl-C: CP-SAT's own SIGINT catch is off (``catch_sigint_signal``: OR-Tools leaves SIGINT at
+SIG_DFL after a solve, so a later Ctrl-C would kill the process); instead a stop request
+(:func:`partitioner.progress.stop_requested`, the first Ctrl-C during a solve) calls
+``stop_search`` at once, no further phase runs, and the best plan so far (CP-SAT's or the
+hint) is returned with status "interrupted" and the bound proven so far.
 """
 
 from __future__ import annotations
@@ -176,26 +182,33 @@ def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any
     if det_limit is not None:
         params.max_deterministic_time = det_limit
     params.log_search_progress = bool(settings.get("cpsat_log", False))
+    params.catch_sigint_signal = False  # Ctrl-C goes through partitioner.progress (see the docstring)
     return {"deterministic": det, "det_limit": det_limit, "wall_limit": limit}
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
-    """Reports each CP-SAT incumbent (in seconds, rounded up to the integer scale)."""
+    """Reports each CP-SAT incumbent (in seconds, rounded up to the integer scale) and stops
+    the search on a stop request (Ctrl-C)."""
 
-    def __init__(self, unit: float):
+    def __init__(self, unit: float, report: bool = True):
         super().__init__()
         self.unit = unit
+        self.report = report
 
     def on_solution_callback(self) -> None:
-        progress.incumbent(self.objective_value * self.unit, self.best_objective_bound * self.unit)
+        if self.report:
+            progress.incumbent(self.objective_value * self.unit, self.best_objective_bound * self.unit)
+        if progress.stop_requested():
+            self.stop_search()
 
 
 def _run(B: Built, settings: Settings, limit: float | None, warn: bool = True) -> _Run:
     solver = cp_model.CpSolver()
     lim = _configure(solver.parameters, settings, limit)
     t0 = time.perf_counter()
-    cb = _Progress(B.load_unit if B.period is not None else B.unit) if progress.active() else None
-    st = solver.solve(B.model, cb)
+    cb = _Progress(B.load_unit if B.period is not None else B.unit, progress.active())
+    with progress.on_stop(solver.stop_search):
+        st = solver.solve(B.model, cb)
     wall = time.perf_counter() - t0
     det_time = float(solver.response_proto.deterministic_time)
     log.info("cpsat: %s in %.3f s (objective %s, bound %s)", _STATUS.get(st, st), wall,
@@ -205,7 +218,9 @@ def _run(B: Built, settings: Settings, limit: float | None, warn: bool = True) -
         raise SolverError(f"CP-SAT rejects the model: {B.model.validate()}", hint="this is a bug; please report it")
     r = _Run(st, wall=wall, det_time=det_time)
     if st not in (cp_model.OPTIMAL, cp_model.INFEASIBLE):
-        if lim["det_limit"] is not None and det_time >= lim["det_limit"] * 0.999:
+        if progress.stop_requested():
+            r.stopped_by = "interrupt"
+        elif lim["det_limit"] is not None and det_time >= lim["det_limit"] * 0.999:
             r.stopped_by = "deterministic_time"
         elif lim["wall_limit"] is not None:
             r.stopped_by = "wall_time"  # not reproducible: the machine's speed decided
@@ -249,7 +264,7 @@ def _drive(build, value_of, hint, settings: Settings, unit: float, who: str, war
     bound, finished, proxy_infeasible = None, True, False
     for i, B in enumerate(phases):
         rem = _remaining(t0, limit)
-        if rem is not None and rem <= 0:
+        if (rem is not None and rem <= 0) or progress.stop_requested():
             finished = False
             break
         lim = rem if (rem is None or i == len(phases) - 1) else rem / 2
@@ -275,6 +290,8 @@ def _drive(build, value_of, hint, settings: Settings, unit: float, who: str, war
             break
         if r.status == cp_model.FEASIBLE:
             finished = False
+            if r.stopped_by == "interrupt":
+                info["interrupted"] = True
         val, ok, payload = value_of(r.pl, r.order)
         u = B.load_unit if B.period is not None else unit
         if not val <= r.obj * u * (1 + 1e-9) + 1e-15:
@@ -340,7 +357,7 @@ def _heuristics(problem: Problem, settings: Settings):
 
 
 @register("cpsat", "CP-SAT: exact placement + schedule (disjunctive model, rounding-corrected bound)",
-          exact=True, max_nodes=120)
+          exact=True, max_nodes=120, interruptible=True)
 def solve(problem: Problem, settings: Settings) -> Plan:
     """Solve ``problem`` with CP-SAT (see the module docstring for the formulation)."""
     lat = problem.objective is Objective.LATENCY
@@ -402,6 +419,9 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         info["single_pipeline_bound_s"] = bound
         bound = lower_bound(problem).value
     status = _status(val, bound, finished)
+    if status != "optimal" and progress.stop_requested():
+        status = "interrupted"
+        info["interrupted"] = True
     order_t = tuple(tuple(int(x) for x in s) for s in (order if order is not None else ev.order))
     return Plan(tuple(int(pl[i]) for i in range(n)), order_t, status=status, claimed=float(val),
                 solver_bound=bound, info=info)

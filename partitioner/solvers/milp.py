@@ -43,6 +43,13 @@ accepts it); otherwise the conservative model supplies the plan and the status i
 relative 1e-8 to absorb solver tolerances. ``claimed`` is the evaluator's latency of the
 extracted placement and order (its earliest-start schedule is never later than the
 MILP's start times; a larger figure raises :class:`SolverError`).
+
+Progress and Ctrl-C: the warm start (the best heuristic plan) is reported as the first
+incumbent, then HiGHS's improving solutions with its dual bound (CBC: the result of each
+run). A stop request (:func:`partitioner.progress.stop_requested`, the first Ctrl-C) stops
+the backend with its incumbent; no further model is solved, and the best of the MILP's
+plan and the heuristic plans is returned with status "interrupted" and the bound proven so
+far.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from dataclasses import replace
 
 import pulp
 
+from .. import progress
 from ..errors import InfeasibleError, NoSolutionError, PartitionerError, SolverError
 from ..evaluate import evaluate, list_order, subset_schedule
 from ..problem import Boundary, Objective, Plan, Problem, Settings
@@ -162,10 +170,18 @@ def solve_flow(problem: Problem, settings: Settings, deadline: float | None, bui
     obj = problem.objective
     results = [(ev.value(obj), name, plan, ev) for name, plan, ev in cands]
     bound_s, proven, timed_out, info = None, False, False, {"modes": [m or "exact" for m in modes]}
+    interrupted = False
     relaxed_done = False
+    if results:
+        val0, name0 = min((r[0], r[1]) for r in results)
+        info.update(warm_start=name0, warm_start_s=val0)
+        progress.incumbent(val0, None, phase=f"milp warm start ({name0})")
     for mode in modes:
         if mode == CONSERVATIVE and relaxed_done:
             break  # a relaxed optimum (after no-good cuts) is feasible: the proxy cannot do better
+        if progress.stop_requested():
+            interrupted = timed_out = True
+            break
         tl = remaining(deadline)
         if tl is not None and tl <= 0.01:
             timed_out = True
@@ -176,13 +192,15 @@ def solve_flow(problem: Problem, settings: Settings, deadline: float | None, bui
         warm = best is not None and settings.warm_start
         if warm:
             m.set_start(best[2].placement, best[3].start)
+        phase = f"milp {what} ({mode or 'exact'} model, {settings.milp_backend})"
         out = run_backend(m.lp, settings.milp_backend, time_limit=tl, threads=settings.threads,
-                          seed=settings.seed, warm=warm)
-        if out.status == "infeasible" and cap_s is not None and ub < cap_s:
+                          seed=settings.seed, warm=warm, unit_s=m.tau, phase=phase)
+        if out.status == "infeasible" and cap_s is not None and ub < cap_s and not out.interrupted:
             log.info("milp: bound %.6g from a heuristic too tight for the %s model; retrying", ub, mode or "exact")
             m = build(mode, cap_s)
             out = run_backend(m.lp, settings.milp_backend, time_limit=remaining(deadline),
-                              threads=settings.threads, seed=settings.seed, warm=False)
+                              threads=settings.threads, seed=settings.seed, warm=False, unit_s=m.tau, phase=phase)
+        interrupted = interrupted or out.interrupted
         info[f"{mode or 'exact'}_model"] = dict(m.size(), status=out.status, time_s=round(out.time_s, 4))
         log.info("milp %s (%s, %s): %s in %.2f s, %s", what, mode or "exact", out.backend, out.status, out.time_s,
                  m.size())
@@ -196,17 +214,23 @@ def solve_flow(problem: Problem, settings: Settings, deadline: float | None, bui
             proven = out.status == "optimal"
         if out.status != "optimal":
             timed_out = True
-        if not out.has_solution:
-            continue
-        plan, ev = _checked_plan(problem, m, out, what)
-        if ev.feasible:
-            results.append((ev.value(obj), "milp", plan, ev))
-            relaxed_done = mode == RELAXED and out.status == "optimal"
-        elif mode in (NONE, CONSERVATIVE):
-            raise SolverError(f"the evaluator rejects the {what} MILP's plan: {ev.violations[0]}",
-                              hint="this is a bug in partitioner.solvers.milp; please report it")
-        else:
-            relaxed_done = _nogood_rounds(problem, settings, deadline, m, plan, results, what)
+        if out.has_solution:
+            plan, ev = _checked_plan(problem, m, out, what)
+            if ev.feasible:
+                results.append((ev.value(obj), "milp", plan, ev))
+                if out.backend != "highs":  # HiGHS reports its own improving solutions
+                    progress.incumbent(ev.value(obj), bound_s, phase=phase)
+                relaxed_done = mode == RELAXED and out.status == "optimal"
+            elif mode in (NONE, CONSERVATIVE):
+                raise SolverError(f"the evaluator rejects the {what} MILP's plan: {ev.violations[0]}",
+                                  hint="this is a bug in partitioner.solvers.milp; please report it")
+            else:
+                relaxed_done = _nogood_rounds(problem, settings, deadline, m, plan, results, what)
+        if interrupted or progress.stop_requested():
+            interrupted = timed_out = True
+            break  # Ctrl-C: no further model; the bound proven so far stands
+    if interrupted:
+        info["interrupted"] = True
     if not results:
         if timed_out:
             raise NoSolutionError(f"the {what} MILP found no feasible plan within the time limit and no heuristic "
@@ -219,6 +243,8 @@ def solve_flow(problem: Problem, settings: Settings, deadline: float | None, bui
                           hint="this is a bug in partitioner.solvers.milp; please report it")
     if proven and bound_s is not None and val <= bound_s * (1 + OPT_RTOL) + 1e-15:
         status = "optimal"
+    elif interrupted:
+        status = "interrupted"
     else:
         status = "time_limit" if timed_out else "feasible"
     sb = None if bound_s is None else min(bound_s, val)
@@ -253,7 +279,8 @@ def _nogood_rounds(problem: Problem, settings: Settings, deadline, m: MilpModel,
             results.append((ev.value(obj), "milp-relaxed", alt.with_(order=ev.order), ev))
             return False
         tl = remaining(deadline)
-        if r == int(settings.get("milp_nogood_rounds", 8)) or (tl is not None and tl <= 0.01):
+        if (r == int(settings.get("milp_nogood_rounds", 8)) or (tl is not None and tl <= 0.01)
+                or progress.stop_requested()):
             return False
         m.nogood(plan.placement, f"nogood_{r}")
         out = run_backend(m.lp, settings.milp_backend, time_limit=tl, threads=settings.threads,
@@ -372,7 +399,7 @@ def solve_latency_subproblem(problem: Problem, boundary: Boundary, settings: Set
 
 @register("milp", "exact MILP: disjunctive schedule (latency) or bottleneck period with data-parallel "
                   "replicas (throughput); CBC or HiGHS (Manne 1960; DiviML, Yahya et al. 2023)",
-          exact=True, max_nodes=30)
+          exact=True, max_nodes=30, interruptible=True)
 def solve(problem: Problem, settings: Settings) -> Plan:
     if problem.objective is Objective.LATENCY:
         return solve_latency(problem, settings)
@@ -381,12 +408,12 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     return solve_throughput(problem, settings)
 
 
-@register("milp-cbc", "the milp solver with the CBC backend", exact=True, max_nodes=30)
+@register("milp-cbc", "the milp solver with the CBC backend", exact=True, max_nodes=30, interruptible=True)
 def solve_cbc(problem: Problem, settings: Settings) -> Plan:
     return solve(problem, replace(settings, milp_backend="cbc"))
 
 
-@register("milp-highs", "the milp solver with the HiGHS backend", exact=True, max_nodes=30)
+@register("milp-highs", "the milp solver with the HiGHS backend", exact=True, max_nodes=30, interruptible=True)
 def solve_highs(problem: Problem, settings: Settings) -> Plan:
     return solve(problem, replace(settings, milp_backend="highs"))
 

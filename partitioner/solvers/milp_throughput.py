@@ -27,6 +27,13 @@ that matters was proven. Enumeration is capped by ``settings.get("max_replica_de
 6)``: with more devices (or ``settings.get("replicate", True)`` false) only the single
 replica on all devices is solved, and the bound is the fractional load LP of
 :mod:`partitioner.bounds` (valid for replicated plans too).
+
+Ctrl-C (:func:`partitioner.progress.stop_requested`): the running group's MILP stops with
+its incumbent; every group not solved yet gets its best heuristic plan (HEFT, greedy,
+single: milliseconds) and the load-LP bound, so the DP still returns the best replicas
+known, status "interrupted", with a valid bound. While groups are enumerated, progress
+reports the period of the best replica set found so far (the groups' own incumbents are
+not the whole problem's).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import time
 import numpy as np
 import pulp
 
+from .. import progress
 from ..bounds import load_lp_bound
 from ..errors import InfeasibleError, NoSolutionError, SolverError
 from ..evaluate import evaluate
@@ -131,6 +139,26 @@ def _subset_result(problem: Problem, mask: int, settings: Settings, deadline: fl
     return plan, rate, max(ub, rate), plan.status
 
 
+def _heuristic_result(problem: Problem, mask: int, settings: Settings):
+    """A device group left unsolved by Ctrl-C: its best heuristic plan, and the load-LP
+    bound on its throughput (status "interrupted")."""
+    devs = [d for d in range(problem.D) if mask >> d & 1]
+    sub = restrict(problem, devs)
+    if any(not sub.allowed_devices(v).size for v in range(problem.n)):
+        return None, 0.0, 0.0, "optimal"
+    try:
+        lb = load_lp_bound(sub)
+    except InfeasibleError:
+        return None, 0.0, 0.0, "optimal"
+    ub = 1.0 / lb if lb > 0 else math.inf
+    cands = [(ev.period, name, plan) for name, plan, ev in heuristic_candidates(sub, settings) if ev.period > 0]
+    if not cands:
+        return None, 0.0, ub, "interrupted"
+    period, name, plan = min(cands, key=lambda c: (c[0], c[1]))
+    plan = plan.with_(status="interrupted", claimed=period, solver_bound=min(lb, period), info={"source": name})
+    return plan, 1.0 / period, max(ub, 1.0 / period), "interrupted"
+
+
 def _merge(a: tuple, b: tuple) -> tuple:
     """Two results of one device group: the better plan, the smaller upper bound."""
     plan, rate = (a[0], a[1]) if a[1] >= b[1] else (b[0], b[1])
@@ -195,8 +223,8 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
         except InfeasibleError:
             lb = 0.0
         val = plan.claimed
-        status = "optimal" if val <= lb * (1 + OPT_RTOL) else ("time_limit" if plan.status == "time_limit"
-                                                              else "feasible")
+        status = "optimal" if val <= lb * (1 + OPT_RTOL) else (
+            plan.status if plan.status in ("time_limit", "interrupted") else "feasible")
         info = dict(plan.info, replication="not enumerated", single_replica_status=plan.status,
                     single_replica_bound=plan.solver_bound)
         return plan.with_(status=status, solver_bound=min(lb, val), info=info)
@@ -205,19 +233,30 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
     weight = {m: bin(m).count("1") ** 2 for m in masks}
     results: dict[int, tuple] = {}
     for i, mask in enumerate(masks):
+        if progress.stop_requested():
+            results[mask] = _heuristic_result(problem, mask, settings)
+            continue
         sub_deadline = None
         if deadline is not None:
             left = sum(weight[m] for m in masks[i:])
             sub_deadline = time.perf_counter() + remaining(deadline) * weight[mask] / left
         pruned = _prune(problem, mask, {m: r[1] for m, r in results.items()})
-        results[mask] = pruned if pruned is not None else _subset_result(problem, mask, settings, sub_deadline)
+        if pruned is not None:
+            results[mask] = pruned
+        else:
+            with progress.muted():  # a group's own incumbents are not the whole problem's
+                results[mask] = _subset_result(problem, mask, settings, sub_deadline)
+        best_now, _ = _partition_dp(D, {m: r[1] for m, r in results.items()})
+        if best_now[(1 << D) - 1] > 0:
+            progress.incumbent(1.0 / best_now[(1 << D) - 1], None, phase=f"milp device groups {i + 1}/{len(masks)}")
     # time left over (groups proven early): retry the groups that hit their share
     retry = [m for m in masks if results[m][3] == "time_limit"]
     for i, mask in enumerate(retry):
         left = remaining(deadline)
-        if left is None or left < 0.5:
+        if left is None or left < 0.5 or progress.stop_requested():
             break
-        again = _subset_result(problem, mask, settings, time.perf_counter() + left / (len(retry) - i))
+        with progress.muted():
+            again = _subset_result(problem, mask, settings, time.perf_counter() + left / (len(retry) - i))
         results[mask] = _merge(results[mask], again)
     rate = {m: r[1] for m, r in results.items()}
     rate_ub = {m: r[2] for m, r in results.items()}
@@ -252,6 +291,8 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
                           hint="this is a bug in partitioner.solvers.milp_throughput; please report it")
     if best[full] >= best_ub[full] * (1 - OPT_RTOL):
         status = "optimal"
+    elif any(r[3] == "interrupted" for r in results.values()):
+        status = "interrupted"
     elif any(r[3] == "time_limit" for r in results.values()):
         status = "time_limit"
     else:

@@ -55,6 +55,11 @@ Settings extras: ``module_size`` (24, 16 above 4 devices), ``module_solver`` ("c
 "milp"), ``module_det_time``, ``module_time``, ``module_pass_nodes`` (200), ``windows``,
 ``window_size``, ``effort`` (1.0), ``search_work``, ``restarts``, ``replicate`` (True),
 ``baselines`` (solver names), ``exact_nodes``, ``exact_det_time``.
+
+Ctrl-C (:func:`partitioner.progress.stop_requested`): every budget ends at once, module and
+window solves return their hints, the remaining steps are skipped, and the best plan so far
+(never worse than the best starting plan) is returned; :func:`partitioner.solvers.solve`
+marks it "interrupted".
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def _windows(st: State, score: Scorer, settings: Settings, count: int, size: int
     best = score(st)
     tried: set[tuple[int, ...]] = set()
     solved = improved = 0
-    while solved < count and time.perf_counter() < deadline:
+    while solved < count and time.perf_counter() < deadline and not progress.stop_requested():
         st.renumber()
         order = sorted(range(st.t.n), key=st._key)
         path = st.critical_path()[::-1]
@@ -160,6 +165,8 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
     share = 0.75 * work / len(starts)
     best, best_s, spent, hit = None, None, 0.0, False
     for k, (plan, ev) in enumerate(starts):
+        if best is not None and progress.stop_requested():
+            break
         st = State(tab, plan.placement, positions_from_schedule(ev.start, ev.finish), loads=track)
         st.work = 0
         b = Budget(share, deadline)
@@ -174,11 +181,12 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
     st.work = spent
     size = min(int(settings.get("window_size", 16)), n)
     count = int(settings.get("windows", 4 if 40 < n <= 500 else 0))
-    if count > 0 and n > 2:
+    if count > 0 and n > 2 and not progress.stop_requested():
         _windows(st, score, settings, count, size, float(settings.get("module_det_time", 0.01)), deadline,
                  roomy, info)
     b2 = Budget(work, deadline)
-    progress.step("split: final descent")
+    if not progress.stop_requested():
+        progress.step("split: final descent")
     s = latency_descent(st, score, b2, mod_of, mods)
     if s[0] == 0:
         progress.incumbent(s[1], phase="final descent")
@@ -284,6 +292,8 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
             continue
         if time.perf_counter() > deadline:
             break
+        if progress.stop_requested() and m != full:
+            continue  # Ctrl-C: only the whole device set, from its best start, without search
         if m != full and len(devs) > 1:
             # skip a group whose throughput cannot beat replicas on its own subgroups
             best_min = np.where(mask, problem.T, np.inf).min(axis=1)
@@ -317,7 +327,7 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
 
 # ---- the solver ------------------------------------------------------------------------------------
 @register("split", "modularity-based splitting heuristic: exact module solves + incremental local search "
-                   "(DiviML-style, Yahya et al. 2023)")
+                   "(DiviML-style, Yahya et al. 2023)", interruptible=True)
 def solve(problem: Problem, settings: Settings) -> Plan:
     """Run the split heuristic (see the module docstring)."""
     t0 = time.perf_counter()
@@ -336,7 +346,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     info: dict = {"modules": len(mods), "module_size": size}
     plans = _baselines(problem, settings)
     det = float(settings.get("module_det_time", 0.01))
-    if lat and n <= int(settings.get("module_pass_nodes", 200)):
+    if lat and n <= int(settings.get("module_pass_nodes", 200)) and not progress.stop_requested():
         try:
             p = module_pass(problem, mods, settings, det, deadline)
         except PartitionerError as err:
@@ -372,7 +382,8 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         if best_s is None or s < best_s:
             best_s, best_p = s, p
     solver_bound = None
-    if n <= int(settings.get("exact_nodes", EXACT_NODES)) and time.perf_counter() < deadline:
+    if (n <= int(settings.get("exact_nodes", EXACT_NODES)) and time.perf_counter() < deadline
+            and not progress.stop_requested()):
         ex = _exact_whole(problem, settings, best_p.with_(solver="split"), deadline, info)
         if ex is not None:
             ev = evaluate(problem, ex)
