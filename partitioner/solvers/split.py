@@ -34,7 +34,7 @@ rarely improved on the local search beyond ~200 nodes, so they are not run there
    picks data-parallel replicas (throughputs add up), as DESIGN.md allows.
 
 6. **Exact finish** (``n <= exact_nodes``, 60): CP-SAT on the whole problem, hinted with the
-   best plan so far, for ``exact_det_time`` (0.2) deterministic units (about a second
+   best plan so far, for ``exact_det_time`` (0.05) deterministic units (about 0.2 s
    here); kept when the evaluator says it is better. Its proven bound is returned as
    ``solver_bound``, so a small graph solved to optimality shows a gap of 0 (status stays
    "heuristic"). DiviML's module solves are exact; on a graph no bigger than a module this
@@ -87,7 +87,7 @@ START_COUNT = 3
 #: graphs of at most this many nodes end with a whole-problem CP-SAT solve (step 6)
 EXACT_NODES = 60
 #: its budget, in CP-SAT deterministic time units
-EXACT_DET_TIME = 0.2
+EXACT_DET_TIME = 0.05
 
 
 def _score_ev(problem: Problem, ev) -> tuple:
@@ -400,7 +400,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
 
 def _exact_whole(problem: Problem, settings: Settings, hint: Plan, deadline: float, info: dict) -> Plan | None:
     """Small graphs: CP-SAT on the whole problem, hinted with split's best plan, for
-    ``exact_det_time`` units of CP-SAT's deterministic clock (about a second here). Its
+    ``exact_det_time`` units of CP-SAT's deterministic clock (about 0.2 s here). Its
     proven bound becomes the plan's ``solver_bound`` (so a proven optimum shows gap 0); the
     status stays "heuristic"."""
     from . import cpsat
