@@ -11,7 +11,8 @@ do not contend. Model inputs start on the host at time 0 and outputs must reach 
 * **period**: the largest per-sample load of any resource: a device's compute time
   (plus, with ``comm_blocks_device``, the time of every hop it sends or receives) or a
   directed link's transfer time (every hop of a routed transfer loads its link).
-  Throughput is ``1 / period``; data-parallel replicas add their throughputs.
+  Throughput is ``1 / period``; data-parallel replicas add their throughputs, less what
+  they lose on links (or devices) they share (see :func:`_evaluate_replicas`).
 * **memory**: per device, the parameters of its nodes plus the peak of live activations
   in its order. A node's output is live from its step to its last local consumer's
   step; a received tensor from its first to its last local consumer's step. This counts
@@ -309,7 +310,11 @@ def _memory_peaks(problem: Problem, pl, order, xb, ib) -> np.ndarray:
 
 
 def _evaluate_replicas(problem: Problem, plan: Plan) -> Evaluation:
-    """Data parallelism: replicas on disjoint device groups; throughputs add up."""
+    """Data parallelism: replicas on disjoint device groups; throughputs add up, less what
+    the replicas lose on resources they share (links, see below).
+
+    ``device_load`` and ``link_load`` are per sample of the whole stream (each replica's
+    loads weighted by its share of the stream)."""
     evs = [evaluate(problem, r) for r in plan.replicas]
     violations: list[str] = []
     used = [set(np.asarray(r.placement).tolist()) for r in plan.replicas]
@@ -323,11 +328,31 @@ def _evaluate_replicas(problem: Problem, plan: Plan) -> Evaluation:
         violations.extend(f"replica {k}: {v}" for v in ev.violations if "floor" not in v and "ceiling" not in v)
     rate = sum(ev.throughput for ev in evs)
     period = 1.0 / rate if rate > 0 else math.inf
+    # Shared resources: replicas run on disjoint devices, but their transfers may cross the
+    # same physical link (model inputs and outputs to the host, routes through a host or a
+    # network link), and with comm_blocks_device a transfer occupies devices of another
+    # group. With the stream split in proportion to the replicas' own throughputs (shares
+    # w_k), a resource busy load_k(r) s per sample of replica k is busy sum_k w_k load_k(r)
+    # per sample of the whole stream, so the period is the largest such sum; it equals
+    # 1 / (sum of throughputs) when no resource is shared.
+    link_load: dict[tuple[int, int], float] = {}
+    device_load = np.zeros(problem.D)
+    if math.isfinite(period) and all(ev.period > 0 and math.isfinite(ev.period) for ev in evs):
+        for ev in evs:
+            w = ev.throughput / rate
+            device_load += w * ev.device_load
+            for k, v in ev.link_load.items():
+                link_load[k] = link_load.get(k, 0.0) + w * v
+        shared = max([float(device_load.max())] + list(link_load.values()))
+        period = max(period, shared)
+    else:
+        device_load = sum(ev.device_load for ev in evs)
+        link_load = {k: v for ev in evs for k, v in ev.link_load.items()}
     latency = max(ev.latency for ev in evs)
     _check_side_constraints(problem, latency, period, violations)
     first = evs[0]
     return Evaluation(not violations, tuple(violations), latency, period, first.start, first.finish, first.order,
-                      sum(ev.device_load for ev in evs), {k: v for ev in evs for k, v in ev.link_load.items()},
+                      device_load, link_load,
                       np.max([ev.memory_peak for ev in evs], axis=0), sum(ev.param_bytes for ev in evs),
                       first.transfers, tuple(evs))
 

@@ -149,3 +149,34 @@ def test_contended_latency_serialises_a_shared_link():
         assert contended_latency(q, pq) >= evaluate(q, pq).latency * (1 - 1e-12)
         single = Plan((q.host,) * q.n)
         assert contended_latency(q, single) == pytest.approx(evaluate(q, single).latency, rel=1e-12)
+
+
+def test_replicas_sharing_a_link_are_charged_for_it():
+    """Replicas on disjoint devices whose transfers cross the same link: the link carries
+    both replicas' share of the stream, so the period exceeds 1 / (sum of throughputs);
+    replicas on links of their own still add their throughputs exactly."""
+    from partitioner.hardware import parse_spec
+
+    def spec(chain: bool):
+        dev = lambda i, h: {"id": i, "host": h, "kind": "gpu" if i != "cpu0" else "cpu",  # noqa: E731
+                            "peak_flops": {"fp32": 1e12}, "memory": {"capacity_bytes": 1e12, "bandwidth_Bps": 1e15}}
+        links = [{"a": "cpu0", "b": "gpu0", "bandwidth_Bps": 1e9, "latency_s": 0.0}]
+        links.append({"a": "gpu0" if chain else "cpu0", "b": "gpu1", "bandwidth_Bps": 1e9, "latency_s": 0.0})
+        return parse_spec({"name": "chain" if chain else "star", "host_device": "cpu0",
+                           "devices": [dev("cpu0", "h"), dev("gpu0", "h"), dev("gpu1", "h")], "links": links})
+
+    g = CostGraph("one", [Node(id="a", op="matmul", flops=1e9, output_bytes=1000)], [],
+                  [InputTensor("x", 4_000_000, ("a",))], [("a", 1000)])
+    for chain in (False, True):
+        p = Problem(g, spec(chain), "throughput")
+        a, b = Plan((1,)), Plan((2,))
+        ea, eb = evaluate(p, a), evaluate(p, b)
+        both = evaluate(p, Plan((1,), replicas=(a, b)))
+        additive = 1.0 / (ea.throughput + eb.throughput)
+        if not chain:  # each replica has its own link from the host
+            assert both.period == pytest.approx(additive, rel=1e-12)
+        else:  # gpu1's inputs go cpu0 -> gpu0 -> gpu1: the cpu0 -> gpu0 link serves both replicas
+            wa, wb = ea.throughput / (ea.throughput + eb.throughput), eb.throughput / (ea.throughput + eb.throughput)
+            link = wa * 4e-3 + wb * 4e-3  # 4 MB at 1 GB/s per sample on cpu0 -> gpu0, for either replica
+            assert both.period == pytest.approx(max(additive, link), rel=1e-9)
+            assert both.period > additive * 1.2

@@ -282,14 +282,28 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
         raise SolverError(f"the evaluator rejects the throughput MILP's plan: {ev.violations[0]}",
                           hint="this is a bug in partitioner.solvers.milp_throughput; please report it")
     val = ev.period
-    if abs(val * best[full] - 1.0) > CHECK_RTOL:
-        raise SolverError(f"the evaluator finds period {val!r} s, the replica DP {1 / best[full]!r} s",
+    if val * best[full] < 1.0 - CHECK_RTOL:
+        raise SolverError(f"the evaluator finds period {val!r} s, below the replica DP's {1 / best[full]!r} s",
                           hint="this is a bug in partitioner.solvers.milp_throughput; please report it")
+    shared = val * best[full] > 1.0 + CHECK_RTOL
+    if shared:
+        # the replicas share a link (or, with comm_blocks_device, a device): the DP's sum of
+        # throughputs is only an upper bound (still a valid bound); keep the best by the
+        # evaluator of this plan and every group's single pipeline
+        log.info("milp throughput: replicas %s share a resource (period %.6g s, DP %.6g s)", groups, val,
+                 1.0 / best[full])
+        for m in sorted(results):
+            p1 = results[m][0]
+            if p1 is None:
+                continue
+            e1 = evaluate(problem, p1)
+            if e1.feasible and e1.period < val:
+                plan, ev, val, groups = p1, e1, e1.period, (m,)
     bound = 1.0 / best_ub[full] if best_ub[full] > 0 and math.isfinite(best_ub[full]) else 0.0
     if bound > val * (1 + CHECK_RTOL):
         raise SolverError(f"the throughput MILP's bound {bound!r} exceeds the value {val!r} of its plan",
                           hint="this is a bug in partitioner.solvers.milp_throughput; please report it")
-    if best[full] >= best_ub[full] * (1 - OPT_RTOL):
+    if val <= bound * (1 + OPT_RTOL):
         status = "optimal"
     elif any(r[3] == "interrupted" for r in results.values()):
         status = "interrupted"
@@ -300,7 +314,7 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
     info = {"groups": [[problem.devices[d] for d in range(D) if g >> d & 1] for g in groups],
             "subsets": {",".join(problem.devices[d] for d in range(D) if m >> d & 1):
                         {"throughput": r[1], "throughput_ub": r[2], "status": r[3]} for m, r in results.items()},
-            "backend": settings.milp_backend}
+            "backend": settings.milp_backend, "replicas_share_resources": shared}
     return plan.with_(status=status, claimed=val, solver_bound=min(bound, val), info=info)
 
 

@@ -322,7 +322,13 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
     if len(groups) == 1:
         return plans[groups[0]]
     reps = tuple(plans[g] for g in groups)
-    return Plan(reps[0].placement, reps[0].order, status="heuristic", replicas=reps)
+    rep = Plan(reps[0].placement, reps[0].order, status="heuristic", replicas=reps)
+    # the DP adds throughputs; replicas that share a link lose some of it (the evaluator
+    # charges shared resources): keep the best single pipeline when that is better
+    alts = [rep] + [plans[m] for m in sorted(plans)]
+    scored = [(evaluate(problem, p), k, p) for k, p in enumerate(alts)]
+    ok = [(ev.period, k, p) for ev, k, p in scored if ev.feasible]
+    return min(ok)[2] if ok else rep
 
 
 # ---- the solver ------------------------------------------------------------------------------------
