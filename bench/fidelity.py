@@ -63,7 +63,8 @@ import torch  # noqa: E402
 from partitioner.api import compile_plan, grade, load_model  # noqa: E402
 from partitioner.calibrate import fidelity_report, predict_schedule  # noqa: E402
 from partitioner.problem import Plan, Settings  # noqa: E402
-from partitioner.profile import add_transfers, profile_graph, runqueue_wait_s  # noqa: E402
+from partitioner.profile import add_transfers, apply_profile, profile_graph, runqueue_wait_s  # noqa: E402
+from partitioner.profile_links import add_corun, corun_slowdown  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
 
@@ -135,8 +136,51 @@ def _eager_runner(gm, inputs, threads: int):
     return run
 
 
+#: The measuring phase was quiet when other processes used less than this share of the machine's CPU time.
+QUIET_OTHERS = 0.05
+
+
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(all, idle, this process) CPU ticks so far (Linux ``/proc/stat``, ``/proc/self/stat``)."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        st = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(v[:8]), v[3] + v[4], int(st[11]) + int(st[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def others_share(t0, t1) -> float | None:
+    """Share of the machine's CPU time that *other* processes used between two :func:`cpu_ticks`."""
+    if t0 is None or t1 is None or t1[0] <= t0[0]:
+        return None
+    total, idle, own = (b - a for a, b in zip(t0, t1))
+    return max(0.0, (total - idle - own) / total)
+
+
 def _n_clean(rs: list) -> int:
     return sum(1 for r in rs if r[1] <= CLEAN_WAIT_RUN)
+
+
+def contention_ok(rs: list) -> bool:
+    """Enough clean runs to judge a prediction against."""
+    return _n_clean(rs) >= 5
+
+
+def _uncorrected(schedule, lm, prof, problem):
+    """``schedule`` with every segment's predicted compute time from the profile's bare per-node
+    medians (no whole-pass overhead): the prediction as it was before the correction."""
+    from dataclasses import replace
+
+    from partitioner.cost import cost_matrix
+
+    g = apply_profile(lm.graph, prof, problem.spec, gm=lm.gm, overhead=False)
+    T = cost_matrix(g, problem.spec)
+    row = {v: i for i, v in enumerate(g.order)}
+    col = {d: j for j, d in enumerate(problem.devices)}
+    segs = tuple(replace(sg, predicted_compute_s=float(sum(T[row[v], col[sg.device]] for v in sg.nodes if v in row)))
+                 for sg in schedule.segments)
+    return replace(schedule, segments=segs)
 
 
 def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: int, time_limit: float,
@@ -152,9 +196,18 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     prof = profile_graph(lm.gm, lm.example_inputs, "cpu:2t", name=lm.graph.name, repeats=repeats, cache=prof)
     add_transfers(prof, "cpu:1t,cpu:2t")
     t_prof = time.perf_counter() - t0
+    # the runtime's own costs, measured the way it meets them (separately from the runs reported below)
+    t2 = time.perf_counter()
+    add_corun(prof, lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, rounds=max(5, repeats))
+    t_probe = time.perf_counter() - t2
     prof.save(out_dir / "profiles" / f"{name}.json")
-    handoff = prof.transfer("cpu:1t", "cpu:1t")["latency_s"]
+    link = prof.transfer("cpu:1t", "cpu:1t")
+    handoff = link["latency_s"]
+    rt_handoff = dict(link.get("handoff", {}), pingpong_s=link.get("pingpong_latency_s"))
     run_overhead = 2 * handoff  # the runtime wakes its workers and is woken by the last one
+    slow = corun_slowdown(prof, lm.graph.name, "cpu-1t", "cpu-1t")
+    contention = {"cpu0": slow[0], "cpu1": slow[1]} if slow else None
+    whole = prof.graphs[lm.graph.name].get("whole", {})
     keys = prof.graphs[lm.graph.name]["nodes"]
     t1 = time.perf_counter()
     iso = profile_graph(lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, repeats=repeats, mode="isolated")
@@ -163,6 +216,8 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                  "load_after": load_state(), "unique_ops": prof.runs[-1]["unique_ops"], "nodes": prof.runs[-1]["nodes"],
                  "passes": {d: r.get("passes", {}) for d, r in zip(("cpu:1t", "cpu:2t"), prof.runs[-2:])},
                  "handoff_latency_s": handoff, "run_overhead_s": run_overhead,
+                 "runtime_handoff": rt_handoff, "probe_wall_s": t_probe,
+                 "whole_pass": whole, "corun": prof.graphs[lm.graph.name].get("corun", []), "contention": contention,
                  "context_sum_1t_s": float(sum(prof.time(k, "cpu-1t") for k in keys.values())),
                  "isolated_sum_1t_s": float(sum(iso.time(k, "cpu-1t") for k in keys.values())),
                  "isolated_wall_s": t_iso}
@@ -178,7 +233,8 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
         log.info("%s: %s predicts %.4f s", name, s, r.value)
     # keep the plan whose emitted schedule the cost model predicts fastest (that is what runs)
     arts = {r.plan.solver: emit(r) for r in cands}
-    sched_pred = {s: predict_schedule(a.schedule, r.problem, run_overhead_s=run_overhead)["latency_s"]
+    sched_pred = {s: predict_schedule(a.schedule, r.problem, run_overhead_s=run_overhead,
+                                      contention=contention)["latency_s"]
                   for (s, a), r in zip(arts.items(), cands)}
     res = min(cands, key=lambda r: (sched_pred[r.plan.solver], r.value, r.plan.solver))
     problem, lmp, spec = res.problem, res.model, res.problem.spec
@@ -207,6 +263,7 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                     rt.run(*lm.example_inputs)
                 eager()
             t_start, i = time.perf_counter(), 0
+            ticks0 = cpu_ticks()
             while i < runs or (any(_n_clean(runs_of[k]) < min_clean for k in variants) and i < max_rounds
                                and time.perf_counter() - t_start < max_measure_s):
                 states.append(load_state())
@@ -222,9 +279,17 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                     runs_of[k].append((wall, frac, st))
                 i += 1
             states.append(load_state())
+            others = others_share(ticks0, cpu_ticks())
     finally:
         for rt in rts.values():
             rt.close()
+
+    quiet_phase = others is not None and others <= QUIET_OTHERS
+
+    def judged(rel: float) -> bool | None:
+        """Within the target, judged on clean runs (at least 5) or, when other processes were
+        (almost) absent, on all runs: the plan's own threads then cause the run-queue waits."""
+        return abs(rel) <= TARGET_REL if contention_ok(runs_of["plan"]) or quiet_phase else None
 
     def chosen(k):
         """The clean runs when there are at least 5, else all (flagged)."""
@@ -235,16 +300,26 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     plan_runs = [r[2] for r in chosen("plan")]
     fid = fidelity_report(variants["plan"].schedule, plan_runs, problem=problem, loads=loads,
                           run_overhead_s=run_overhead)
+    sched = variants["plan"].schedule
+    pred_cont = predict_schedule(sched, problem, run_overhead_s=run_overhead, contention=contention)
+    raw = _uncorrected(sched, lm, prof, problem)
+    pred_raw = predict_schedule(raw, problem, run_overhead_s=run_overhead)["latency_s"]
     med = {k: float(np.median([r[0] for r in chosen(k)])) for k in names}
     med_all = {k: float(np.median([r[0] for r in runs_of[k]])) for k in names}
     contention = {k: {"runs": len(runs_of[k]), "clean": _n_clean(runs_of[k]),
                       "wait_frac_median": float(np.median([r[1] for r in runs_of[k]])),
                       "measured_median_all_s": med_all[k], "measured_median_s": med[k]} for k in names}
     single_pred = {k: float(r.evaluation.latency) + run_overhead for k, r in singles.items()}
+    single_raw = {k: predict_schedule(_uncorrected(variants[f"single:{k}"].schedule, lm, prof, problem), problem,
+                                      run_overhead_s=run_overhead)["latency_s"] for k in singles}
     best_single = min(singles, key=lambda d: med[f"single:{d}"])
     eager_pred = float(sum(prof.time(k, "cpu-2t") or 0.0 for k in prof.graphs[lm.graph.name]["nodes"].values()))
     rows_single = {k: {"predicted_s": single_pred[k], "measured_median_s": med[f"single:{k}"],
-                       "rel_error": (single_pred[k] - med[f"single:{k}"]) / med[f"single:{k}"]} for k in singles}
+                       "rel_error": (single_pred[k] - med[f"single:{k}"]) / med[f"single:{k}"],
+                       "predicted_uncorrected_s": single_raw[k],
+                       "rel_error_uncorrected": (single_raw[k] - med[f"single:{k}"]) / med[f"single:{k}"]}
+                   for k in singles}
+    m_plan = fid["latency"]["measured_median_s"]
     counts = np.bincount(res.plan.placement, minlength=problem.D)
     return {
         "model": name, "nodes": problem.n, "spec": spec.name, "profiling": profiling,
@@ -255,11 +330,16 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
         "plan": {"predicted_s": fid["latency"]["predicted_s"], "predicted_schedule_s": fid["latency"]["predicted_schedule_s"],
                  "measured_median_s": fid["latency"]["measured_median_s"], "rel_error": fid["latency"]["rel_error"],
                  "rel_error_schedule": fid["latency"]["rel_error_schedule"],
+                 # the headline prediction: schedule replay with the measured contention between the logical CPUs
+                 "predicted_model_s": pred_cont["latency_s"], "predicted_overlap_s": pred_cont["overlap_s"],
+                 "rel_error_model": (pred_cont["latency_s"] - m_plan) / m_plan,
+                 "within_target_model": judged((pred_cont["latency_s"] - m_plan) / m_plan),
+                 "rel_error_model_all_runs": (pred_cont["latency_s"] - med_all["plan"]) / med_all["plan"],
+                 # per-node medians alone (no whole-pass overhead), no contention
+                 "predicted_uncorrected_s": pred_raw, "rel_error_uncorrected": (pred_raw - m_plan) / m_plan,
                  # judged on clean runs only: a contended run measures the neighbours, not the plan
-                 "within_target": (abs(fid["latency"]["rel_error"]) <= TARGET_REL
-                                   if contention["plan"]["clean"] >= 5 else None),
-                 "within_target_schedule": (abs(fid["latency"]["rel_error_schedule"]) <= TARGET_REL
-                                            if contention["plan"]["clean"] >= 5 else None),
+                 "within_target": judged(fid["latency"]["rel_error"]),
+                 "within_target_schedule": judged(fid["latency"]["rel_error_schedule"]),
                  "within_target_any_load": abs(fid["latency"]["rel_error_schedule"]) <= TARGET_REL,
                  "devices": fid["devices"],
                  "measured_s": [r[0] for r in runs_of["plan"]], "wait_frac": [r[1] for r in runs_of["plan"]],
@@ -271,8 +351,10 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                      "rel_error": (eager_pred - med["eager-2t"]) / med["eager-2t"]},
         "speedup_vs_best_single": med[f"single:{best_single}"] / med["plan"],
         "predicted_speedup_vs_best_single": min(single_pred.values()) / fid["latency"]["predicted_s"],
+        "predicted_speedup_vs_best_single_model": min(single_pred.values()) / pred_cont["latency_s"],
         "speedup_vs_eager_2t": med["eager-2t"] / med["plan"],
         "rounds": len(runs_of["plan"]), "contention": contention, "load": _summ(states), "wait_quiet": waited,
+        "others_cpu_share": others, "quiet_phase": quiet_phase,
     }
 
 
@@ -308,11 +390,12 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
               f"{prof_row['load_after']['load1']}." + _wait_note(prof_row.get("wait_quiet")), ""]
     if rows:
         L += ["## End-to-end latency", "",
-              "| model | nodes | solver | nodes cpu0/cpu1 | segments | predicted (plan) | predicted (schedule) | "
-              "measured (clean/all runs) | error (plan) | error (schedule) | within 15% (plan/schedule) | "
-              "error (schedule), all runs | "
-              "best single measured | speedup vs best single (predicted) | eager 2 threads | load | psi |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---|---|"]
+              "| model | nodes | solver | nodes cpu0/cpu1 | segments | predicted, bare node medians | predicted (plan) | "
+              "predicted (schedule) | predicted (schedule + contention) | measured (clean/all runs) | error, bare medians | "
+              "error (plan) | error (schedule) | **error (schedule + contention)** | within 15% | "
+              "error (schedule + contention), all runs | best single measured | speedup vs best single (predicted) | "
+              "eager 2 threads | load | psi; others' CPU |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---|---|"]
         for r in rows:
             p, ld, c = r["plan"], r["load"], r["contention"]["plan"]
             npd = "/".join(str(v) for v in r["nodes_per_device"].values())
@@ -321,40 +404,77 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
                    if "load1" in ld else "-")
             psi = (f"{ld['cpu_pressure_avg10']['min']:.0f}-{ld['cpu_pressure_avg10']['median']:.0f}-"
                    f"{ld['cpu_pressure_avg10']['max']:.0f}%" if "cpu_pressure_avg10" in ld else "-")
+            oth = r.get("others_cpu_share")
+            psi += f"; others {100 * oth:.1f}%" if oth is not None else ""
             e2 = r["contention"]["eager-2t"]
             L.append(f"| {r['model']} | {r['nodes']} | {r['solver']} | {npd} | {r['segments']} | "
+                     f"{1e3 * p['predicted_uncorrected_s']:.1f} ms | "
                      f"{1e3 * p['predicted_s']:.1f} ms | {1e3 * p['predicted_schedule_s']:.1f} ms | "
-                     f"{1e3 * p['measured_median_s']:.1f} ms ({c['clean']}/{c['runs']}) | {_pct(p['rel_error'])} | "
-                     f"{_pct(p['rel_error_schedule'])} | {_verdict(p['within_target'])} / "
-                     f"{_verdict(p['within_target_schedule'])} | "
-                     f"{_pct(p['rel_error_schedule_all_runs'])} | {1e3 * bs['measured_median_s']:.1f} ms "
+                     f"{1e3 * p['predicted_model_s']:.1f} ms | "
+                     f"{1e3 * p['measured_median_s']:.1f} ms ({c['clean']}/{c['runs']}) | "
+                     f"{_pct(p['rel_error_uncorrected'])} | {_pct(p['rel_error'])} | "
+                     f"{_pct(p['rel_error_schedule'])} | **{_pct(p['rel_error_model'])}** | "
+                     f"{_verdict(p['within_target_model'])} | {_pct(p['rel_error_model_all_runs'])} | "
+                     f"{1e3 * bs['measured_median_s']:.1f} ms "
                      f"({r['best_single']}) | {r['speedup_vs_best_single']:.2f}x "
-                     f"({r['predicted_speedup_vs_best_single']:.2f}x) | {1e3 * r['eager_2t']['measured_median_s']:.1f} ms "
+                     f"({r['predicted_speedup_vs_best_single_model']:.2f}x) | "
+                     f"{1e3 * r['eager_2t']['measured_median_s']:.1f} ms "
                      f"({e2['clean']}/{e2['runs']}), plan {r['speedup_vs_eager_2t']:.2f}x | {lds} | {psi} |")
-        L += ["", "Single-device and per-device figures (predicted / measured, error):", ""]
+        L += ["", "Single-device and per-device figures (predicted / measured, error), and what the profile "
+              "measured of the runtime's own costs:", ""]
         for r in rows:
             parts = [f"{k}: {1e3 * v['predicted_s']:.1f} / {1e3 * v['measured_median_s']:.1f} ms "
-                     f"({_pct(v['rel_error'])})" for k, v in r["single"].items()]
+                     f"({_pct(v['rel_error'])}; bare node medians {_pct(v['rel_error_uncorrected'])})"
+                     for k, v in r["single"].items()]
             parts.append(f"eager 2t: {1e3 * r['eager_2t']['predicted_s']:.1f} / "
                          f"{1e3 * r['eager_2t']['measured_median_s']:.1f} ms ({_pct(r['eager_2t']['rel_error'])})")
             busy = [f"{d} busy {1e3 * v['predicted_busy_s']:.1f} / {1e3 * v['measured_busy_s']:.1f} ms "
                     f"({_pct(v['rel_error'])})" for d, v in r["plan"]["devices"].items()]
             pf = r["profiling"]
             m0 = r["single"]["cpu0"]["measured_median_s"]
+            wp = pf.get("whole_pass", {})
+            whole = "; ".join(f"{m}: whole pass {1e3 * w['whole_s']:.2f} ms vs sum of node medians "
+                              f"{1e3 * w['node_sum_s']:.2f} ms, so {1e6 * w['node_overhead_s']:+.1f} us per node "
+                              f"({w['clean']}/{w['samples']} clean)" for m, w in wp.items())
+            co = pf.get("contention") or {}
+            cor = "; ".join(f"{x['a']} with {x['b']}: alone {1e3 * x['alone_s']['a']:.2f} / "
+                            f"{1e3 * x['alone_s']['b']:.2f} ms, together {1e3 * x['together_s']['a']:.2f} / "
+                            f"{1e3 * x['together_s']['b']:.2f} ms ({x['clean']}/{x['rounds']} clean rounds)"
+                            for x in pf.get("corun", []))
+            rh = pf.get("runtime_handoff", {})
             L.append(f"- **{r['model']}**: whole model on " + "; ".join(parts) + ". Plan: " + "; ".join(busy)
-                     + f". Profiling in context (cpu:1t + cpu:2t + transfers) {pf['wall_s']:.1f} s; thread hand-off "
-                     f"{1e6 * pf['handoff_latency_s']:.0f} us (run overhead charged {1e6 * pf['run_overhead_s']:.0f} us)."
-                     f" Sum of node times on cpu:1t: in context {1e3 * pf['context_sum_1t_s']:.1f} ms "
+                     + f"; compute overlap predicted {1e3 * r['plan'].get('predicted_overlap_s', 0.0):.1f} ms. "
+                     f"Profile: {whole}. Co-run slowdown "
+                     + (f"cpu0 {co.get('cpu0', math.nan):.2f}x, cpu1 {co.get('cpu1', math.nan):.2f}x ({cor})"
+                        if co else "not measured")
+                     + f". Thread hand-off as the runtime meets it (receiver asleep in its recv, sender computing; "
+                     f"the link latency): median {1e6 * pf['handoff_latency_s']:.0f} us, p90 "
+                     f"{1e6 * rh.get('p90_s', math.nan):.0f} us (hot ping-pong "
+                     f"{1e6 * (rh.get('pingpong_s') or math.nan):.0f} us); run overhead charged "
+                     f"{1e6 * pf['run_overhead_s']:.0f} us. Profiling in context (cpu:1t + cpu:2t + transfers) "
+                     f"{pf['wall_s']:.1f} s, probes {pf.get('probe_wall_s', 0.0):.1f} s. "
+                     f"Sum of node times on cpu:1t: in context {1e3 * pf['context_sum_1t_s']:.1f} ms "
                      f"({_pct((pf['context_sum_1t_s'] - m0) / m0)} vs the whole model measured on cpu0), isolated "
                      f"{1e3 * pf['isolated_sum_1t_s']:.1f} ms ({_pct((pf['isolated_sum_1t_s'] - m0) / m0)}; "
                      f"profiled in {pf['isolated_wall_s']:.1f} s)." + _wait_note(r.get("wait_quiet")))
         L += ["", "A run is *clean* when this process's threads waited for a CPU (run-queue wait, "
               f"`/proc/self/task/*/schedstat`) less than {100 * CLEAN_WAIT_RUN:.0f}% of its wall time; medians are "
-              "over clean runs when there are at least 5, else over all runs. `error, all runs` uses every run. "
-              "Profiles discard contended samples the same way (`partitioner.profile.CLEAN_WAIT`).",
-              "", "`predicted (plan)` is the evaluator's latency of the plan (a value leaves when its node finishes); "
-              "`predicted (schedule)` replays the emitted schedule with the same times (a segment's outputs leave when "
-              "the whole segment finishes, as the runtime does). The error is (predicted - measured) / measured."]
+              "over clean runs when there are at least 5, else over all runs. `all runs` uses every run. "
+              "Profiles discard contended samples the same way (`partitioner.profile.CLEAN_WAIT`). "
+              "`others' CPU` is the share of the machine's CPU time that other processes used while the runs "
+              "were measured (`/proc/stat` minus this process); a plan's runs are rarely clean even on a quiet "
+              "machine (its own worker threads wait for each other's core), so the target is judged on clean runs "
+              "when there are at least 5, else on all runs when others used at most "
+              f"{100 * QUIET_OTHERS:.0f}% of the CPU time, else not at all (n/a).",
+              "", "`predicted, bare node medians`: the schedule replay with the profile's per-node medians alone "
+              "(no whole-pass overhead; same plan, same links). `predicted (plan)` is the evaluator's latency of "
+              "the plan (a value leaves when its node finishes), now with the profile's per-node overhead; "
+              "`predicted (schedule)` replays the emitted schedule with the same times (a segment's outputs leave "
+              "when the whole segment finishes, as the runtime does); `predicted (schedule + contention)` also "
+              "slows both logical CPUs by their measured co-run slowdown while they compute at the same time "
+              "(`partitioner.calibrate.predict_schedule(..., contention=...)`). Every correction comes from the "
+              "profiling phase (whole passes, co-run passes), never from the runs reported here. "
+              "The error is (predicted - measured) / measured; the target is judged on the last prediction."]
     return "\n".join(L) + "\n"
 
 
@@ -374,12 +494,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD",
                     help="before each model, wait until the 1-minute load average is at most LOAD")
     ap.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --wait-quiet (s)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("partitioner").setLevel(logging.WARNING)
     models = ["resnet50"] if args.quick else [m for m in args.models.split(",") if m]
     runs = 5 if args.quick else args.runs
-    out = ROOT / "bench" / "results"
+    out = Path(args.out)
     (out / "profiles").mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -8,7 +8,8 @@ the roofline of :mod:`partitioner.cost`::
     t(v) = L + max(F(v) / (P * f_c), B(v) / (W * f_m))
 
 (``F`` FLOPs, ``B`` bytes moved, ``P`` the spec's peak for the op's dtype, ``W`` its memory
-bandwidth) is fitted to the profile's median times by weighted least squares on log time
+bandwidth) is fitted to the profile's median times (plus the device model's per-node overhead from the
+profile's whole passes, :func:`samples_for`) by weighted least squares on log time
 (:func:`scipy.optimize.least_squares`, started from the best point of a log-spaced grid,
 so the non-smooth ``max`` does not trap it): parameters ``log f_c``, ``log f_m`` and
 ``log L`` (unless ``fit_overhead=False``), weights the number of graph nodes that share an
@@ -33,7 +34,8 @@ Fidelity
 runtime: end-to-end latency (median wall time of the runs) and per-device busy time
 (sum of compute actions), with relative errors; :func:`predict_schedule` predicts the
 latency of the emitted schedule itself (segment-level sends), which is what the runtime
-measures.
+measures, optionally with the measured slowdown of logical devices that compute at the
+same time on shared cores (``contention``).
 """
 
 from __future__ import annotations
@@ -130,8 +132,17 @@ class Calibration:
 
 
 # ---- samples and predictions -------------------------------------------------------------
-def samples_for(profile: Profile, model: str) -> Samples:
-    """The profile's measured ops on device model ``model`` (free ops left out)."""
+def samples_for(profile: Profile, model: str, *, overhead: bool = True) -> Samples:
+    """The profile's measured ops on device model ``model`` (free ops left out).
+
+    With ``overhead``, every time carries the model's per-node overhead from the profile's
+    whole passes (:func:`partitioner.profile.node_overhead`, the median over its graphs), as
+    :func:`partitioner.profile.apply_profile` charges it: the roofline is then fitted to
+    what a node costs when the runtime runs it.
+    """
+    from .profile import MIN_CORRECTED_FRACTION, node_overhead
+
+    o = (node_overhead(profile, None, model) or 0.0) if overhead else 0.0
     counts = profile.counts()
     keys, F, B, dt, T, W = [], [], [], [], [], []
     for k in sorted(profile.ops):
@@ -143,7 +154,7 @@ def samples_for(profile: Profile, model: str) -> Samples:
         F.append(float(op.get("flops", 0.0)))
         B.append(float(op.get("bytes_moved", 0.0)))
         dt.append(str(op.get("dtype") or "float32"))
-        T.append(float(t["median_s"]))
+        T.append(max(float(t["median_s"]) + o, MIN_CORRECTED_FRACTION * float(t["median_s"])))
         W.append(float(counts.get(k, 1)))
     return Samples(tuple(keys), np.array(F), np.array(B), tuple(dt), np.array(T), np.array(W))
 
@@ -349,7 +360,8 @@ def write_spec_yaml(cal: Calibration, path: str | os.PathLike, *, profile_path: 
 
 
 # ---- fidelity ------------------------------------------------------------------------------
-def predict_schedule(schedule, problem=None, *, run_overhead_s: float = 0.0) -> dict[str, Any]:
+def predict_schedule(schedule, problem=None, *, run_overhead_s: float = 0.0,
+                     contention: dict[str, float] | None = None) -> dict[str, Any]:
     """Latency of an emitted :class:`~partitioner.schedule.Schedule` under the cost model.
 
     The evaluator times the *plan* (a value leaves as soon as its node finishes); the
@@ -366,17 +378,24 @@ def predict_schedule(schedule, problem=None, *, run_overhead_s: float = 0.0) -> 
     on a run and collecting them (two thread hand-offs, ``2 * latency_s`` of a profile's
     same-device transfer record).
 
+    ``contention`` (spec device id -> factor >= 1, e.g. from
+    :func:`partitioner.profile_links.measure_corun`) models devices that share a
+    machine's cores, caches and memory bandwidth: while two or more of the listed devices
+    compute at the same time, each of them progresses at ``1 / factor`` of its speed
+    (devices not listed are never slowed, and never slow the others). Without it the
+    replay is the plain one above.
+
     Returns
     -------
     dict
-        ``latency_s`` and ``device_end_s`` per device.
+        ``latency_s``, ``device_end_s`` per device and ``overlap_s`` (time during which two
+        or more contending devices computed at once).
     """
     idx = {d: i for i, d in enumerate(problem.devices)} if problem is not None else {}
     segs = {s.id: s for s in schedule.segments}
     xfer = {t.tag: t for t in schedule.transfers}
-    clock = {d: 0.0 for d in schedule.devices}
-    pos = {d: 0 for d in schedule.devices}
-    arrival: dict[int, float] = {}
+    devs = list(schedule.devices)
+    slow = {d: max(1.0, float(f)) for d, f in (contention or {}).items() if d in devs and math.isfinite(f)}
     blocks = bool(problem is not None and problem.spec.comm_blocks_device)
 
     def duration(t) -> float:
@@ -385,31 +404,76 @@ def predict_schedule(schedule, problem=None, *, run_overhead_s: float = 0.0) -> 
         dt = t.predicted_arrival_s - t.predicted_start_s
         return float(dt) if math.isfinite(dt) and dt > 0 else 0.0
 
-    progressed = True
-    while progressed:
-        progressed = False
-        for d in schedule.devices:
+    pos = {d: 0 for d in devs}
+    clock = {d: 0.0 for d in devs}
+    # what a device does now: ("compute", remaining alone-seconds) or ("busy", until) or None
+    doing: dict[str, tuple[str, float] | None] = {d: None for d in devs}
+    arrival: dict[int, float] = {}
+    now, overlap = 0.0, 0.0
+    while True:
+        # start every action that can start at `now`
+        progressed = True
+        while progressed:
+            progressed = False
+            for d in devs:
+                acts = schedule.actions.get(d, ())
+                while doing[d] is None and pos[d] < len(acts):
+                    a = acts[pos[d]]
+                    if a.op != "recv" or (a.tag in arrival and arrival[a.tag] <= now):
+                        clock[d] = max(clock[d], now)
+                    if a.op == "compute":
+                        c = segs[a.segment].predicted_compute_s
+                        c = float(c) if math.isfinite(c) else 0.0
+                        pos[d] += 1
+                        if c > 0:
+                            doing[d] = ("compute", c)
+                        progressed = True
+                    elif a.op == "send":
+                        dt = duration(xfer[a.tag])
+                        arrival[a.tag] = now + dt
+                        pos[d] += 1
+                        if blocks and dt > 0:
+                            doing[d] = ("busy", now + dt)
+                        progressed = True
+                    else:
+                        if a.tag not in arrival or arrival[a.tag] > now:
+                            break
+                        pos[d] += 1
+                        progressed = True
+        computing = [d for d in devs if doing[d] is not None and doing[d][0] == "compute"]
+        contended = [d for d in computing if d in slow]
+        crowded = len(contended) >= 2
+        rate = {d: (1.0 / slow[d] if crowded and d in slow else 1.0) for d in computing}
+        events = [now + doing[d][1] / rate[d] for d in computing]
+        events += [doing[d][1] for d in devs if doing[d] is not None and doing[d][0] == "busy"]
+        for d in devs:
             acts = schedule.actions.get(d, ())
-            while pos[d] < len(acts):
-                a = acts[pos[d]]
-                if a.op == "compute":
-                    c = segs[a.segment].predicted_compute_s
-                    clock[d] += float(c) if math.isfinite(c) else 0.0
-                elif a.op == "send":
-                    dt = duration(xfer[a.tag])
-                    arrival[a.tag] = clock[d] + dt
-                    if blocks:
-                        clock[d] += dt
-                else:
-                    if a.tag not in arrival:
-                        break
-                    clock[d] = max(clock[d], arrival[a.tag])
-                pos[d] += 1
-                progressed = True
-    stuck = [d for d in schedule.devices if pos[d] < len(schedule.actions.get(d, ()))]
+            if doing[d] is None and pos[d] < len(acts) and acts[pos[d]].op == "recv":
+                t = arrival.get(acts[pos[d]].tag)
+                if t is not None:
+                    events.append(t)
+        if not events:
+            break
+        nxt = max(now, min(events))
+        dt = nxt - now
+        if crowded:
+            overlap += dt
+        for d in computing:
+            finish = now + doing[d][1] / rate[d]
+            if finish <= nxt + 1e-12 * max(1.0, finish):
+                doing[d], clock[d] = None, nxt
+            else:
+                doing[d] = ("compute", doing[d][1] - dt * rate[d])
+        for d in devs:
+            if doing[d] is not None and doing[d][0] == "busy" and doing[d][1] <= nxt:
+                doing[d] = None
+                clock[d] = nxt
+        now = nxt
+    stuck = [d for d in devs if pos[d] < len(schedule.actions.get(d, ()))]
     if stuck:
         raise CostModelError(f"the schedule deadlocks on {stuck}", hint="emit the plan again")
-    return {"latency_s": max(clock.values()) + float(run_overhead_s), "device_end_s": dict(clock)}
+    return {"latency_s": max(clock.values()) + float(run_overhead_s), "device_end_s": dict(clock),
+            "overlap_s": overlap}
 
 
 def _rel(pred: float | None, meas: float) -> float:

@@ -58,6 +58,8 @@ def profile(
     mode: str = typer.Option("context", "--mode", help="context: time nodes inside whole-model passes (as they run); "
                              "isolated: each node alone"),
     transfers: bool = typer.Option(True, "--transfers/--no-transfers", help="Measure transfers between devices"),
+    corun: bool = typer.Option(True, "--corun/--no-corun", help="Measure how much logical CPUs slow each other down "
+                               "when they compute at the same time (context mode)"),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore the existing --out file (no cache)"),
     frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
@@ -66,6 +68,7 @@ def profile(
 ):
     """Time every operator of MODEL on each local device and write (or extend) a profile file."""
     from .profile import add_transfers, load_profile, parse_devices, profile_model
+    from .profile_links import add_corun
 
     devs = parse_devices(devices)
     if out.exists() and out.is_dir():
@@ -82,14 +85,24 @@ def profile(
             if transfers and devs:
                 prog.update(task, description="measuring transfers between devices")
                 add_transfers(prof, devs)
+            if corun and mode == "context" and any(d.kind == "cpu" for d in devs):
+                prog.update(task, description="measuring logical CPUs computing at the same time")
+                add_corun(prof, loaded.gm, loaded.example_inputs, devs, name=loaded.graph.name,
+                          rounds=max(3, repeats // 2))
     prof.save(out)
     run = prof.runs[-1]
     keys = prof.graphs[loaded.graph.name]["nodes"]
     totals = {d.id: sum(prof.time(k, d.model) or 0.0 for k in keys.values()) for d in devs}
+    whole = prof.graphs[loaded.graph.name].get("whole", {})
+    corun_recs = prof.graphs[loaded.graph.name].get("corun", [])
     summary = {"model": loaded.graph.name, "out": str(out), "nodes": run["nodes"], "unique_ops": run["unique_ops"],
                "timed": run["timed"], "cached": run["cached"], "wall_s": run["wall_s"],
                "load_before": run["load_before"], "load_after": run["load_after"],
                "sum_of_node_times_s": totals,
+               "whole_pass_s": {d.id: whole[d.model]["whole_s"] for d in devs if d.model in whole},
+               "node_overhead_s": {d.id: whole[d.model]["node_overhead_s"] for d in devs if d.model in whole},
+               "corun_slowdown": [{"a": r["a"], "b": r["b"], "slowdown_a": r["slowdown"]["a"],
+                                   "slowdown_b": r["slowdown"]["b"]} for r in corun_recs],
                "transfers": [{k: t[k] for k in ("src", "dst", "mode", "latency_s") if k in t}
                              for t in prof.transfers]}
     if json_out:
@@ -100,11 +113,16 @@ def profile(
     from .report import fmt_time
 
     t = Table(title=f"profile of {loaded.graph.name}: {run['nodes']} nodes, {run['unique_ops']} distinct ops")
-    for col in ("device", "model", "sum of node times"):
-        t.add_column(col, justify="left" if col != "sum of node times" else "right")
+    for col in ("device", "model", "sum of node times", "whole pass (as run)", "per-node overhead"):
+        t.add_column(col, justify="left" if col in ("device", "model") else "right")
     for d in devs:
-        t.add_row(d.id, d.model, fmt_time(totals[d.id]))
+        w = whole.get(d.model)
+        t.add_row(d.id, d.model, fmt_time(totals[d.id]), fmt_time(w["whole_s"]) if w else "-",
+                  f"{1e6 * w['node_overhead_s']:+.2f} us" if w else "-")
     console.print(t)
+    for r in corun_recs:
+        console.print(f"computing at the same time, {r['a']} and {r['b']} run {r['slowdown']['a']:.2f}x and "
+                      f"{r['slowdown']['b']:.2f}x slower than alone")
     console.print(f"timed {run['timed']} (op, device) pairs, {run['cached']} from the cache, in {run['wall_s']:.1f} s "
                   f"(load {run['load_before'][0]:.2f} -> {run['load_after'][0]:.2f} on {os.cpu_count()} cores); "
                   f"wrote {out}")

@@ -8,8 +8,16 @@ Two ways of timing a node, both under ``torch.no_grad()`` (the plan runs for inf
     sits in the real forward pass (``torch.cuda.synchronize`` before and after it on a GPU).
     Cache state then matches a real run: a layer's weights come from memory, as they do
     when the rest of the model has gone through the caches in between. An op's time is the
-    median over every pass and every node with its signature. This is what the runtime
-    executes; it costs ``warmup + repeats`` forward passes per device.
+    median over every pass and every node with its signature. Every timed pass is
+    followed by a *whole pass*: the GraphModule's own generated code called as one
+    function, which is how the runtime runs a segment (no interpreter, no timers). The
+    gap between its median and the sum of the per-node medians, spread over the timed
+    nodes, is the device's *per-node overhead* (``graphs[name]["whole"][model]``,
+    :func:`whole_pass_record`), which :func:`apply_profile` adds to every measured node so
+    that a device's predicted whole-model time is what running the code measured (on a
+    loaded machine, preemptions between nodes are in the whole pass but not in a node's
+    median; on a GPU, per-node synchronisation inflates node times: the overhead is then
+    negative). It costs ``2 * (warmup + repeats)`` forward passes per device.
 ``mode="isolated"``
     At every node, the node alone is called on its real input tensors: ``warmup`` calls,
     then ``repeats`` samples, each the mean of ``number`` back-to-back calls (``number``
@@ -23,7 +31,8 @@ waited for a CPU (run-queue wait in Linux ``/proc/self/task/*/schedstat``,
 :func:`runqueue_wait_s`) for more than ``CLEAN_WAIT`` of its duration is *contended*:
 sampling continues until ``repeats`` clean samples (at most ``3 * repeats`` in all), and the
 median is taken over the clean ones (over all when fewer than half are clean); in
-context mode, the same holds for whole passes. Each measurement records ``samples``,
+context mode, the same holds for whole passes, except that with too few clean passes the
+least contended half is kept. Each measurement records ``samples``,
 ``clean``, the median wait fraction, the load average and the ``method``.
 
 Keys
@@ -49,8 +58,12 @@ Transfers
 ---------
 :func:`measure_transfers` measures every pair of profiled devices. Between two logical
 devices on the same torch device the local runtime passes a value by reference: the cost
-is the hand-off between two threads (``latency_s``, a ping-pong of ``threading.Event``,
-half the round trip), and ``copy_*`` fits a ``clone`` (used when the runtime copies).
+is the hand-off between two threads as the runtime meets it (``latency_s``: a receiver
+asleep in its recv while the sender computed, woken by ``threading.Event.set`` while the
+sender goes on computing; ``pingpong_latency_s``: half the round trip of a hot
+ping-pong, for reference), and ``copy_*`` fits a ``clone`` (used when the runtime copies).
+:func:`partitioner.profile_links.measure_corun` measures how much two logical CPUs slow
+each other down when they compute at the same time.
 Across torch devices, ``tensor.to(dst)`` is timed for several sizes and
 ``latency + bytes / bandwidth`` is fitted by least squares.
 
@@ -67,8 +80,10 @@ does both: calibrated spec, measured node times and links.
 
 File format ``partitioner.profile/1``: ``devices`` (id -> kind, model, torch_device,
 threads), ``ops`` (key -> op, signature, flops, bytes_moved, dtype, ``times`` per device
-model: median_s, p25_s, p75_s, repeats, number, load1), ``graphs`` (graph name -> node id
--> key), ``transfers`` and ``runs`` (settings, duration and the load average of each run).
+model: median_s, p25_s, p75_s, repeats, number, load1), ``graphs`` (graph name ->
+``nodes``: node id -> key; optional ``whole``: device model -> whole-pass record, and
+``corun``: the co-run slowdowns of :func:`partitioner.profile_links.measure_corun`),
+``transfers`` and ``runs`` (settings, duration and the load average of each run).
 """
 
 from __future__ import annotations
@@ -100,7 +115,7 @@ from .errors import CostModelError, UsageError
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "LocalDevice", "Profile", "parse_devices", "node_signature", "profile_model", "profile_graph",
-           "runqueue_wait_s", "load_profile"]  # + measure_transfers, add_transfers, match_devices, apply_profile,
+           "runqueue_wait_s", "load_profile", "whole_pass_record", "node_overhead", "MIN_CORRECTED_FRACTION"]  # + measure_transfers, add_transfers, match_devices, apply_profile,
 # with_profile, served lazily from profile_links / profile_apply (see __getattr__ at the end)
 
 FORMAT = "partitioner.profile/1"
@@ -319,6 +334,10 @@ def _validate(data: dict, source: str) -> None:
         missing = sorted({k for k in g["nodes"].values() if k not in data.get("ops", {})})
         if missing:
             raise bad(f"graph {name!r} names unknown op keys {missing[:3]}")
+        for m, w in (g.get("whole") or {}).items():
+            x = w.get("node_overhead_s") if isinstance(w, dict) else None
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise bad(f"graph {name!r}: whole-pass record of {m!r} needs a finite node_overhead_s")
     for t in data.get("transfers", []):
         if not isinstance(t, dict) or not {"src", "dst", "latency_s"} <= set(t):
             raise bad("every transfer needs src, dst and latency_s")
@@ -484,6 +503,12 @@ def _profile_in_context(gm, flat: list, keys: dict[str, str], dev: LocalDevice, 
                         repeats: int) -> tuple[dict[str, dict], dict]:
     """Time every node of ``keys`` in whole-graph passes on ``dev`` (module docstring).
 
+    Every timed pass (the :class:`_ContextTimer` interpreter) is followed by a *whole pass*:
+    the GraphModule's own generated code called as one function, which is how the runtime
+    runs a segment. Both see the same load; the whole passes give the device's real
+    per-pass time (``whole_median_s``), from which :func:`whole_pass_record` derives the
+    per-node overhead that per-node timing misses.
+
     Returns ``({op key: record}, pass info)``.
     """
     module = gm if dev.torch_device == "cpu" else copy.deepcopy(gm).to(dev.torch_device)
@@ -493,28 +518,41 @@ def _profile_in_context(gm, flat: list, keys: dict[str, str], dev: LocalDevice, 
     if dev.threads is not None:
         torch.set_num_threads(dev.threads)
     passes: list[tuple[dict[str, float], float, float]] = []  # (node times, wait fraction, wall)
+    wholes: list[tuple[float, float]] = []  # (wall, wait fraction) of whole passes
+
+    def timed(fn) -> tuple[float, float]:
+        w0 = runqueue_wait_s()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        w1 = runqueue_wait_s()
+        return dt, ((w1 - w0) / dt if w0 is not None and w1 is not None and dt > 0 else 0.0)
+
     try:
         for _ in range(max(0, warmup)):
             timer.run(*_to(flat, dev.torch_device, True))
+            module(*_to(flat, dev.torch_device, True))
         sync()
         n_clean = 0
         while n_clean < repeats and len(passes) < 3 * repeats:
             inputs = _to(flat, dev.torch_device, True)  # a pass may update its inputs in place
             timer.times = {}
-            w0 = runqueue_wait_s()
-            t0 = time.perf_counter()
-            timer.run(*inputs)
-            sync()
-            dt = time.perf_counter() - t0
-            w1 = runqueue_wait_s()
-            frac = (w1 - w0) / dt if w0 is not None and w1 is not None and dt > 0 else 0.0
+            dt, frac = timed(lambda: timer.run(*inputs))
             passes.append((timer.times, frac, dt))
             n_clean += frac <= CLEAN_WAIT
+            inputs = _to(flat, dev.torch_device, True)
+            wholes.append(timed(lambda: module(*inputs)))
     finally:
         if dev.threads is not None:
             torch.set_num_threads(prev)
+    half = math.ceil(repeats / 2)
     clean = [p for p in passes if p[1] <= CLEAN_WAIT]
-    kept = clean if len(clean) >= math.ceil(repeats / 2) else passes
+    # too few clean passes: the least contended half (a whole pass takes every preemption in it,
+    # a node's median hardly any, so both must come from the quietest passes to stay comparable)
+    kept = clean if len(clean) >= half else sorted(passes, key=lambda p: p[1])[:half]
+    clean_whole = [w for w, f in wholes if f <= CLEAN_WAIT]
+    kept_whole = clean_whole if len(clean_whole) >= half else [w for w, _ in sorted(wholes, key=lambda x: x[1])[:half]]
     pooled: dict[str, list[float]] = {}
     for times, _, _ in kept:
         for node, t in times.items():
@@ -528,7 +566,47 @@ def _profile_in_context(gm, flat: list, keys: dict[str, str], dev: LocalDevice, 
         out[k] = {"median_s": max(float(np.median(a)), 1e-9), "p25_s": float(np.percentile(a, 25)),
                   "p75_s": float(np.percentile(a, 75)), "repeats": len(kept), "number": 1, "occurrences": len(a),
                   **info, "load1": load}
-    return out, dict(info, pass_median_s=float(np.median([p[2] for p in kept])))
+    return out, dict(info, pass_median_s=float(np.median([p[2] for p in kept])),
+                     whole_median_s=float(np.median(kept_whole)), whole_samples=len(wholes),
+                     whole_clean=len(clean_whole))
+
+
+#: The per-node overhead of a whole pass never takes a node below this fraction of its measured time.
+MIN_CORRECTED_FRACTION = 0.1
+
+
+def whole_pass_record(profile: "Profile", graph: str, model: str, whole_s: float, *, samples: int = 0,
+                      clean: int = 0) -> dict[str, Any]:
+    """The whole-pass record of ``graph`` on device model ``model``: the measured time of
+    the graph's own code called as one function (``whole_s``, what the runtime does), the
+    sum of the profile's per-node medians over the graph's timed nodes (``node_sum_s``,
+    what the cost model adds up), and the per-node overhead that reconciles them::
+
+        node_overhead_s = (whole_s - node_sum_s) / timed_nodes
+
+    (negative when timing nodes one by one inflates them, e.g. a GPU synchronised after
+    every node). :func:`partitioner.profile_apply.apply_profile` adds it to every timed
+    node's time on that device."""
+    keys = profile.graphs[graph]["nodes"]
+    times = [profile.time(k, model) for k in keys.values()]
+    times = [t for t in times if t is not None]
+    node_sum = float(sum(times))
+    n = len(times)
+    return {"whole_s": float(whole_s), "node_sum_s": node_sum, "timed_nodes": n,
+            "node_overhead_s": (float(whole_s) - node_sum) / n if n else 0.0,
+            "samples": int(samples), "clean": int(clean), "load1": round(os.getloadavg()[0], 2)}
+
+
+def node_overhead(profile: "Profile", graph: str | None, model: str) -> float | None:
+    """The per-node overhead (seconds, may be negative) of device model ``model``: from the
+    whole-pass record of ``graph`` when the profile has one, else the median over the
+    profile's other graphs measured on that model, else None (:func:`whole_pass_record`)."""
+    recs = {g: d.get("whole", {}).get(model) for g, d in profile.graphs.items()}
+    rec = recs.get(graph) if graph is not None else None
+    if rec is not None:
+        return float(rec["node_overhead_s"])
+    others = [float(r["node_overhead_s"]) for r in recs.values() if r is not None]
+    return float(np.median(others)) if others else None
 
 
 def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str | list, *, name: str | None = None,
@@ -638,7 +716,15 @@ def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str 
             if mha is not None:
                 mha.set_fastpath_enabled(fast)
     wall = time.perf_counter() - t0
+    whole = dict(prof.graphs.get(name, {}).get("whole", {})) if prof.graphs.get(name, {}).get("nodes") == keys else {}
     prof.graphs[name] = {"nodes": keys}
+    for d in devs:
+        info = passes.get(d.id)
+        if info is not None and "whole_median_s" in info:
+            whole[d.model] = whole_pass_record(prof, name, d.model, info["whole_median_s"],
+                                               samples=info["whole_samples"], clean=info["whole_clean"])
+    if whole:
+        prof.graphs[name]["whole"] = whole
     prof.runs.append({"graph": name, "devices": [d.id for d in devs], "timed": n_pairs, "cached": cached,
                       "unique_ops": len(set(keys.values())), "nodes": len(keys), "wall_s": wall,
                       "warmup": warmup, "repeats": repeats, "min_sample_s": min_sample_s, "mode": mode,

@@ -16,7 +16,7 @@ import torch
 
 from .cost import FREE_OPS
 from .errors import CostModelError, UsageError
-from .profile import Profile, _key, load_profile, node_signature
+from .profile import MIN_CORRECTED_FRACTION, Profile, _key, load_profile, node_overhead, node_signature
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,14 @@ def _node_keys(graph, profile: Profile, gm) -> dict[str, str]:
 
 
 def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | None = None,
-                  device_map: dict[str, str] | None = None, strict: bool = False):
+                  device_map: dict[str, str] | None = None, strict: bool = False, overhead: bool = True):
     """A copy of ``graph`` whose nodes carry the profile's times as ``time_s[spec device id]``.
+
+    With ``overhead`` (the default), every measured node time on a device also carries that
+    device model's per-node overhead (:func:`partitioner.profile.node_overhead`: the whole
+    pass of the graph's own code, as the runtime runs it, minus the sum of the per-node
+    medians, per timed node; never below ``MIN_CORRECTED_FRACTION`` of the measured time),
+    so that a device's predicted whole-model time is what running the graph's code measured.
 
     Parameters
     ----------
@@ -97,6 +103,8 @@ def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | N
         Explicit spec device id -> profiled device id.
     strict : bool
         Raise when a node that launches a kernel has no time for a matched device.
+    overhead : bool
+        Add the per-node overhead from the profile's whole passes (see above).
 
     Raises
     ------
@@ -111,6 +119,8 @@ def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | N
                              f"({', '.join(profile.devices) or 'none'})",
                              hint="map them explicitly (e.g. --map cpu0=cpu:1t), or set `threads`/`model` in the spec")
     keys = _node_keys(graph, profile, gm)
+    over = {sid: (node_overhead(profile, graph.name, profile.model_of(pid)) or 0.0) if overhead else 0.0
+            for sid, pid in matched.items()}
     nodes, missing = [], []
     for n in graph.nodes:
         k = keys.get(n.fx_name or n.id, keys.get(n.id))
@@ -119,7 +129,7 @@ def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | N
             for sid, pid in matched.items():
                 t = profile.time(k, profile.model_of(pid))
                 if t is not None:
-                    ts[sid] = t
+                    ts[sid] = max(t + over[sid], MIN_CORRECTED_FRACTION * t)
                 else:
                     missing.append((n.id, sid))
         elif n.op not in FREE_OPS:
@@ -131,7 +141,8 @@ def apply_profile(graph, profile: Profile, spec, *, gm: torch.fx.GraphModule | N
         if strict:
             raise CostModelError(msg, hint="profile this model (same shapes) on the matched devices")
         log.warning(msg)
-    log.info("applied profile to %s: spec devices %s", graph.name, matched)
+    log.info("applied profile to %s: spec devices %s; per-node overhead %s", graph.name, matched,
+             {k: f"{1e6 * v:.2f} us" for k, v in over.items()})
     edges = graph.edges()
     return CostGraph(graph.name, nodes, edges, list(graph.inputs), list(graph.outputs))
 

@@ -191,3 +191,50 @@ def test_fidelity_of_a_run_on_the_local_runtime():
     assert predict_schedule(art.schedule)["latency_s"] == pytest.approx(sched["latency_s"], rel=1e-6, abs=1e-9)
     with pytest.raises(CostModelError, match="no measured run"):
         fidelity_report(art.schedule, [])
+
+
+def _two_device_schedule():
+    """cpu0: s0 (1 s), send x, s1 (2 s), recv y, s3 (0.5 s); cpu1: recv x, s2 (2 s), send y;
+    transfers take 0.1 s. A duck-typed schedule (predict_schedule reads nothing else)."""
+    from types import SimpleNamespace as NS
+
+    from partitioner.schedule import Action
+
+    segs = [NS(id=i, device=d, predicted_compute_s=c) for i, d, c in
+            (("s0", "cpu0", 1.0), ("s1", "cpu0", 2.0), ("s2", "cpu1", 2.0), ("s3", "cpu0", 0.5))]
+    xfers = [NS(tag=0, src="cpu0", dst="cpu1", bytes=0.0, predicted_start_s=0.0, predicted_arrival_s=0.1),
+             NS(tag=1, src="cpu1", dst="cpu0", bytes=0.0, predicted_start_s=0.0, predicted_arrival_s=0.1)]
+    acts = {"cpu0": (Action.compute("s0"), Action.send("x", "cpu1", 0), Action.compute("s1"),
+                     Action.recv("y", "cpu1", 1), Action.compute("s3")),
+            "cpu1": (Action.recv("x", "cpu0", 0), Action.compute("s2"), Action.send("y", "cpu0", 1))}
+    return NS(devices=("cpu0", "cpu1"), segments=segs, transfers=xfers, actions=acts)
+
+
+def test_predict_schedule_with_contention():
+    """Devices that share cores slow each other down only while both compute."""
+    s = _two_device_schedule()
+    plain = predict_schedule(s)
+    # s1 on cpu0 from 1.0 to 3.0; s2 on cpu1 from 1.1 to 3.1; y arrives 3.2; s3 until 3.7
+    assert plain["latency_s"] == pytest.approx(3.7) and plain["device_end_s"]["cpu1"] == pytest.approx(3.1)
+    assert predict_schedule(s, contention={})["latency_s"] == pytest.approx(3.7)
+    assert predict_schedule(s, contention={"cpu0": 1.5})["latency_s"] == pytest.approx(3.7)  # one device: no contention
+    both = predict_schedule(s, contention={"cpu0": 1.5, "cpu1": 1.5})
+    # from 1.1 both run at 2/3 speed: s1 (1.9 s left) ends at 3.95, s2 has 0.1 s left, alone: 4.05; y at 4.15
+    assert both["latency_s"] == pytest.approx(4.65) and both["overlap_s"] == pytest.approx(2.85)
+    assert plain["overlap_s"] == 0.0
+    # a factor below 1 is read as 1 (never faster together), and the run overhead still adds once
+    assert predict_schedule(s, contention={"cpu0": 0.5, "cpu1": 0.5}, run_overhead_s=0.01)["latency_s"] == \
+        pytest.approx(3.71)
+
+
+def test_samples_carry_the_whole_pass_overhead():
+    """The roofline is fitted to what a node costs as the runtime runs it: the measured median
+    plus the profile's per-node overhead; a fitted launch overhead absorbs it."""
+    prof = _synthetic_profile(0.3, 0.45, 4e-6, noise=0.0)
+    bare = samples_for(prof, "cpu-1t")
+    prof.graphs["g"]["whole"] = {"cpu-1t": {"node_overhead_s": 2e-5}}
+    s = samples_for(prof, "cpu-1t")
+    assert np.allclose(s.times, bare.times + 2e-5)
+    assert np.allclose(samples_for(prof, "cpu-1t", overhead=False).times, bare.times)
+    _, fit = fit_device(_spec().devices[0], s)
+    assert fit.launch_overhead_s == pytest.approx(2.4e-5, rel=0.3)

@@ -53,9 +53,16 @@ def prof_path(lm, tmp_path_factory):
 
 
 def test_compile_plan_uses_measured_times_and_links(lm, prof_path):
-    from partitioner.profile import _key, load_profile, node_signature
+    from partitioner.profile import MIN_CORRECTED_FRACTION, _key, load_profile, node_overhead, node_signature
 
     prof = load_profile(prof_path)
+    over = {m: node_overhead(prof, lm.graph.name, m) for m in ("cpu-1t", "cpu-2t")}
+    assert all(o is not None for o in over.values())  # the profile's whole passes
+
+    def expect(k, m):  # measured time + the device's per-node overhead (never below a floor)
+        t = prof.time(k, m)
+        return max(t + over[m], MIN_CORRECTED_FRACTION * t)
+
     res = compile_plan(lm, "cpu-threads-2", solver="greedy", profile=prof_path,
                        device_map={"cpu0": "cpu:1t", "cpu1": "cpu:2t"})
     p = res.problem
@@ -69,8 +76,8 @@ def test_compile_plan_uses_measured_times_and_links(lm, prof_path):
         if sig is None:
             continue
         k = _key(sig)
-        assert p.T[i, 0] == pytest.approx(prof.time(k, "cpu-1t"))
-        assert p.T[i, 1] == pytest.approx(prof.time(k, "cpu-2t"))
+        assert p.T[i, 0] == pytest.approx(expect(k, "cpu-1t"))
+        assert p.T[i, 1] == pytest.approx(expect(k, "cpu-2t"))
         checked += 1
     assert checked >= 6
     # the link is the measured thread hand-off

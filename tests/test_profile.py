@@ -188,18 +188,19 @@ def tiny_prof(tiny):
 def test_apply_profile_to_logical_cpus_by_thread_budget(tiny, tiny_prof):
     spec = _spec((1, 2))
     assert match_devices(spec, tiny_prof) == {"cpu0": "cpu:1t", "cpu1": "cpu:2t"}
-    g = apply_profile(tiny.graph, tiny_prof, spec, gm=tiny.gm, strict=True)
+    g = apply_profile(tiny.graph, tiny_prof, spec, gm=tiny.gm, strict=True, overhead=False)
     keys = tiny_prof.graphs[tiny.graph.name]["nodes"]
     for n in g.nodes:
         assert n.time_s["cpu0"] == tiny_prof.time(keys[n.id], "cpu-1t")
         assert n.time_s["cpu1"] == tiny_prof.time(keys[n.id], "cpu-2t")
     # without the fx graph, the profile's node map of the same graph name is used
-    g2 = apply_profile(tiny.graph, tiny_prof, spec)
+    g2 = apply_profile(tiny.graph, tiny_prof, spec, overhead=False)
     assert [dict(n.time_s) for n in g2.nodes] == [dict(n.time_s) for n in g.nodes]
-    # and the problem's times are the measured ones
+    # and the problem's times are the measured ones plus the device's per-node overhead
     res = compile_plan(with_profile(tiny, spec, tiny_prof), spec, solver="heft")
     i = res.problem.graph.index["head"]
-    assert res.problem.T[i, 1] == tiny_prof.time(keys["head"], "cpu-2t")
+    t, o = tiny_prof.time(keys["head"], "cpu-2t"), profmod.node_overhead(tiny_prof, tiny.graph.name, "cpu-2t")
+    assert res.problem.T[i, 1] == pytest.approx(max(t + o, profmod.MIN_CORRECTED_FRACTION * t))
 
 
 def test_shipped_cpu_threads_spec_matches_one_thread_profile(tiny, tiny_prof):
@@ -299,6 +300,12 @@ def test_cli_profile_and_calibrate(tmp_path):
     s = json.loads(r.output)
     assert s["nodes"] == 5 and s["timed"] == 5 and s["sum_of_node_times_s"]["cpu:1t"] > 0
     assert s["transfers"][0]["src"] == "cpu:1t"
+    # whole passes (the per-node overhead) and the co-run slowdown of two cpu:1t devices
+    assert s["whole_pass_s"]["cpu:1t"] > 0 and "cpu:1t" in s["node_overhead_s"]
+    assert [(c["a"], c["b"]) for c in s["corun_slowdown"]] == [("cpu:1t", "cpu:1t")]
+    r = runner.invoke(app, ["profile", f"{factory}:make", "--devices", "cpu:1t", "--out", str(out)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "overhead" in text and "slower than alone" in text
     r = runner.invoke(app, ["profile", f"{factory}:make", "--devices", "cpu:1t", "--out", str(out), "--json",
                             "--no-transfers"])
     assert r.exit_code == 0 and json.loads(r.output)["cached"] == 5
@@ -361,3 +368,66 @@ def test_runqueue_wait_is_monotone():
         pytest.skip("no /proc/self/task/*/schedstat here")
     sum(i * i for i in range(100000))
     assert profmod.runqueue_wait_s() >= a >= 0
+
+
+# ---- whole passes and the per-node overhead ----------------------------------------------------
+def test_whole_passes_give_a_per_node_overhead(tiny, tiny_prof):
+    """Context mode also times the graph's own code as one call (as the runtime runs it); the
+    gap to the sum of per-node medians, per timed node, is added to every measured node."""
+    name = tiny.graph.name
+    keys = tiny_prof.graphs[name]["nodes"]
+    for model in ("cpu-1t", "cpu-2t"):
+        rec = tiny_prof.graphs[name]["whole"][model]
+        node_sum = sum(tiny_prof.time(k, model) for k in keys.values())
+        assert rec["whole_s"] > 0 and rec["timed_nodes"] == len(keys) and rec["samples"] >= FAST["repeats"]
+        assert rec["node_sum_s"] == pytest.approx(node_sum)
+        assert rec["node_overhead_s"] == pytest.approx((rec["whole_s"] - node_sum) / len(keys))
+        assert profmod.node_overhead(tiny_prof, name, model) == rec["node_overhead_s"]
+        assert 0.2 < rec["whole_s"] / rec["node_sum_s"] < 5  # loose: a shared machine
+    # applied: a device's corrected node times add up to its whole pass (unless a node hit the floor)
+    prof = Profile(json.loads(json.dumps(tiny_prof.to_json())))
+    prof.graphs[name]["whole"]["cpu-1t"]["node_overhead_s"] = 1e-3
+    prof.graphs[name]["whole"]["cpu-2t"]["node_overhead_s"] = -1.0  # absurd: clamped at the floor
+    g = apply_profile(tiny.graph, prof, _spec((1, 2)), gm=tiny.gm)
+    for n in g.nodes:
+        t1, t2 = prof.time(keys[n.id], "cpu-1t"), prof.time(keys[n.id], "cpu-2t")
+        assert n.time_s["cpu0"] == pytest.approx(t1 + 1e-3)
+        assert n.time_s["cpu1"] == pytest.approx(profmod.MIN_CORRECTED_FRACTION * t2)
+    # another graph of the profile falls back to the median over graphs; no record at all: None
+    assert profmod.node_overhead(prof, "other", "cpu-1t") == pytest.approx(1e-3)
+    assert profmod.node_overhead(prof, name, "cpu-9t") is None
+    # a cached re-profile keeps the record; a corrupted record is refused when loading
+    again = profile_graph(tiny.gm, tiny.example_inputs, "cpu:1t", name=name, cache=prof, **FAST)
+    assert again.graphs[name]["whole"]["cpu-1t"]["node_overhead_s"] == 1e-3
+
+
+def test_corrupted_whole_pass_record(tmp_path, tiny_prof):
+    data = json.loads(json.dumps(tiny_prof.to_json()))
+    g = next(iter(data["graphs"].values()))
+    g["whole"]["cpu-1t"]["node_overhead_s"] = "fast"
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(CostModelError, match="node_overhead_s"):
+        load_profile(p)
+
+
+def test_runtime_handoff_and_corun_probes(tiny, tmp_path):
+    """The hand-off the runtime meets (a sleeping receiver, a sender that goes on computing) and
+    the slowdown of two logical CPUs computing at once are measured and stored."""
+    from partitioner.profile_links import add_corun, corun_slowdown, runtime_handoff_latency
+
+    h = runtime_handoff_latency(rounds=8, busy_s=2e-4)
+    assert h["rounds"] == 8 and 0 < h["p25_s"] <= h["latency_s"] <= h["p75_s"] < 1.0
+    prof = profile_graph(tiny.gm, tiny.example_inputs, "cpu:1t", name=tiny.graph.name, **FAST)
+    add_corun(prof, tiny.gm, tiny.example_inputs, "cpu:1t", name=tiny.graph.name, rounds=3, warmup=0)
+    (rec,) = prof.graphs[tiny.graph.name]["corun"]
+    assert rec["models"] == ["cpu-1t", "cpu-1t"] and rec["rounds"] == 3
+    assert all(v > 0 for v in [*rec["alone_s"].values(), *rec["together_s"].values()])
+    sa, sb = corun_slowdown(prof, tiny.graph.name, "cpu-1t", "cpu-1t")
+    assert sa == pytest.approx(rec["together_s"]["a"] / rec["alone_s"]["a"])
+    assert corun_slowdown(prof, "other", "cpu-1t", "cpu-1t") == (sa, sb)  # median over graphs
+    assert corun_slowdown(prof, None, "cpu-1t", "cpu-2t") is None
+    p = prof.save(tmp_path / "p.json")
+    assert load_profile(p).graphs[tiny.graph.name]["corun"] == prof.graphs[tiny.graph.name]["corun"]
+    with pytest.raises(CostModelError, match="no graph"):
+        add_corun(prof, tiny.gm, tiny.example_inputs, "cpu:1t", name="nothere")
