@@ -95,6 +95,20 @@ class StopAt:
         return [d for k, d in self.events if k == "incumbent" and phase in str(d.get("phase", ""))]
 
 
+def solve_stopped_after(p: Problem, name: str, delay: float, sink, limit: float = 60) -> tuple[Plan, float]:
+    """Solve with ``name`` while another thread requests a stop after ``delay`` seconds;
+    returns the plan and the start time."""
+    timer = threading.Timer(delay, progress.request_stop)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with progress.listen(sink):
+            plan = solve(p, name, Settings(time_limit=limit))
+    finally:
+        timer.cancel()
+    return plan, t0
+
+
 def check_interrupted(p: Problem, plan: Plan, name: str, t0: float, limit: float) -> float:
     """The plan is the solver's own (not the HEFT fallback), marked, graded with a bound."""
     assert plan.status == "interrupted"
@@ -239,14 +253,7 @@ def test_milp_highs_reports_incumbents_and_keeps_them_when_interrupted():
     p = hard_problem()
     sink = StopAt(10 ** 9)
     # a stop from another thread, once HiGHS has a dual bound (its root LP takes ~0.3 s)
-    timer = threading.Timer(1.5, progress.request_stop)
-    t0 = time.perf_counter()
-    timer.start()
-    try:
-        with progress.listen(sink):
-            plan = solve(p, "milp-highs", Settings(time_limit=60))
-    finally:
-        timer.cancel()
+    plan, t0 = solve_stopped_after(p, "milp-highs", 1.5, sink)
     value = check_interrupted(p, plan, "milp-highs", t0, 60)
     warm = sink.incumbents("warm start")
     assert len(warm) == 1 and warm[0]["value"] == pytest.approx(heuristic_best(p), rel=1e-12)
@@ -273,14 +280,7 @@ def test_milp_highs_progress_carries_the_dual_bound():
 def test_milp_cbc_interrupted_keeps_its_incumbent():
     p = hard_problem()
     sink = StopAt(10 ** 9)
-    timer = threading.Timer(2.0, progress.request_stop)  # CBC runs as a subprocess: stopped by SIGINT to it
-    t0 = time.perf_counter()
-    timer.start()
-    try:
-        with progress.listen(sink):
-            plan = solve(p, "milp-cbc", Settings(time_limit=60))
-    finally:
-        timer.cancel()
+    plan, t0 = solve_stopped_after(p, "milp-cbc", 2.0, sink)  # CBC runs as a subprocess: stopped by SIGINT to it
     value = check_interrupted(p, plan, "milp-cbc", t0, 60)
     assert sink.incumbents("warm start") and value <= plan.info["warm_start_s"] * (1 + 1e-12)
     assert plan.solver_bound is not None and 0 < plan.solver_bound <= value
