@@ -11,6 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import partitioner.profile as profmod
+import partitioner.profile_timing as timing  # the timing primitives profile.py calls
 from partitioner.api import compile_plan, load_model
 from partitioner.errors import CostModelError, UsageError
 from partitioner.hardware import load_spec, parse_spec
@@ -77,8 +78,8 @@ def test_cuda_device_without_cuda_is_a_usage_error():
 # ---- timing and the cache --------------------------------------------------------------------
 def test_repeated_shapes_are_timed_once_and_cache_is_reused(tiny, monkeypatch, tmp_path):
     calls = []
-    real = profmod._time_call
-    monkeypatch.setattr(profmod, "_time_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = timing._time_call
+    monkeypatch.setattr(timing, "_time_call", lambda *a, **k: calls.append(1) or real(*a, **k))
     prof = profile_graph(tiny.gm, tiny.example_inputs, "cpu:1t", name=tiny.graph.name, mode="isolated", **FAST)
     keys = prof.graphs[tiny.graph.name]["nodes"]
     # l1, l2, l3 share one signature; act is called twice on the same shape
@@ -347,7 +348,7 @@ def test_contended_samples_are_discarded(monkeypatch):
             state["wait"] += 1.0  # waited far longer than the sample itself
         return state["wait"]
 
-    monkeypatch.setattr(profmod, "runqueue_wait_s", fake_wait)
+    monkeypatch.setattr(timing, "runqueue_wait_s", fake_wait)
     def fn():  # busy-wait: 6 ms in a contended sample, 0.3 ms in a clean one
         end = _time.perf_counter() + (0.006 if state["slow"] else 0.0003)
         while _time.perf_counter() < end:
@@ -357,7 +358,7 @@ def test_contended_samples_are_discarded(monkeypatch):
     assert number == 1 and info["clean"] == 4 and info["samples"] == 7 and len(kept) == 4
     assert float(np.median(kept)) < 0.003  # only the fast, uncontended samples are kept
     # all contended: fall back to every sample, and say so
-    monkeypatch.setattr(profmod, "runqueue_wait_s", lambda: state.__setitem__("wait", state["wait"] + 1) or state["wait"])
+    monkeypatch.setattr(timing, "runqueue_wait_s", lambda: state.__setitem__("wait", state["wait"] + 1) or state["wait"])
     kept, _, info = profmod._time_call(lambda: None, lambda: None, 0, 3, 1e-5)
     assert info["clean"] == 0 and info["samples"] == 9 and len(kept) == 9
 
