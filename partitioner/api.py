@@ -127,8 +127,8 @@ def _zoo_model(models, name: str, kwargs: dict):
         if k not in params:
             raise UsageError(f"model {name!r} has no argument {k!r} (--model-arg {k}=...)", hint=hint)
         default = params[k].default
-        if isinstance(default, (bool, int, float, str)) and default is not None and not isinstance(v, type(default)) \
-                and not (isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)):
+        int_for_float = isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(default, (bool, int, float, str)) and not isinstance(v, type(default)) and not int_for_float:
             raise UsageError(f"--model-arg {k}={v!r}: model {name!r} expects a value of type {type(default).__name__} "
                              f"(default {default!r})", hint=hint)
     if not kwargs:
