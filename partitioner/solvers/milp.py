@@ -66,8 +66,9 @@ from ..errors import InfeasibleError, NoSolutionError, PartitionerError, SolverE
 from ..evaluate import evaluate, list_order, subset_schedule
 from ..problem import Boundary, Objective, Plan, Problem, Settings
 from . import register
+from ._milp_backends import run_backend
 from ._milp_model import (CONSERVATIVE, NONE, RELAXED, SIDE_RTOL, TIME_UNITS, MilpModel, horizon,
-                          memory_may_bind, restricted_allowed, run_backend)
+                          memory_may_bind, restricted_allowed)
 
 log = logging.getLogger(__name__)
 
