@@ -67,7 +67,6 @@ import queue
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,113 +74,14 @@ import torch.utils._pytree as pytree
 
 from ..errors import ArtifactError, RuntimeFailure, UsageError
 from ..schedule import Action, Schedule, tree_unflatten
+# run statistics and streaming, re-exported: callers import them from here
+from .stats import ActionTime, RunStats, StreamStats, _predicted_rate  # noqa: F401
+from .stream import split_stream, stream_replicas  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LocalRuntime", "RunStats", "StreamStats", "ActionTime", "resolve_devices", "stream_replicas",
            "split_stream"]
-
-
-@dataclass(frozen=True)
-class ActionTime:
-    """Measured wall-clock interval of one action (seconds from the run's start)."""
-
-    device: str
-    index: int
-    op: str
-    name: str
-    start_s: float
-    end_s: float
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
-
-
-@dataclass
-class RunStats:
-    """Measured times of one run."""
-
-    wall_s: float
-    actions: list[ActionTime] = field(default_factory=list)
-
-    def busy_s(self) -> dict[str, float]:
-        """Total compute time per spec device."""
-        out: dict[str, float] = {}
-        for a in self.actions:
-            if a.op == "compute":
-                out[a.device] = out.get(a.device, 0.0) + a.duration_s
-        return out
-
-    def fidelity(self, schedule: Schedule) -> list[dict[str, Any]]:
-        """Per segment: predicted and measured compute time and finish."""
-        measured = {a.name: a for a in self.actions if a.op == "compute"}
-        rows = []
-        for s in schedule.segments:
-            m = measured.get(s.id)
-            rows.append({"segment": s.id, "device": s.device, "nodes": len(s.nodes),
-                         "predicted_compute_s": s.predicted_compute_s, "predicted_end_s": s.predicted_end_s,
-                         "measured_compute_s": m.duration_s if m else math.nan,
-                         "measured_end_s": m.end_s if m else math.nan})
-        return rows
-
-    def to_json(self) -> dict[str, Any]:
-        return {"wall_s": self.wall_s, "busy_s": self.busy_s(),
-                "actions": [{"device": a.device, "index": a.index, "op": a.op, "name": a.name,
-                             "start_s": a.start_s, "end_s": a.end_s} for a in self.actions]}
-
-
-@dataclass
-class StreamStats:
-    """Measured throughput of a stream of samples (see :meth:`LocalRuntime.stream`).
-
-    Attributes
-    ----------
-    samples : int
-    wall_s : float
-        From submitting the first sample to the last one's outputs.
-    starts_s, ends_s : list of float
-        Per sample: its first action's start and its last action's end (from the stream's start).
-    predicted_samples_per_s : float
-        ``1 / meta["predicted_period_s"]`` of the schedule (summed over replicas); NaN when unknown.
-    actions : list of list of ActionTime
-        Per sample, every action's interval (from the stream's start; one runtime only).
-    """
-
-    samples: int
-    wall_s: float
-    starts_s: list[float]
-    ends_s: list[float]
-    predicted_samples_per_s: float = math.nan
-    actions: list[list[ActionTime]] = field(default_factory=list, repr=False)
-
-    @property
-    def samples_per_s(self) -> float:
-        """Samples over the whole wall time (pipeline fill and drain included)."""
-        return self.samples / self.wall_s if self.wall_s > 0 else math.nan
-
-    @property
-    def steady_samples_per_s(self) -> float:
-        """Rate between the first and the last completion (excludes the pipeline fill)."""
-        if self.samples < 2:
-            return self.samples_per_s
-        span = max(self.ends_s) - min(self.ends_s)
-        return (self.samples - 1) / span if span > 0 else math.nan
-
-    @property
-    def latencies_s(self) -> list[float]:
-        return [e - s for s, e in zip(self.starts_s, self.ends_s)]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "wall_s": self.wall_s, "samples_per_s": self.samples_per_s,
-                "steady_samples_per_s": self.steady_samples_per_s,
-                "predicted_samples_per_s": self.predicted_samples_per_s,
-                "starts_s": self.starts_s, "ends_s": self.ends_s}
-
-
-def _predicted_rate(schedule: Schedule) -> float:
-    p = schedule.meta.get("predicted_period_s")
-    return 1.0 / p if isinstance(p, (int, float)) and p > 0 and math.isfinite(p) else math.nan
 
 
 def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, torch.device]:
@@ -665,63 +565,3 @@ def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if all(t.device == dev for t in tensors):
         return module
     return copy.deepcopy(module).to(dev)
-
-
-def split_stream(n: int, rates: list[float]) -> list[int]:
-    """Replica of each of ``n`` samples, in proportion to ``rates`` (smooth weighted
-    round robin: deterministic, and every prefix of the stream is split as evenly as
-    possible). Non-finite or non-positive rates count as equal shares."""
-    if not rates:
-        raise UsageError("no replicas to split the stream over", hint="pass at least one runtime")
-    w = [r if math.isfinite(r) and r > 0 else math.nan for r in rates]
-    if any(math.isnan(x) for x in w):
-        w = [1.0] * len(rates)
-    total, credit, out = sum(w), [0.0] * len(w), []
-    for _ in range(n):
-        credit = [c + x for c, x in zip(credit, w)]
-        k = max(range(len(w)), key=lambda i: (credit[i], -i))
-        credit[k] -= total
-        out.append(k)
-    return out
-
-
-def stream_replicas(runtimes: list[LocalRuntime], inputs_list: list) -> tuple[list, StreamStats]:
-    """Data parallelism: share a stream of samples among replicas (one LocalRuntime per
-    replica, on disjoint devices), in proportion to their predicted throughputs
-    (:func:`split_stream`); each replica pipelines its share (:meth:`LocalRuntime.stream`)
-    and all replicas run at the same time. Outputs come back in input order; the
-    predicted rate is the sum of the replicas'."""
-    rates = [_predicted_rate(rt.schedule) for rt in runtimes]
-    assign = split_stream(len(inputs_list), rates)
-    shares = [[i for i, a in enumerate(assign) if a == r] for r in range(len(runtimes))]
-    results: list[Any] = [None] * len(runtimes)
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def go(r: int) -> None:
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                t = time.perf_counter()
-                results[r] = (t, runtimes[r].stream([inputs_list[i] for i in shares[r]]))
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            results[r] = err
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=go, args=(r,), name=f"partitioner-replica{r}") for r in range(len(runtimes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    for r, res in enumerate(results):
-        if isinstance(res, BaseException):
-            if isinstance(res, RuntimeFailure):
-                raise RuntimeFailure(f"replica {r}: {res.message}", hint=res.hint) from res
-            raise res
-    outputs: list[Any] = [None] * len(inputs_list)
-    starts, ends = [0.0] * len(inputs_list), [0.0] * len(inputs_list)
-    for r, (ts, (outs, st)) in enumerate(results):
-        for j, i in enumerate(shares[r]):
-            outputs[i] = outs[j]
-            starts[i], ends[i] = st.starts_s[j] + ts - t0, st.ends_s[j] + ts - t0
-    pred = sum(rates) if all(math.isfinite(x) for x in rates) else math.nan
-    return outputs, StreamStats(len(inputs_list), wall, starts, ends, pred)
