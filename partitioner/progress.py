@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import _thread
 import signal
 import socket
 import threading
@@ -166,6 +167,10 @@ def _watch(sock: socket.socket) -> None:
             if b == signal.SIGINT:
                 _state["seen"] += 1
                 request_stop()
+                if _state["seen"] >= 2 and _state["handled"] < 2:
+                    # two presses may reach the Python-level handler as one (signals coalesce
+                    # while the main thread is inside a solver library): make it see the second
+                    _thread.interrupt_main(signal.SIGINT)
 
 
 @contextmanager

