@@ -64,6 +64,7 @@ from partitioner.api import compile_plan, grade, load_model  # noqa: E402
 from partitioner.calibrate import fidelity_report, predict_schedule  # noqa: E402
 from partitioner.problem import Plan, Settings  # noqa: E402
 from partitioner.profile import add_transfers, apply_profile, profile_graph, runqueue_wait_s  # noqa: E402
+from partitioner.profile_handoff import add_alternation  # noqa: E402
 from partitioner.profile_links import add_corun, corun_slowdown  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
@@ -185,7 +186,7 @@ def _uncorrected(schedule, lm, prof, problem):
 
 def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: int, time_limit: float,
                 out_dir: Path, quiet: tuple[float | None, float] = (None, 0.0), min_clean: int = 10,
-                max_rounds: int = 80, max_measure_s: float = 240.0) -> dict:
+                max_rounds: int = 80, max_measure_s: float = 240.0, block: int = 3) -> dict:
     from partitioner.emit import emit
 
     lm = load_model(name)
@@ -199,6 +200,7 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     # the runtime's own costs, measured the way it meets them (separately from the runs reported below)
     t2 = time.perf_counter()
     add_corun(prof, lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, rounds=max(5, repeats))
+    add_alternation(prof, lm, "cpu:1t")
     t_probe = time.perf_counter() - t2
     prof.save(out_dir / "profiles" / f"{name}.json")
     link = prof.transfer("cpu:1t", "cpu:1t")
@@ -218,6 +220,7 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                  "handoff_latency_s": handoff, "run_overhead_s": run_overhead,
                  "runtime_handoff": rt_handoff, "probe_wall_s": t_probe,
                  "whole_pass": whole, "corun": prof.graphs[lm.graph.name].get("corun", []), "contention": contention,
+                 "alternation": prof.graphs[lm.graph.name].get("alternation", []),
                  "context_sum_1t_s": float(sum(prof.time(k, "cpu-1t") for k in keys.values())),
                  "isolated_sum_1t_s": float(sum(iso.time(k, "cpu-1t") for k in keys.values())),
                  "isolated_wall_s": t_iso}
@@ -247,7 +250,8 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     eager = _eager_runner(lm.gm, lm.example_inputs, 2)
     ref = lm.gm(*lm.example_inputs)
     names = [*variants, "eager-2t"]
-    runs_of = {k: [] for k in names}  # k -> [(wall_s, wait_frac, RunStats or None)]
+    runs_of = {k: [] for k in names}  # k -> [(wall_s, wait_frac, RunStats or None)], runs after a run of k
+    cold_of = {k: [] for k in names}  # the first run of each block (after another variant ran)
     states = []
     rts = {}
     try:
@@ -268,15 +272,16 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                                and time.perf_counter() - t_start < max_measure_s):
                 states.append(load_state())
                 for k in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
-                    w0 = runqueue_wait_s()
-                    if k == "eager-2t":
-                        wall, st = eager(), None
-                    else:
-                        _, st = rts[k].run_with_stats(*lm.example_inputs)
-                        wall = st.wall_s
-                    w1 = runqueue_wait_s()
-                    frac = (w1 - w0) / wall if w0 is not None and w1 is not None else 0.0
-                    runs_of[k].append((wall, frac, st))
+                    for j in range(block):  # a block of back-to-back runs; its first follows another variant
+                        w0 = runqueue_wait_s()
+                        if k == "eager-2t":
+                            wall, st = eager(), None
+                        else:
+                            _, st = rts[k].run_with_stats(*lm.example_inputs)
+                            wall = st.wall_s
+                        w1 = runqueue_wait_s()
+                        frac = (w1 - w0) / wall if w0 is not None and w1 is not None else 0.0
+                        (runs_of[k] if j or block == 1 else cold_of[k]).append((wall, frac, st))
                 i += 1
             states.append(load_state())
             others = others_share(ticks0, cpu_ticks())
@@ -306,6 +311,7 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     pred_raw = predict_schedule(raw, problem, run_overhead_s=run_overhead)["latency_s"]
     med = {k: float(np.median([r[0] for r in chosen(k)])) for k in names}
     med_all = {k: float(np.median([r[0] for r in runs_of[k]])) for k in names}
+    med_cold = {k: float(np.median([r[0] for r in cold_of[k]])) if cold_of[k] else math.nan for k in names}
     contention = {k: {"runs": len(runs_of[k]), "clean": _n_clean(runs_of[k]),
                       "wait_frac_median": float(np.median([r[1] for r in runs_of[k]])),
                       "measured_median_all_s": med_all[k], "measured_median_s": med[k]} for k in names}
@@ -335,6 +341,9 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
                  "rel_error_model": (pred_cont["latency_s"] - m_plan) / m_plan,
                  "within_target_model": judged((pred_cont["latency_s"] - m_plan) / m_plan),
                  "rel_error_model_all_runs": (pred_cont["latency_s"] - med_all["plan"]) / med_all["plan"],
+                 # the first run of each block: right after another variant (another model copy) ran
+                 "measured_cold_median_s": med_cold["plan"],
+                 "rel_error_model_cold": (pred_cont["latency_s"] - med_cold["plan"]) / med_cold["plan"],
                  # per-node medians alone (no whole-pass overhead), no contention
                  "predicted_uncorrected_s": pred_raw, "rel_error_uncorrected": (pred_raw - m_plan) / m_plan,
                  # judged on clean runs only: a contended run measures the neighbours, not the plan
@@ -371,6 +380,21 @@ def _wait_note(w: dict | None) -> str:
         return ""
     return (f" Waited {w['waited_s']:.0f} s for load <= {w['max_load']}: "
             f"{'reached' if w['quiet'] else 'not reached'} (load {w['load1']}).")
+
+
+def _alt_note(pf: dict, plan: dict) -> str:
+    out = []
+    for a in pf.get("alternation", []):
+        out.append(f"Hand-off probe on the model's own segments ({a['chunks']} chunks alternating between two "
+                   f"{a['device']} devices, {a['transfers']} transfers, {a['runs']} runs each): "
+                   f"{1e3 * a['alternating_s']:.2f} ms measured vs {1e3 * a['predicted_alternating_s']:.2f} ms "
+                   f"predicted, whole model on one {1e3 * a['single_s']:.2f} vs {1e3 * a['predicted_single_s']:.2f} ms, "
+                   f"so **{1e6 * a['excess_per_transfer_s']:.0f} us per transfer** on top of the "
+                   f"{1e6 * a['link_latency_s']:.0f} us wake-up (charged on the link). ")
+    if math.isfinite(plan.get("measured_cold_median_s", math.nan)):
+        out.append(f"First run of each block (right after another variant ran): {1e3 * plan['measured_cold_median_s']:.1f} ms "
+                   f"(error {_pct(plan['rel_error_model_cold'])}). ")
+    return "".join(out)
 
 
 def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
@@ -451,7 +475,7 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
                      f"the link latency): median {1e6 * pf['handoff_latency_s']:.0f} us, p90 "
                      f"{1e6 * rh.get('p90_s', math.nan):.0f} us (hot ping-pong "
                      f"{1e6 * (rh.get('pingpong_s') or math.nan):.0f} us); run overhead charged "
-                     f"{1e6 * pf['run_overhead_s']:.0f} us. Profiling in context (cpu:1t + cpu:2t + transfers) "
+                     f"{1e6 * pf['run_overhead_s']:.0f} us. " + _alt_note(pf, r["plan"]) + "Profiling in context (cpu:1t + cpu:2t + transfers) "
                      f"{pf['wall_s']:.1f} s, probes {pf.get('probe_wall_s', 0.0):.1f} s. "
                      f"Sum of node times on cpu:1t: in context {1e3 * pf['context_sum_1t_s']:.1f} ms "
                      f"({_pct((pf['context_sum_1t_s'] - m0) / m0)} vs the whole model measured on cpu0), isolated "
@@ -474,7 +498,14 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
               "slows both logical CPUs by their measured co-run slowdown while they compute at the same time "
               "(`partitioner.calibrate.predict_schedule(..., contention=...)`). Every correction comes from the "
               "profiling phase (whole passes, co-run passes), never from the runs reported here. "
-              "The error is (predicted - measured) / measured; the target is judged on the last prediction."]
+              "The error is (predicted - measured) / measured; the target is judged on the last prediction.",
+              "", f"Runs come in blocks of {meta.get('block', 1)} back-to-back runs of one variant (plan, cpu0, cpu1, "
+              "eager), the variants rotating; the medians are over the runs that follow a run of the same variant, "
+              "as in deployment (a plan serves a stream of requests) and as the profile times nodes (back-to-back "
+              "passes). The first run of each block follows another variant and finds the caches holding that "
+              "one's data: it is reported apart (`First run of each block`), never mixed in. The hand-off probe "
+              "(`partitioner.profile_handoff`) runs a fixed probe plan of the model (contiguous chunks of its "
+              "topological order, alternating), never the plan reported here."]
     return "\n".join(L) + "\n"
 
 
@@ -482,7 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--solvers", default="heft,peft,greedy,split")
-    ap.add_argument("--runs", type=int, default=20, help="rounds at least (each runs every variant once)")
+    ap.add_argument("--runs", type=int, default=20, help="rounds at least (each runs every variant in a block)")
+    ap.add_argument("--block", type=int, default=3, help="back-to-back runs of a variant per round; the first of "
+                    "each block (after another variant ran) is reported apart, not in the medians (1: every run)")
     ap.add_argument("--min-clean", type=int, default=10, help="go on until every variant has this many clean runs")
     ap.add_argument("--max-rounds", type=int, default=80)
     ap.add_argument("--max-measure-s", type=float, default=240.0, help="per model, for the extra rounds")
@@ -505,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "processor": platform.processor(), "spec": SPEC, "runs": runs, "warmup": args.warmup,
-            "repeats": args.repeats, "solvers": args.solvers}
+            "repeats": args.repeats, "solvers": args.solvers, "block": max(1, args.block)}
     quiet = (args.wait_quiet, args.max_wait)
     prof_row = None
     if not args.skip_profile_time:
@@ -516,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for m in models:
         r = bench_model(m, args.solvers.split(","), runs, args.warmup, args.repeats, args.time_limit, out, quiet,
-                        args.min_clean, max(runs, args.max_rounds), args.max_measure_s)
+                        args.min_clean, max(runs, args.max_rounds), args.max_measure_s, max(1, args.block))
         log.info("%s: predicted %.4f s, schedule %.4f s, measured %.4f s (%+.1f%%), speedup %.2fx; load %s", m,
                  r["plan"]["predicted_s"], r["plan"]["predicted_schedule_s"], r["plan"]["measured_median_s"],
                  100 * r["plan"]["rel_error"], r["speedup_vs_best_single"], r["load"].get("load1"))

@@ -307,18 +307,20 @@ def apply_measured(loaded: LoadedModel, spec: Spec, profile: Any,
     -------
     (LoadedModel, Spec, dict)
         The model with measured times, the calibrated spec, and provenance (``profile``
-        path, ``device_map`` used, ``calibrated`` devices, ``links``) for ``Result.extra``.
+        path, ``device_map`` used, ``calibrated`` devices, ``links``, ``runtime``: the runtime's
+        own measured costs, :func:`partitioner.profile_handoff.runtime_costs`) for ``Result.extra``.
     """
     from .calibrate import calibrate
     from .profile import Profile, load_profile, match_devices, with_profile
+    from .profile_handoff import runtime_costs
 
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    cal = calibrate(spec, prof, device_map=device_map, strict=False)
+    cal = calibrate(spec, prof, device_map=device_map, strict=False, graph=loaded.graph.name)
     matched = match_devices(cal.spec, prof, device_map)
     measured = with_profile(loaded, cal.spec, prof, device_map=matched)
     info = {"profile": str(profile) if not isinstance(profile, Profile) else "(in memory)",
             "device_map": matched, "calibrated": sorted(k for k, f in cal.fits.items()),
-            "links": dict(cal.links)}
+            "links": dict(cal.links), "runtime": runtime_costs(prof, cal.spec, matched, loaded.graph.name)}
     log.info("costs from profile %s: measured on %s; calibrated roofline on %s", info["profile"], matched,
              info["calibrated"])
     return measured, cal.spec, info

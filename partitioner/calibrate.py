@@ -56,6 +56,7 @@ from .cost import FREE_OPS
 from .errors import CostModelError
 from .hardware import Device, Spec, parse_spec
 from .profile import Profile, load_profile, match_devices
+from .profile_handoff import alternation_excess
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,14 @@ def _apply_factors(dev: Device, fc: float, fm: float, L: float) -> Device:
 
 def calibrate(spec: Spec, profile: Profile | str | os.PathLike, *, device_map: dict[str, str] | None = None,
               fit_overhead: bool = True, links: bool = True, copy_same_device: bool = False,
-              strict: bool = True) -> Calibration:
+              strict: bool = True, graph: str | None = None) -> Calibration:
     """Calibrate every device of ``spec`` that the profile measures or shares a kind with.
+
+    A link between two logical devices of one profiled device (a same-device transfer
+    record: values pass by reference) takes the measured hand-off latency plus, when the
+    profile ran the alternation probe (:mod:`partitioner.profile_handoff`), its measured
+    excess per transfer, for ``graph`` when measured on it, else the median over the
+    profile's graphs.
 
     With ``strict=False`` (how :func:`partitioner.api.compile_plan` uses it), a device that
     cannot be fitted (too few measured ops, no roofline in the spec) keeps its numbers, with
@@ -310,6 +317,8 @@ def calibrate(spec: Spec, profile: Profile | str | os.PathLike, *, device_map: d
             continue
         if rec.get("mode") == "reference":
             lat = rec["latency_s"] + (rec.get("copy_latency_s", 0.0) if copy_same_device else 0.0)
+            if prof.model_of(matched[ln.a]) == prof.model_of(matched[ln.b]):
+                lat += alternation_excess(prof, graph, prof.model_of(matched[ln.a]))
             bw = rec.get("copy_bandwidth_Bps", math.inf) if copy_same_device else REFERENCE_BANDWIDTH_BPS
         else:
             lat, bw = rec["latency_s"], rec.get("bandwidth_Bps", math.inf)
@@ -481,7 +490,7 @@ def _rel(pred: float | None, meas: float) -> float:
 
 
 def fidelity_report(schedule, runs: list, *, problem=None, loads: list[float] | None = None,
-                    run_overhead_s: float = 0.0) -> dict[str, Any]:
+                    run_overhead_s: float = 0.0, contention: dict[str, float] | None = None) -> dict[str, Any]:
     """Predicted vs measured figures of an emitted plan run on the local runtime.
 
     Parameters
@@ -497,6 +506,8 @@ def fidelity_report(schedule, runs: list, *, problem=None, loads: list[float] | 
         The 1-minute load average around the runs.
     run_overhead_s : float
         The runtime's per-run overhead, for the schedule's prediction (:func:`predict_schedule`).
+    contention : dict, optional
+        Co-run slowdown per device, for the schedule's prediction (:func:`predict_schedule`).
 
     Returns
     -------
@@ -513,7 +524,7 @@ def fidelity_report(schedule, runs: list, *, problem=None, loads: list[float] | 
     walls = [float(r.wall_s) for r in runs]
     med = float(np.median(walls))
     pred = schedule.meta.get("predicted_latency_s")
-    sched = predict_schedule(schedule, problem, run_overhead_s=run_overhead_s)["latency_s"]
+    sched = predict_schedule(schedule, problem, run_overhead_s=run_overhead_s, contention=contention)["latency_s"]
     busy_pred: dict[str, float] = {}
     for s in schedule.segments:
         c = s.predicted_compute_s

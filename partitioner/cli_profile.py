@@ -60,6 +60,8 @@ def profile(
     transfers: bool = typer.Option(True, "--transfers/--no-transfers", help="Measure transfers between devices"),
     corun: bool = typer.Option(True, "--corun/--no-corun", help="Measure how much logical CPUs slow each other down "
                                "when they compute at the same time (context mode)"),
+    handoff: bool = typer.Option(True, "--handoff/--no-handoff", help="Measure what a hand-off between two logical "
+                                 "CPUs costs on the model's own segments, run by the local runtime (context mode)"),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore the existing --out file (no cache)"),
     frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
@@ -68,6 +70,7 @@ def profile(
 ):
     """Time every operator of MODEL on each local device and write (or extend) a profile file."""
     from .profile import add_transfers, load_profile, parse_devices, profile_model
+    from .profile_handoff import add_alternation
     from .profile_links import add_corun
 
     devs = parse_devices(devices)
@@ -89,12 +92,16 @@ def profile(
                 prog.update(task, description="measuring logical CPUs computing at the same time")
                 add_corun(prof, loaded.gm, loaded.example_inputs, devs, name=loaded.graph.name,
                           rounds=max(3, repeats // 2))
+            if handoff and transfers and mode == "context" and any(d.kind == "cpu" for d in devs):
+                prog.update(task, description="measuring hand-offs between logical CPUs on the model's segments")
+                add_alternation(prof, loaded, devs)
     prof.save(out)
     run = prof.runs[-1]
     keys = prof.graphs[loaded.graph.name]["nodes"]
     totals = {d.id: sum(prof.time(k, d.model) or 0.0 for k in keys.values()) for d in devs}
     whole = prof.graphs[loaded.graph.name].get("whole", {})
     corun_recs = prof.graphs[loaded.graph.name].get("corun", [])
+    alt_recs = prof.graphs[loaded.graph.name].get("alternation", [])
     summary = {"model": loaded.graph.name, "out": str(out), "nodes": run["nodes"], "unique_ops": run["unique_ops"],
                "timed": run["timed"], "cached": run["cached"], "wall_s": run["wall_s"],
                "load_before": run["load_before"], "load_after": run["load_after"],
@@ -103,6 +110,7 @@ def profile(
                "node_overhead_s": {d.id: whole[d.model]["node_overhead_s"] for d in devs if d.model in whole},
                "corun_slowdown": [{"a": r["a"], "b": r["b"], "slowdown_a": r["slowdown"]["a"],
                                    "slowdown_b": r["slowdown"]["b"]} for r in corun_recs],
+               "handoff_excess_per_transfer_s": {r["device"]: r["excess_per_transfer_s"] for r in alt_recs},
                "transfers": [{k: t[k] for k in ("src", "dst", "mode", "latency_s") if k in t}
                              for t in prof.transfers]}
     if json_out:
@@ -123,6 +131,11 @@ def profile(
     for r in corun_recs:
         console.print(f"computing at the same time, {r['a']} and {r['b']} run {r['slowdown']['a']:.2f}x and "
                       f"{r['slowdown']['b']:.2f}x slower than alone")
+    for r in alt_recs:
+        console.print(f"a hand-off between two {r['device']} devices costs {1e6 * r['excess_per_transfer_s']:.0f} us "
+                      f"more than the wake-up probe's {1e6 * r['link_latency_s']:.0f} us (the model in "
+                      f"{r['chunks']} alternating chunks: {1e3 * r['alternating_s']:.2f} ms measured, "
+                      f"{1e3 * r['predicted_alternating_s']:.2f} ms predicted)")
     console.print(f"timed {run['timed']} (op, device) pairs, {run['cached']} from the cache, in {run['wall_s']:.1f} s "
                   f"(load {run['load_before'][0]:.2f} -> {run['load_after'][0]:.2f} on {os.cpu_count()} cores); "
                   f"wrote {out}")

@@ -56,7 +56,7 @@ def from_profile(schedule) -> bool:
 
 
 def fidelity_summary(schedule, stats: Any, *, problem=None, loads: list[float] | None = None,
-                     run_overhead_s: float = 0.0) -> dict[str, Any]:
+                     run_overhead_s: float | None = None, contention: dict[str, float] | None = None) -> dict[str, Any]:
     """Predicted vs measured latency, throughput and per-device busy time of measured runs.
 
     Parameters
@@ -65,15 +65,23 @@ def fidelity_summary(schedule, stats: Any, *, problem=None, loads: list[float] |
         The artifact's schedule (its meta and segments carry the predictions).
     stats : RunStats, list of RunStats, or dict(s) as written by ``partitioner run --stats``
         Measured runs (medians are taken over them).
-    problem, loads, run_overhead_s
-        As for :func:`partitioner.calibrate.fidelity_report`.
+    problem, loads, run_overhead_s, contention
+        As for :func:`partitioner.calibrate.fidelity_report`. ``run_overhead_s`` and
+        ``contention`` default to what the profile measured of the runtime when the plan was
+        made from one (``schedule.meta["measured_costs"]["runtime"]``), else none.
 
     Returns
     -------
     dict
         :func:`partitioner.calibrate.fidelity_report`'s figures plus ``from_profile``.
     """
-    rep = fidelity_report(schedule, as_runs(stats), problem=problem, loads=loads, run_overhead_s=run_overhead_s)
+    rt = ((getattr(schedule, "meta", {}) or {}).get("measured_costs") or {}).get("runtime") or {}
+    if run_overhead_s is None:
+        run_overhead_s = float(rt.get("run_overhead_s", 0.0))
+    if contention is None:
+        contention = rt.get("contention")
+    rep = fidelity_report(schedule, as_runs(stats), problem=problem, loads=loads, run_overhead_s=run_overhead_s,
+                          contention=contention)
     rep["from_profile"] = from_profile(schedule)
     return rep
 

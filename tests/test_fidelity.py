@@ -120,6 +120,13 @@ def test_fidelity_summary_and_table_of_a_run(lm, prof_path):
         runs = [rt.run_with_stats(*lm.example_inputs)[1] for _ in range(3)]
     rep = fidelity_summary(s, runs, problem=res.problem)
     lat = rep["latency"]
+    # the schedule is predicted with what the profile measured of the runtime (stored with the plan)
+    rt_costs = s.meta["measured_costs"]["runtime"]
+    assert rt_costs["run_overhead_s"] > 0
+    assert lat["predicted_schedule_s"] == pytest.approx(predict_schedule(
+        s, res.problem, run_overhead_s=rt_costs["run_overhead_s"], contention=rt_costs.get("contention"))["latency_s"])
+    assert fidelity_summary(s, runs, problem=res.problem, run_overhead_s=0.0)["latency"]["predicted_schedule_s"] \
+        == pytest.approx(lat["predicted_schedule_s"] - rt_costs["run_overhead_s"])
     med = float(np.median([r.wall_s for r in runs]))
     assert lat["measured_median_s"] == pytest.approx(med)
     assert lat["rel_error"] == pytest.approx((res.evaluation.latency - med) / med)

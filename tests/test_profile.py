@@ -304,9 +304,11 @@ def test_cli_profile_and_calibrate(tmp_path):
     # whole passes (the per-node overhead) and the co-run slowdown of two cpu:1t devices
     assert s["whole_pass_s"]["cpu:1t"] > 0 and "cpu:1t" in s["node_overhead_s"]
     assert [(c["a"], c["b"]) for c in s["corun_slowdown"]] == [("cpu:1t", "cpu:1t")]
+    assert s["handoff_excess_per_transfer_s"]["cpu:1t"] >= 0  # the hand-off probe on the model's segments
     r = runner.invoke(app, ["profile", f"{factory}:make", "--devices", "cpu:1t", "--out", str(out)])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "overhead" in text and "slower than alone" in text
+    assert "a hand-off between two cpu:1t devices costs" in text
     r = runner.invoke(app, ["profile", f"{factory}:make", "--devices", "cpu:1t", "--out", str(out), "--json",
                             "--no-transfers"])
     assert r.exit_code == 0 and json.loads(r.output)["cached"] == 5
@@ -432,3 +434,51 @@ def test_runtime_handoff_and_corun_probes(tiny, tmp_path):
     assert load_profile(p).graphs[tiny.graph.name]["corun"] == prof.graphs[tiny.graph.name]["corun"]
     with pytest.raises(CostModelError, match="no graph"):
         add_corun(prof, tiny.gm, tiny.example_inputs, "cpu:1t", name="nothere")
+
+
+def test_alternation_probe_is_measured_and_charged_on_the_link(tmp_path):
+    """The hand-off probe on the model's own segments (partitioner.profile_handoff): a record
+    per device model, its excess added to the same-model link when a spec is calibrated for
+    that graph (else the median over graphs), and the runtime's own costs for predictions."""
+    from partitioner.api import apply_measured
+    from partitioner.calibrate import calibrate
+    from partitioner.profile import add_transfers
+    from partitioner.profile_handoff import add_alternation, alternation_excess, measure_alternation
+    from partitioner.profile_links import add_corun
+
+    torch.manual_seed(0)
+    lm = load_model(nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.ReLU())]).eval(),
+                    (torch.randn(4, 32),))
+    name = lm.graph.name
+    prof = profile_graph(lm.gm, lm.example_inputs, "cpu:1t", name=name, **FAST)
+    add_transfers(prof, "cpu:1t", repeats=3)
+    add_alternation(prof, lm, "cpu:1t", chunks=4, rounds=2, per_block=1)
+    (rec,) = prof.graphs[name]["alternation"]
+    assert rec["device"] == "cpu:1t" and rec["model"] == "cpu-1t" and rec["chunks"] == 4
+    assert rec["transfers"] >= 3 and rec["runs"] == 2
+    assert rec["excess_per_transfer_s"] >= 0 and all(rec[k] > 0 for k in ("single_s", "alternating_s",
+                                                                          "predicted_single_s", "predicted_alternating_s"))
+    h = prof.transfer("cpu:1t", "cpu:1t")["latency_s"]
+    assert rec["link_latency_s"] == pytest.approx(h)  # predicted with the wake-up alone
+    # measuring again replaces the record and still predicts with the wake-up alone
+    rec["excess_per_transfer_s"] = 5e-4
+    add_alternation(prof, lm, "cpu:1t", chunks=4, rounds=1, per_block=1)
+    (rec,) = prof.graphs[name]["alternation"]
+    assert rec["link_latency_s"] == pytest.approx(h)
+    rec["excess_per_transfer_s"] = 2e-4  # a known figure, to check how it is charged
+    spec = load_spec("cpu-threads-2")
+    assert calibrate(spec, prof, graph=name, strict=False).spec.links[0].latency_s == pytest.approx(h + 2e-4)
+    prof.graphs["other"] = {"nodes": {}}
+    assert alternation_excess(prof, "other", "cpu-1t") == pytest.approx(2e-4)  # the median over graphs
+    assert alternation_excess(prof, name, "cpu-2t") == 0.0
+    # the runtime's own costs travel with a compile made from the profile
+    add_corun(prof, lm.gm, lm.example_inputs, "cpu:1t", name=name, rounds=2, warmup=0)
+    _, cal, info = apply_measured(lm, spec, prof)
+    assert cal.links[0].latency_s == pytest.approx(h + 2e-4)
+    assert info["runtime"]["run_overhead_s"] == pytest.approx(2 * h)
+    assert set(info["runtime"]["contention"]) == {"cpu0", "cpu1"}
+    p = prof.save(tmp_path / "p.json")
+    assert load_profile(p).graphs[name]["alternation"] == prof.graphs[name]["alternation"]
+    with pytest.raises(CostModelError, match="no graph"):
+        add_alternation(Profile(), lm, "cpu:1t")
+    assert measure_alternation(prof, load_model(nn.Linear(4, 4), (torch.randn(1, 4),)), "cpu:1t") is None
