@@ -20,6 +20,9 @@ Combinatorial parts (a dynamic programme or closed form):
   ``sum_S T`` later and is followed by its tail, so ``latency >= min_S (head - T)[., d] +
   sum_S T[., d] + min_S tail[., d]``.
 
+Exact part (latency): ``chain``, the critical chain cut into short segments whose
+schedules CP-SAT bounds exactly within a deterministic budget (:mod:`partitioner.bounds_chain`).
+
 LP parts (formulations and proofs in :mod:`partitioner.bounds_lp`):
 
 * ``load``: the fractional load-balancing LP; bounds the latency and the period,
@@ -47,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from . import bounds_chain as _chain
 from . import bounds_lp as _lp
 from .bounds_lp import LIMITS, SHAVE, LPResult, _Routes  # noqa: F401  (re-exported)
 from .errors import InfeasibleError
@@ -100,14 +104,7 @@ def path_labels(problem: Problem) -> PathLabels:
     n, D, host = problem.n, problem.D, problem.host
     A = allowed_mask(problem)
     T = np.where(A, problem.T, np.inf)
-    mats: dict[float, np.ndarray] = {}
-
-    def cm(b: float) -> np.ndarray:
-        m = mats.get(b)
-        if m is None:
-            m = mats[b] = problem.comm_matrix(b)
-        return m
-
+    cm = _chain.comm_cache(problem)
     head = np.empty((n, D))
     for v in range(n):
         ready = np.zeros(D)
@@ -304,7 +301,8 @@ _CACHE: "weakref.WeakKeyDictionary[Problem, Bound]" = weakref.WeakKeyDictionary(
 def lower_bound(problem: Problem) -> Bound:
     """The best lower bound this module can prove for ``problem``'s objective.
 
-    Latency: max of ``path``, ``load``, ``energy``, ``forced`` and ``coupled``. Period:
+    Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``coupled`` and ``chain``
+    (:mod:`partitioner.bounds_chain`). Period:
     max of ``load``, ``energy`` and ``links``. ``info`` names the LP variants used and
     the time taken. Results are cached per Problem object.
     """
@@ -322,6 +320,10 @@ def lower_bound(problem: Problem) -> Bound:
         info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
         if res.variant != "skipped":
             parts["coupled"] = res.value
+        chain, more = _chain.chain_bound(problem, lab)
+        info.update(more)
+        if chain > 0:
+            parts["chain"] = chain
     else:
         parts["links"], more = period_lp_bound(problem)
         info.update(more)

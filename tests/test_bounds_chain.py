@@ -1,0 +1,95 @@
+"""The chain bound (partitioner.bounds_chain): at most the exact optimum (brute force and the
+MILP) on small random DAGs, stronger than the path and LP parts where branches contend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from partitioner import bounds as B
+from partitioner import bounds_chain as C
+from partitioner.evaluate import evaluate
+from partitioner.graph import CostGraph, InputTensor, Node
+from partitioner.hardware import parse_spec
+from partitioner.problem import Problem, Settings
+from partitioner.solvers import solve
+
+from test_bounds import brute_latency, make_problem
+
+REL = 1e-9
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10 ** 6), n=st.integers(2, 6), D=st.integers(2, 3), tight=st.booleans())
+def test_chain_below_brute_force(seed, n, D, tight):
+    """Every placement x every per-device order, evaluated: the chain part is at most the optimum."""
+    p = make_problem(seed, n, D, "latency", tight_memory=tight)
+    opt = brute_latency(p) if D == 2 or n <= 5 else math.inf
+    if not math.isfinite(opt):
+        return
+    value, _ = C.chain_bound(p, B.path_labels(p))
+    assert value <= opt * (1 + REL), (value, opt)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chain_below_milp_optimum(seed):
+    """Larger DAGs (10-13 nodes, 2-3 devices): at most the MILP's proven optimum."""
+    p = make_problem(500 + seed, 10 + seed % 4, 2 + seed % 2, "latency", groups=False)
+    plan = solve(p, "milp", Settings(seed=0, time_limit=60))
+    if plan.status != "optimal":
+        pytest.skip(f"MILP not proven optimal ({plan.status})")
+    value, info = C.chain_bound(p, B.path_labels(p))
+    assert value <= evaluate(p, plan).latency * (1 + 1e-6), (value, evaluate(p, plan).latency, info)
+    assert B.lower_bound(p).value <= evaluate(p, plan).latency * (1 + 1e-6)
+
+
+def fork_join(k: int, t: float, nbytes: float) -> Problem:
+    """A source, ``k`` parallel branches of time ``t`` and a sink on two identical GPUs joined
+    through a host that is too slow to help: branches on one GPU serialise, on the other they
+    pay two transfers."""
+    nodes = [Node(id="s")] + [Node(id=f"b{i}") for i in range(k)] + [Node(id="j")]
+    edges = [("s", f"b{i}", nbytes) for i in range(k)] + [(f"b{i}", "j", nbytes) for i in range(k)]
+    g = CostGraph("fj", nodes, edges, [InputTensor("x", 1000, ("s",))], [("j", 1000)])
+    dev = lambda i, kind: {"id": i, "host": "h", "kind": kind, "memory": {"capacity_bytes": 1e12}}  # noqa: E731
+    spec = parse_spec({"name": "fj", "devices": [dev("cpu0", "cpu"), dev("g1", "gpu"), dev("g2", "gpu")],
+                       "links": [{"a": "cpu0", "b": "g1", "bandwidth_Bps": 1e10, "latency_s": 1e-5},
+                                 {"a": "cpu0", "b": "g2", "bandwidth_Bps": 1e10, "latency_s": 1e-5}]})
+    T = np.array([[1.0, t, t]] * (k + 2))
+    T[0] = T[-1] = [1.0, 1e-5, 1e-5]
+    return Problem(g, spec, "latency", T=T)
+
+
+def test_chain_sees_contention_the_lps_miss():
+    """Four 10 us branches, transfers of 40 us per hop: the optimum runs them on one GPU one
+    after the other; the path part sees one branch, the LPs spread them over both GPUs."""
+    p = fork_join(4, 1e-5, 3e5)
+    b = B.lower_bound(p)
+    opt = solve(p, "milp", Settings(seed=0, time_limit=60))
+    assert opt.status == "optimal"
+    assert b.binding == "chain"
+    assert b.parts["chain"] > 1.3 * max(b.parts["path"], b.parts["coupled"])
+    assert b.value <= evaluate(p, opt).latency * (1 + 1e-6)
+    assert b.value >= evaluate(p, opt).latency * 0.95  # transfers to and from the host are all the rest
+
+
+def test_chain_budget_zero_falls_back_to_segment_paths(monkeypatch):
+    """Without CP-SAT time the segments keep their path values: still a bound, at least ``path``
+    along the chain, and deterministic."""
+    p = fork_join(4, 1e-5, 3e5)
+    monkeypatch.setitem(C.LIMITS, "chain_det", 0.0)
+    lab = B.path_labels(p)
+    value, info = C.chain_bound(p, lab)
+    assert info["chain_cpsat"] == 0
+    assert value == pytest.approx(B.critical_path_bound(p, lab), rel=1e-9)
+    assert C.chain_bound(p, lab)[0] == value
+
+
+def test_critical_chain_is_a_path():
+    p = make_problem(7, 20, 3, "latency")
+    chain = C.critical_chain(p, B.path_labels(p))
+    assert all(b in p.succs[a] for a, b in zip(chain, chain[1:]))
+    assert not p.preds[chain[0]] and not p.succs[chain[-1]]
