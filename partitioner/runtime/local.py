@@ -182,6 +182,8 @@ class _Worker:
         self.outputs = s.output_values if self.is_host else []
         self.inputs = s.inputs if self.is_host else ()
         last = s.last_uses(dev)
+        # where a failure happened, spelled once (not on every action of every run)
+        self.where = [f"action #{k} ({a.describe()})" for k, a in enumerate(self.actions)]
         self.free_after: list[list[str]] = [[] for _ in self.actions]
         for v, k in last.items():
             self.free_after[k].append(v)
@@ -287,7 +289,7 @@ class _Worker:
             a = self.actions[k]
             if run.failed:
                 return False
-            run.current[self.dev] = f"action #{k} ({a.describe()})"
+            run.current[self.dev] = self.where[k]
             t0 = time.perf_counter()
             if a.op == "compute":
                 seg = self.segs[a.segment]
