@@ -63,7 +63,10 @@ asleep in its recv while the sender computed, woken by ``threading.Event.set`` w
 sender goes on computing; ``pingpong_latency_s``: half the round trip of a hot
 ping-pong, for reference), and ``copy_*`` fits a ``clone`` (used when the runtime copies).
 :func:`partitioner.profile_links.measure_corun` measures how much two logical CPUs slow
-each other down when they compute at the same time.
+each other down when they compute at the same time, and
+:func:`partitioner.profile_handoff.measure_alternation` what a hand-off between two of them
+costs beyond the wake-up when the model's own segments alternate (added to that link's
+latency when planning for the graph).
 Across torch devices, ``tensor.to(dst)`` is timed for several sizes and
 ``latency + bytes / bandwidth`` is fitted by least squares.
 
@@ -82,7 +85,8 @@ File format ``partitioner.profile/1``: ``devices`` (id -> kind, model, torch_dev
 threads), ``ops`` (key -> op, signature, flops, bytes_moved, dtype, ``times`` per device
 model: median_s, p25_s, p75_s, repeats, number, load1), ``graphs`` (graph name ->
 ``nodes``: node id -> key; optional ``whole``: device model -> whole-pass record, and
-``corun``: the co-run slowdowns of :func:`partitioner.profile_links.measure_corun`),
+``corun``: the co-run slowdowns of :func:`partitioner.profile_links.measure_corun`;
+``alternation``: the hand-off probes of :func:`partitioner.profile_handoff.measure_alternation`),
 ``transfers`` and ``runs`` (settings, duration and the load average of each run).
 """
 
