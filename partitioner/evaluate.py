@@ -161,44 +161,46 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
             violations.append(f"group of node {problem.node_name(g[0])!r} is split across devices")
     order = plan.order if plan.order is not None else list_order(problem, pl)
 
-    xb = _transfer_bytes(problem, pl)
-    ib = _input_bytes(problem, pl)
+    pl_l = pl.tolist()  # Python scalars in the loops below (the same figures as numpy's, faster to index)
+    xb = _transfer_bytes(problem, pl_l)
+    ib = _input_bytes(problem, pl_l)
     host = problem.host
     comm = problem.comm
 
     # ---- timing: Kahn over precedence + device-order chains -------------------------
-    prev = np.full(n, -1, dtype=np.int64)
-    nxt = np.full(n, -1, dtype=np.int64)
+    prev = [-1] * n
+    nxt = [-1] * n
     for seq in order:
         for a, b in zip(seq, seq[1:]):
             prev[b] = a
             nxt[a] = b
-    indeg = np.array([len(p) for p in problem.preds], dtype=np.int64) + (prev >= 0)
+    preds, node_inputs, succs = problem.preds, problem.node_inputs, problem.succs
+    indeg = [len(p) + (q >= 0) for p, q in zip(preds, prev)]
     in_arrival = {key: comm(host, key[1], b) for key, b in ib.items()}
-    start = np.full(n, math.inf)
-    finish = np.full(n, math.inf)
+    start_l = [math.inf] * n
+    finish_l = [math.inf] * n
+    dur_l = dur.tolist()
     arrival: dict[tuple[int, int], float] = {}
-    queue = deque(int(i) for i in np.flatnonzero(indeg == 0))
+    queue = deque(i for i in range(n) if indeg[i] == 0)
     done = 0
-    preds, node_inputs = problem.preds, problem.node_inputs
     while queue:
         v = queue.popleft()
-        dv = pl[v]
-        s = finish[prev[v]] if prev[v] >= 0 else 0.0
+        dv = pl_l[v]
+        s = finish_l[prev[v]] if prev[v] >= 0 else 0.0
         for u in preds[v]:
-            a = finish[u] if pl[u] == dv else arrival[(u, dv)]
+            a = finish_l[u] if pl_l[u] == dv else arrival[(u, dv)]
             if a > s:
                 s = a
         for k in node_inputs[v]:
             a = in_arrival[(k, dv)]
             if a > s:
                 s = a
-        start[v] = s
-        f = s + dur[v]
-        finish[v] = f
+        start_l[v] = s
+        f = s + dur_l[v]
+        finish_l[v] = f
         done += 1
-        for j in problem.succs[v]:
-            dj = pl[j]
+        for j in succs[v]:
+            dj = pl_l[j]
             if dj != dv and (v, dj) not in arrival:
                 arrival[(v, dj)] = f + comm(dv, dj, xb[(v, dj)])
             indeg[j] -= 1
@@ -208,7 +210,9 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
         if w >= 0:
             indeg[w] -= 1
             if indeg[w] == 0:
-                queue.append(int(w))
+                queue.append(w)
+    start = np.array(start_l, dtype=float)
+    finish = np.array(finish_l, dtype=float)
     if done < n:
         violations.append("the per-device order contradicts the graph's precedence (a cycle through device queues)")
         latency = math.inf
@@ -223,9 +227,9 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
         if d != host:
             transfers.append(Transfer(-1, host, d, b, 0.0, in_arrival[(k, d)], "input"))
     for (u, d), b in sorted(xb.items()):
-        transfers.append(Transfer(u, pl[u], d, b, finish[u], arrival.get((u, d), math.inf), "edge"))
+        transfers.append(Transfer(u, pl_l[u], d, b, finish[u], arrival.get((u, d), math.inf), "edge"))
     for s_, b in problem.outputs:
-        if pl[s_] != host:
+        if pl_l[s_] != host:
             transfers.append(Transfer(s_, pl[s_], host, b, finish[s_], finish[s_] + comm(pl[s_], host, b), "output"))
     device_load = np.bincount(pl, weights=dur, minlength=D).astype(float)
     link_load: dict[tuple[int, int], float] = {}
@@ -244,7 +248,7 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
 
     # ---- memory ----------------------------------------------------------------------
     param_bytes = np.bincount(pl, weights=problem.param_bytes, minlength=D).astype(float)
-    memory_peak = _memory_peaks(problem, pl, order, xb, ib) + param_bytes
+    memory_peak = _memory_peaks(problem, pl_l, order, xb, ib) + param_bytes
     if problem.constraints.memory:
         for d in range(D):
             cap = problem.capacity[d]
@@ -268,14 +272,14 @@ def _check_side_constraints(problem: Problem, latency: float, period: float, vio
 def _memory_peaks(problem: Problem, pl, order, xb, ib) -> np.ndarray:
     """Peak live activation bytes per device at step granularity (see module docstring)."""
     n, D = problem.n, problem.D
-    pos = np.empty(n, dtype=np.int64)
+    pos = [0] * n
     for seq in order:
         for p, v in enumerate(seq):
             pos[v] = p
     # intervals [first, last] of positions on a device, with bytes
     peaks = np.zeros(D)
-    diffs = [np.zeros(len(seq) + 1) for seq in order]
-    out_b = problem.output_bytes
+    diffs = [[0.0] * (len(seq) + 1) for seq in order]
+    out_b = problem.output_bytes.tolist()
     for u in range(n):
         du = pl[u]
         last = pos[u]
@@ -305,7 +309,7 @@ def _memory_peaks(problem: Problem, pl, order, xb, ib) -> np.ndarray:
             diffs[d][c + 1] -= b
     for d in range(D):
         if len(order[d]):
-            peaks[d] = float(np.cumsum(diffs[d][:-1]).max())
+            peaks[d] = float(np.cumsum(np.array(diffs[d][:-1])).max())
     return peaks
 
 

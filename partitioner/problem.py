@@ -190,6 +190,9 @@ class Problem:
 
     def check_supported(self) -> None:
         """Raise :class:`InfeasibleError` when some node (or group) can run on no device."""
+        ok = self.supported.any(axis=1)  # a fast pass; the loop below names the first node that fails
+        if ok.all() and all(self.supported[g].all(axis=0).any() for g in self.groups):
+            return
         for i in range(self.n):
             if not self.allowed_devices(i).size:
                 n = self.graph.node(self.node_name(i))

@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from collections import Counter
@@ -151,12 +152,12 @@ class Blocks:
         return len(self.blocks[0])
 
 
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")  # the first all-digit component of a dotted path
+
+
 def _block_key(path: str) -> tuple[str, int] | None:
-    parts = path.split(".") if path else []
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[:i]), int(p)
-    return None
+    m = _INDEX.search(path)
+    return None if m is None else (path[:m.start()], int(m.group(1)))
 
 
 def _local_signature(problem: Problem, nodes: list[int], ops: list[str]) -> tuple:
@@ -194,9 +195,10 @@ def find_blocks(problem: Problem, cut_factor: float = 8.0,
     keyed: dict[str, dict[int, list[int]]] = {}
     nodes = problem.graph.nodes
     for i, node in enumerate(nodes):
-        k = _block_key(node.module_path)
-        if k is not None:
-            keyed.setdefault(k[0], {}).setdefault(k[1], []).append(i)
+        if node.module_path:
+            k = _block_key(node.module_path)
+            if k is not None:
+                keyed.setdefault(k[0], {}).setdefault(k[1], []).append(i)
     ops = [node.op for node in nodes]
     prefixes = sorted((p for p in keyed if len(keyed[p]) >= 2),
                       key=lambda p: (-sum(len(v) for v in keyed[p].values()), p))
@@ -249,22 +251,32 @@ def _chain(problem: Problem, prefix: str, groups: dict[int, list[int]], cut_fact
             epi.add(v)
     prologue = [v for v in prologue if v not in epi]
     epilogue = sorted(epi)
-    for v in range(n):
-        for w, _ in problem.succ_bytes[v]:
-            bv, bw = which[v], which[w]
-            if v in epi and bw >= 0:
-                return None, "an epilogue node feeds a block (not a chain)"
-            if bv >= 0 and bw >= 0 and bw not in (bv, bv + 1):
-                return None, f"block {best[bv]} feeds block {best[bw]} (not the next one)"
-            if bv >= 0 and bw < 0 and bv != L - 1:
-                return None, f"block {best[bv]} feeds a node outside the chain"
+    wa = np.asarray(which, dtype=np.int64)
+    bv_, bw_ = wa[problem.edge_src], wa[problem.edge_dst]
+    in_epi = np.zeros(n, dtype=bool)
+    in_epi[list(epi)] = True
+    if ((in_epi[problem.edge_src] & (bw_ >= 0)) | ((bv_ >= 0) & (bw_ >= 0) & (bw_ != bv_) & (bw_ != bv_ + 1))
+            | ((bv_ >= 0) & (bw_ < 0) & (bv_ != L - 1))).any():  # name the first offending edge
+        for v in range(n):
+            for w, _ in problem.succ_bytes[v]:
+                bv, bw = which[v], which[w]
+                if v in epi and bw >= 0:
+                    return None, "an epilogue node feeds a block (not a chain)"
+                if bv >= 0 and bw >= 0 and bw not in (bv, bv + 1):
+                    return None, f"block {best[bv]} feeds block {best[bw]} (not the next one)"
+                if bv >= 0 and bw < 0 and bv != L - 1:
+                    return None, f"block {best[bv]} feeds a node outside the chain"
     if any(0 <= which[s] < L - 1 for s, _ in problem.outputs):
         return None, "a block node other than the last block's is a model output"
     for g in problem.groups:
         if len({int(which[v]) for v in g}) > 1:
             return None, "a co-location group crosses a block boundary"
-    ins = [sorted((k, rel[v]) for k, (_, dsts) in enumerate(problem.in_tensors) for v in dsts if which[v] == b)
-           for b in range(L)]
+    ins: list[list] = [[] for _ in range(L)]
+    for k, (_, dsts) in enumerate(problem.in_tensors):
+        for v in dsts:
+            if which[v] >= 0:
+                ins[which[v]].append((k, rel[v]))
+    ins = [sorted(x) for x in ins]
     if any(x != ins[0] for x in ins):
         return None, "blocks read different model inputs"
     outside = [set() for _ in range(L)]

@@ -430,17 +430,25 @@ def _dp(R: _Reduced, f: int | None):
             rows = kd.rows[np.isfinite(w[kd.rows])]
             if not rows.size:
                 continue
-            C = kd.comp[rows]
-            cand = w[rows][:, None] + C if R.additive else np.maximum(w[rows][:, None], C)
+            # the rows from the first to the last with a finite entry (an inf row is never the least
+            # of a column that has a finite one, and ties go to the first row, as over ``rows``); a
+            # stage [j, k) has k > j, so the columns up to the first row stay inf
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            lo = r0 + 1
+            C = kd.comp[r0:r1, lo:]
+            wr = w[r0:r1, None]
+            cand = wr + C if R.additive else np.maximum(wr, C)
             jb = cand.argmin(axis=0)
-            best = cand[jb, cols]
+            best = cand[jb, cols[:E + 1 - lo]]
             vi = ui + kidx[s]
-            upd = best < V[vi, a]
+            Vt = V[vi, a, lo:]
+            upd = best < Vt
             if upd.any():
-                V[vi, a][upd] = best[upd]
-                aj[vi, a][upd] = rows[jb[upd]]
-                ac[vi, a][upd] = bc[rows[jb[upd]]]
-                ak[vi, a][upd] = s
+                Vt[upd] = best[upd]
+                jr = jb[upd] + r0
+                aj[vi, a, lo:][upd] = jr
+                ac[vi, a, lo:][upd] = bc[jr]
+                ak[vi, a, lo:][upd] = s
     final = V[:, :, E] + R.h_out[None, :] if R.additive else np.maximum(V[:, :, E], R.h_out[None, :])
     return final, (aj, ac, ak, kidx), vecs
 

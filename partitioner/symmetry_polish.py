@@ -96,9 +96,8 @@ def _relief_descent(st, score, budget, mod_of=None, mods=None) -> tuple:
             st.work += nodes.size
             vi, bi = np.nonzero(valid)
             if vi.size:
-                ratio = Tn[vi, bi] / g[vi]
-                pick = np.lexsort((bi, nodes[vi], new[vi, bi], ratio))[:RELIEF_TRIES]
-                for k in pick:
+                keys = (bi, nodes[vi], new[vi, bi], Tn[vi, bi] / g[vi])
+                for k in _lex_order(keys, RELIEF_TRIES):
                     v, b = int(nodes[vi[k]]), int(bi[k])
                     kept, best = try_moves(st, [(v, b, st.pos[v])], score, best)
                     if kept:
@@ -114,6 +113,22 @@ def _relief_descent(st, score, budget, mod_of=None, mods=None) -> tuple:
                 break
             best = s
     return best
+
+
+def _lex_order(keys: tuple, most: int):
+    """The first ``most`` indices of ``np.lexsort(keys)`` (last key primary), lazily: the least
+    by a linear scan (the first try is usually kept), the others by one sort when asked."""
+    c = np.flatnonzero(keys[-1] == keys[-1].min())
+    for key in keys[-2::-1]:
+        if c.size == 1:
+            break
+        kc = key[c]
+        c = c[kc == kc.min()]
+    first = int(c[0])
+    yield first
+    if most > 1:
+        for k in np.lexsort(keys)[1:most].tolist():
+            yield k
 
 
 def _gains(a: tuple, b: tuple) -> bool:

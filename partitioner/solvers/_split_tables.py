@@ -15,6 +15,18 @@ import numpy as np
 from ..problem import Problem
 
 
+def _row_lists(mask: np.ndarray) -> list[list[int]]:
+    """``np.flatnonzero(mask[v]).tolist()`` for every row ``v`` (each its own list), computed once
+    per distinct row."""
+    n, D = mask.shape
+    if D > 62:
+        return [np.flatnonzero(r).tolist() for r in mask]
+    keys = (mask.astype(np.int64) << np.arange(D, dtype=np.int64)).sum(axis=1)
+    uniq, which = np.unique(keys, return_inverse=True)
+    lists = [[d for d in range(D) if (k >> d) & 1] for k in uniq.tolist()]
+    return [lists[k][:] for k in which.reshape(-1).tolist()]
+
+
 class Tables:
     """Constant per-problem data, as plain Python lists for fast scalar access.
 
@@ -38,7 +50,7 @@ class Tables:
         self.pred_b, self.succ_b = p.pred_bytes, p.succ_bytes
         mask = allowed_mask(p) if allowed is None else np.asarray(allowed, dtype=bool)
         self.mask = mask
-        self.allowed = [np.flatnonzero(mask[v]).tolist() for v in range(n)]
+        self.allowed = _row_lists(mask)
         self.group_of = p.group_of.tolist()
         self.groups = [list(g) for g in p.groups]
         self._cm: dict[float, list[list[float]]] = {}
