@@ -197,9 +197,11 @@ class _Worker:
             tail -= 1
         self.tail_start = tail
         self.tail_queue: queue.SimpleQueue | None = None
+        self.tail_thread: threading.Thread | None = None
         if tail < len(self.actions) and tail > 0:
             self.tail_queue = queue.SimpleQueue()
-            threading.Thread(target=self._tail_loop, name=f"partitioner-{dev}-tail", daemon=True).start()
+            self.tail_thread = threading.Thread(target=self._tail_loop, name=f"partitioner-{dev}-tail", daemon=True)
+            self.tail_thread.start()
         self.thread = threading.Thread(target=self._loop, args=(ready,), name=f"partitioner-{dev}", daemon=True)
         self.thread.start()
 
@@ -359,6 +361,7 @@ class _Worker:
 _ABORTED = object()
 #: seconds the caller waits beyond ``timeout_s`` for the workers, and again after aborting
 _GRACE_S = 5.0
+_JOIN_S = 2.0  # how long close() waits for the worker threads to end
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -377,8 +380,17 @@ def _tree_clone(value: Any) -> Any:
 
 
 def _stop(workers: list[_Worker]) -> None:
+    """Stop the workers and wait (a little) for their threads to end: a thread still tearing
+    down its intra-op pool while the interpreter exits can abort the process ("terminate
+    called without an active exception")."""
     for w in workers:
         w.queue.put(None)
+    me = threading.current_thread()
+    deadline = time.perf_counter() + _JOIN_S
+    for w in workers:
+        for th in (w.thread, w.tail_thread):
+            if th is not None and th is not me and th.is_alive():
+                th.join(timeout=max(0.0, deadline - time.perf_counter()))
 
 
 class LocalRuntime:
