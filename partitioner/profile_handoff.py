@@ -4,11 +4,11 @@ The profile's same-device link (:func:`partitioner.profile_links.runtime_handoff
 times one wake-up: a receiver asleep in its recv while the sender computes a small matmul
 loop on its own data. A plan pays more at each hand-off than that: the receiver's first ops
 read activations that sit in the other core's caches, the runtime's per-action bookkeeping
-runs, the sender clones the values it sends, and short segments run slower than they do
-inside one long pass. None of this is in the per-node times (timed inside whole passes on
-one thread) nor in the wake-up probe, and on a model of small ops it adds up: on the 2-core
-VM this project is built on, a 16-segment BERT plan ran 15-25% slower than its prediction
-with the probe's latency alone (``bench/results/fidelity.md``).
+runs, and short segments run slower than they do inside one long pass. None of this is in
+the per-node times (timed inside whole passes on one thread) nor in the wake-up probe, and
+on a model of small ops it adds up: on the 2-core VM this project is built on, a 16-segment
+BERT plan ran 10-29% slower than its prediction with the wake-up latency alone (earlier
+runs of ``bench/fidelity.py``).
 
 :func:`measure_alternation` measures it on the model itself, before any plan is made:
 the graph is cut into ``chunks`` contiguous pieces of its topological order (equal
