@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import PartitionerError
 from .profile import LocalDevice, Profile, parse_devices
 from .profile_timing import runqueue_wait_s
 
@@ -182,7 +183,8 @@ def _node_times(problem) -> np.ndarray:
 def add_alternation(profile: Profile, loaded, devices: str | list, **kw) -> Profile:
     """:func:`measure_alternation` for every CPU device of ``devices`` into
     ``profile.graphs[loaded.graph.name]["alternation"]`` (replacing earlier records of the
-    same device model)."""
+    same device model). A probe that fails (the model cannot be emitted or run in pieces)
+    is skipped with a warning: the profile stays valid without it."""
     name = loaded.graph.name
     if name not in profile.graphs:
         from .errors import CostModelError
@@ -190,7 +192,17 @@ def add_alternation(profile: Profile, loaded, devices: str | list, **kw) -> Prof
         raise CostModelError(f"the profile holds no graph {name!r}", hint="profile the graph first (profile_graph)")
     devs = devices if isinstance(devices, list) and all(isinstance(d, LocalDevice) for d in devices) \
         else parse_devices(devices)
-    recs = [r for r in (measure_alternation(profile, loaded, d, **kw) for d in devs if d.kind == "cpu") if r]
+    recs = []
+    for d in devs:
+        if d.kind != "cpu":
+            continue
+        try:
+            r = measure_alternation(profile, loaded, d, **kw)
+        except (PartitionerError, RuntimeError) as err:  # an optional refinement: never the end of a profile
+            log.warning("hand-off probe on %s skipped: %s", d.id, getattr(err, "message", err))
+            continue
+        if r:
+            recs.append(r)
     models = {r["model"] for r in recs}
     keep = [r for r in profile.graphs[name].get("alternation", []) if r.get("model") not in models]
     profile.graphs[name]["alternation"] = keep + recs

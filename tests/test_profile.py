@@ -482,3 +482,20 @@ def test_alternation_probe_is_measured_and_charged_on_the_link(tmp_path):
     with pytest.raises(CostModelError, match="no graph"):
         add_alternation(Profile(), lm, "cpu:1t")
     assert measure_alternation(prof, load_model(nn.Linear(4, 4), (torch.randn(1, 4),)), "cpu:1t") is None
+
+
+def test_a_failing_handoff_probe_is_skipped_with_a_warning(monkeypatch, caplog):
+    import partitioner.profile_handoff as ph
+    from partitioner.errors import ArtifactError
+
+    torch.manual_seed(0)
+    lm = load_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),))
+    prof = profile_graph(lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, **FAST)
+
+    def boom(*a, **k):
+        raise ArtifactError("cannot emit this model", hint="-")
+
+    monkeypatch.setattr(ph, "measure_alternation", boom)
+    with caplog.at_level("WARNING", logger="partitioner.profile_handoff"):
+        ph.add_alternation(prof, lm, "cpu:1t")
+    assert prof.graphs[lm.graph.name]["alternation"] == [] and "hand-off probe on cpu:1t skipped" in caplog.text
