@@ -104,7 +104,7 @@ def path_labels(problem: Problem) -> PathLabels:
     n, D, host = problem.n, problem.D, problem.host
     A = allowed_mask(problem)
     T = np.where(A, problem.T, np.inf)
-    cm = _chain.comm_cache(problem)
+    cm = problem.comm_matrices()
     head = np.empty((n, D))
     for v in range(n):
         ready = np.zeros(D)

@@ -56,19 +56,6 @@ LIMITS = {"chain_seg": 24, "chain_det": 0.25, "chain_det_seg": 0.08, "chain_wall
           "chain_nodes": 5_000, "chain_visit": 4_000}
 
 
-def comm_cache(problem: Problem):
-    """``cm(bytes)``: ``problem.comm_matrix(bytes)``, memoised per byte size."""
-    mats: dict[float, np.ndarray] = {}
-
-    def cm(b: float) -> np.ndarray:
-        m = mats.get(b)
-        if m is None:
-            m = mats[b] = problem.comm_matrix(b)
-        return m
-
-    return cm
-
-
 def critical_chain(problem: Problem, lab) -> list[int]:
     """A path through the node with the largest ``min_d head + tail``, following at each step
     the neighbour with the largest such value (ties: lowest index)."""
@@ -225,7 +212,7 @@ def chain_bound(problem: Problem, lab) -> tuple[float, dict]:
     info: dict = {}
     if n == 0 or n > LIMITS["chain_nodes"]:
         return 0.0, {"chain": "skipped"}
-    cm = comm_cache(problem)
+    cm = problem.comm_matrices()
     chain = critical_chain(problem, lab)
     crit = float((lab.head + lab.tail).min(axis=1).max())
     unit = (crit or 1.0) / 2 ** 24

@@ -176,6 +176,19 @@ class Problem:
     def comm_matrix(self, nbytes: float) -> np.ndarray:
         return self.links.matrix(nbytes)
 
+    def comm_matrices(self):
+        """``cm(nbytes)``: :meth:`comm_matrix`, memoised per byte size for one caller's loop
+        (the arrays are shared: read them, never write)."""
+        mats: dict[float, np.ndarray] = {}
+
+        def cm(nbytes: float) -> np.ndarray:
+            m = mats.get(nbytes)
+            if m is None:
+                m = mats[nbytes] = self.links.matrix(nbytes)
+            return m
+
+        return cm
+
     def with_objective(self, objective: Objective | str, constraints: Constraints | None = None) -> "Problem":
         """The same graph and spec with another objective (reuses the cost matrix)."""
         return Problem(self.graph, self.spec, objective, constraints or self.constraints, T=self.T)

@@ -209,13 +209,7 @@ def module_pass(problem: Problem, mods: list[list[int]], settings: Settings, det
     for k, m in enumerate(mods):
         in_mod[m] = k
     roomy = _memory_room(problem)
-    mats: dict[float, np.ndarray] = {}
-
-    def cmat(b: float) -> np.ndarray:
-        m = mats.get(b)
-        if m is None:
-            m = mats[b] = problem.comm_matrix(b)
-        return m
+    cmat = problem.comm_matrices()
 
     for k, mod in enumerate(mods):
         rel = full.release[mod].copy()
