@@ -64,8 +64,9 @@ from partitioner.api import compile_plan, grade, load_model  # noqa: E402
 from partitioner.calibrate import fidelity_report, predict_schedule  # noqa: E402
 from partitioner.problem import Plan, Settings  # noqa: E402
 from partitioner.profile import add_transfers, apply_profile, profile_graph, runqueue_wait_s  # noqa: E402
-from partitioner.profile_handoff import add_alternation  # noqa: E402
-from partitioner.profile_links import add_corun, corun_slowdown  # noqa: E402
+from partitioner.hardware import load_spec  # noqa: E402
+from partitioner.profile_handoff import add_alternation, runtime_costs  # noqa: E402
+from partitioner.profile_links import add_corun  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
 
@@ -206,9 +207,11 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     link = prof.transfer("cpu:1t", "cpu:1t")
     handoff = link["latency_s"]
     rt_handoff = dict(link.get("handoff", {}), pingpong_s=link.get("pingpong_latency_s"))
-    run_overhead = 2 * handoff  # the runtime wakes its workers and is woken by the last one
-    slow = corun_slowdown(prof, lm.graph.name, "cpu-1t", "cpu-1t")
-    contention = {"cpu0": slow[0], "cpu1": slow[1]} if slow else None
+    # the runtime's own measured costs, as a compile from this profile stores them for `partitioner run`
+    # (run overhead: two hand-offs, the runtime wakes its workers and is woken by the last one)
+    costs = runtime_costs(prof, load_spec(SPEC), {"cpu0": "cpu:1t", "cpu1": "cpu:1t"}, lm.graph.name)
+    run_overhead = costs.get("run_overhead_s", 2 * handoff)
+    contention = costs.get("contention")
     whole = prof.graphs[lm.graph.name].get("whole", {})
     keys = prof.graphs[lm.graph.name]["nodes"]
     t1 = time.perf_counter()

@@ -40,7 +40,7 @@ import torch
 
 from .errors import PartitionerError
 from .profile import LocalDevice, Profile, parse_devices
-from .profile_timing import runqueue_wait_s
+from .profile_timing import least_contended_median, runqueue_wait_s
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,7 @@ def measure_alternation(profile: Profile, loaded, device: str | LocalDevice, *, 
         for rt in rts.values():
             rt.close()
 
-    def med(xs):  # the clean runs, else the least contended half
-        clean = [t for t, f in xs if f <= CLEAN_WAIT]
-        least = [t for t, _ in sorted(xs, key=lambda x: x[1])[:max(1, (len(xs) + 1) // 2)]]
-        return float(np.median(clean if len(clean) >= max(3, len(xs) // 2) else least))
-
-    m = {k: med(v) for k, v in walls.items()}
+    m = {k: least_contended_median(v, CLEAN_WAIT) for k, v in walls.items()}
     drift = (m["single"] - pred["single"]) * (pred["alternating"] / pred["single"]) if pred["single"] > 0 else 0.0
     excess = (m["alternating"] - pred["alternating"]) - drift
     per = max(0.0, excess / n_x)
@@ -244,13 +239,12 @@ def runtime_costs(profile: Profile, spec, matched: dict[str, str], graph: str | 
         out["run_overhead_s"] = 2.0 * float(min(hand))
     cpus = [d for d in spec.device_ids if d in matched and profile.devices.get(matched[d], {}).get("kind") == "cpu"]
     slow: dict[str, float] = {}
-    for d in cpus:
-        for e in cpus:
-            if e == d:
-                continue
+    for i, d in enumerate(cpus):
+        for e in cpus[i + 1:]:  # (slowdown of d, of e); two devices of one model take a and b in spec order
             f = corun_slowdown(profile, graph, profile.model_of(matched[d]), profile.model_of(matched[e]))
-            if f is not None and math.isfinite(f[0]):
-                slow[d] = max(slow.get(d, 1.0), float(f[0]))
+            for x, v in zip((d, e), f or ()):
+                if math.isfinite(v):
+                    slow[x] = max(slow.get(x, 1.0), float(v))
     if slow:
         out["contention"] = slow
     return out

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .profile import LocalDevice, Profile, _sync_for, _time_call, parse_devices
+from .profile_timing import least_contended_median
 
 __all__ = ["measure_transfers", "add_transfers", "runtime_handoff_latency", "measure_corun", "add_corun",
            "corun_slowdown"]
@@ -253,12 +254,7 @@ def measure_corun(gm, example_inputs: tuple, devices: str | list, *, rounds: int
                     for k in res:
                         res[k] += sink[k]
 
-            def med(xs):  # the clean passes, else the least contended half
-                clean = [t for t, f in xs if f <= clean_wait]
-                least = [t for t, _ in sorted(xs, key=lambda x: x[1])[:max(1, (len(xs) + 1) // 2)]]
-                return float(np.median(clean if len(clean) >= max(3, len(xs) // 2) else least))
-
-            m = {k: med(v) for k, v in res.items()}
+            m = {k: least_contended_median(v, clean_wait) for k, v in res.items()}
             n_clean = min(sum(1 for _, f in v if f <= clean_wait) for v in res.values())
             out.append({"a": a.id, "b": b.id, "models": [a.model, b.model],
                         "alone_s": {"a": m["alone_a"], "b": m["alone_b"]},

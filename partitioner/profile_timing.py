@@ -254,3 +254,11 @@ def _profile_in_context(gm, flat: list, keys: dict[str, str], dev: LocalDevice, 
     return out, dict(info, pass_median_s=float(np.median([p[2] for p in kept])),
                      whole_median_s=float(np.median(kept_whole)), whole_samples=len(wholes),
                      whole_clean=len(clean_whole))
+
+
+def least_contended_median(samples: list[tuple[float, float]], clean_wait: float) -> float:
+    """Median of the ``(seconds, wait fraction)`` samples whose run-queue wait is at most
+    ``clean_wait``, when at least 3 and half of them are; else of the least contended half."""
+    clean = [t for t, f in samples if f <= clean_wait]
+    least = [t for t, _ in sorted(samples, key=lambda x: x[1])[:max(1, (len(samples) + 1) // 2)]]
+    return float(np.median(clean if len(clean) >= max(3, len(samples) // 2) else least))
