@@ -11,8 +11,14 @@ Combinatorial parts (a dynamic programme or closed form):
   ``tail[v, d]`` bounds the time from that finish to the end (each successor on its best
   device after the transfer; output transfers to the host). Any plan ``p`` has
   ``latency >= head[v, p(v)] + tail[v, p(v)] >= min_d (head + tail)[v, d]`` for every
-  ``v``; contention is ignored. Chains of nodes only one device supports are priced
-  exactly here (``T`` is infinite elsewhere). This is at least v1's path bound.
+  ``v``. Contention is ignored except at one node's own device: the inputs of ``v`` on
+  ``d`` come either from ``d`` itself, where their producers ran one at a time (each from
+  its own ``head - T``), or from another device after the transfer, so ``v`` is ready no
+  earlier than ``min_L max(last arrival from elsewhere, one-machine span of L with
+  release dates)`` over the sets ``L`` of local producers (by release order, exact on one
+  machine); the same for the consumers in ``tail`` (Jackson's rule, decreasing tails).
+  Chains of nodes only one device supports are priced exactly here (``T`` is infinite
+  elsewhere). This is at least v1's path bound (``L`` of at most one node).
 * ``energy``: ``sum_v min_d T[v, d] / D``: the busiest device does at least the average
   work (it is also implied by ``load``).
 * ``forced`` (latency): the nodes ``S`` only ``d`` can run all run on ``d``, one at a time:
@@ -51,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from . import bounds_chain as _chain
+from . import bounds_join as _join
 from . import bounds_lp as _lp
 from .bounds_lp import LIMITS, SHAVE, LPResult, _Routes  # noqa: F401  (re-exported)
 from .errors import InfeasibleError
@@ -100,7 +107,8 @@ def allowed_mask(problem: Problem) -> np.ndarray:
 
 
 def path_labels(problem: Problem) -> PathLabels:
-    """Forward (head) and backward (tail) earliest-time labels with contention ignored."""
+    """Forward (head) and backward (tail) earliest-time labels, contention ignored except
+    among the inputs (outputs) of one node on its own device (module docstring, ``path``)."""
     n, D, host = problem.n, problem.D, problem.host
     A = allowed_mask(problem)
     T = np.where(A, problem.T, np.inf)
@@ -110,15 +118,17 @@ def path_labels(problem: Problem) -> PathLabels:
         ready = np.zeros(D)
         for k in problem.node_inputs[v]:
             np.maximum(ready, cm(problem.in_tensors[k][0])[host], out=ready)
-        for u, b in problem.pred_bytes[v]:
-            np.maximum(ready, (head[u][:, None] + cm(b)).min(axis=0), out=ready)
+        pb = problem.pred_bytes[v]
+        if pb:
+            np.maximum(ready, _join.join_ready(head, pb, T, T[v], cm), out=ready)
         head[v] = ready + T[v]
     tail = np.zeros((n, D))
     for s, b in problem.outputs:
         np.maximum(tail[s], cm(b)[:, host], out=tail[s])
     for v in range(n - 1, -1, -1):
-        for s, b in problem.succ_bytes[v]:
-            np.maximum(tail[v], (cm(b) + (T[s] + tail[s])[None, :]).min(axis=1), out=tail[v])
+        sb = problem.succ_bytes[v]
+        if sb:
+            np.maximum(tail[v], _join.fork_tail(tail, sb, T, T[v], cm), out=tail[v])
     return PathLabels(head, tail, A, T)
 
 

@@ -48,6 +48,7 @@ import time
 
 import numpy as np
 
+from .bounds_join import join_ready
 from .problem import Problem
 
 log = logging.getLogger(__name__)
@@ -121,20 +122,20 @@ def _segments(problem: Problem, chain: list[int]) -> list[tuple[int, int, list[i
 
 def _segment_path(problem: Problem, lab, cm, nodes: list[int], a: int, b: int) -> np.ndarray:
     """``(D, D)``: for ``c_k = a`` on device ``i`` (finishing at 0) the least finish of
-    ``c_{k+1} = b`` on ``j`` by longest paths within the segment (contention ignored)."""
+    ``c_{k+1} = b`` on ``j`` by longest paths within the segment (contention ignored but
+    among one node's inputs on its own device, :func:`partitioner.bounds_join.join_ready`)."""
     D = problem.D
-    T = lab.T
-    inseg = set(nodes) | {a}
+    seg = [a, *nodes, b]
+    at = {v: k for k, v in enumerate(seg)}
+    Ts = lab.T[seg]
+    preds = [[(at[u], by) for u, by in problem.pred_bytes[v] if u in at] for v in seg]
     out = np.empty((D, D))
     for i in range(D):
-        g = {a: np.where(np.arange(D) == i, 0.0, np.inf)}
-        for v in nodes + [b]:
-            ready = np.zeros(D)
-            for u, by in problem.pred_bytes[v]:
-                if u in inseg:
-                    np.maximum(ready, (g[u][:, None] + cm(by)).min(axis=0), out=ready)
-            g[v] = ready + T[v]
-        out[i] = g[b]
+        g = np.full((len(seg), D), np.inf)
+        g[0, i] = 0.0
+        for k in range(1, len(seg)):
+            g[k] = (join_ready(g, preds[k], Ts, Ts[k], cm) if preds[k] else 0.0) + Ts[k]
+        out[i] = g[-1]
     return out
 
 

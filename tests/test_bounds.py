@@ -224,6 +224,43 @@ def test_period_parts_below_brute_force(seed, n, D, tight):
         assert x <= (opt_single if "1 group" in k else opt) * (1 + REL), (k, x, opt, opt_single)
 
 
+def independent_labels(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """v1's path labels, every input (output) priced on its own: the reference the
+    contention-aware labels must dominate."""
+    n, D, host = problem.n, problem.D, problem.host
+    T = np.where(B.allowed_mask(problem), problem.T, np.inf)
+    head, tail = np.empty((n, D)), np.zeros((n, D))
+    for v in range(n):
+        ready = np.zeros(D)
+        for k in problem.node_inputs[v]:
+            ready = np.maximum(ready, problem.comm_matrix(problem.in_tensors[k][0])[host])
+        for u, b in problem.pred_bytes[v]:
+            ready = np.maximum(ready, (head[u][:, None] + problem.comm_matrix(b)).min(axis=0))
+        head[v] = ready + T[v]
+    for s, b in problem.outputs:
+        tail[s] = np.maximum(tail[s], problem.comm_matrix(b)[:, host])
+    for v in range(n - 1, -1, -1):
+        for s, b in problem.succ_bytes[v]:
+            tail[v] = np.maximum(tail[v], (problem.comm_matrix(b) + (T[s] + tail[s])[None, :]).min(axis=1))
+    return head, tail
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10 ** 6), n=st.integers(3, 6), D=st.integers(2, 3), tight=st.booleans())
+def test_contention_aware_path_below_brute_force_and_above_v1(seed, n, D, tight):
+    """Dense DAGs (joins and forks everywhere): the labels dominate v1's elementwise, and the
+    path part stays at most the brute-force optimum."""
+    p = make_problem(seed, n, D, "latency", p=0.7, tight_memory=tight)
+    lab = B.path_labels(p)
+    head, tail = independent_labels(p)
+    fin = np.isfinite(head)
+    assert np.array_equal(fin, np.isfinite(lab.head))
+    assert (lab.head[fin] >= head[fin] * (1 - REL)).all() and (lab.tail >= tail * (1 - REL)).all()
+    opt = brute_latency(p) if D == 2 or n <= 5 else math.inf
+    if math.isfinite(opt):
+        assert B.critical_path_bound(p, lab) <= opt * (1 + REL), (B.critical_path_bound(p, lab), opt)
+
+
 def test_replicas_can_beat_the_single_group_lp():
     """Two GPUs fed over their own links by a host that is blocked while it sends: one
     pipeline must send the input from the host once per sample, two replicas each send

@@ -18,7 +18,7 @@ from partitioner.hardware import parse_spec
 from partitioner.problem import Problem, Settings
 from partitioner.solvers import solve
 
-from test_bounds import brute_latency, make_problem
+from test_bounds import brute_latency, independent_labels, make_problem
 
 REL = 1e-9
 
@@ -47,26 +47,29 @@ def test_chain_below_milp_optimum(seed):
     assert B.lower_bound(p).value <= evaluate(p, plan).latency * (1 + 1e-6)
 
 
-def fork_join(k: int, t: float, nbytes: float) -> Problem:
-    """A source, ``k`` parallel branches of time ``t`` and a sink on two identical GPUs joined
-    through a host that is too slow to help: branches on one GPU serialise, on the other they
-    pay two transfers."""
-    nodes = [Node(id="s")] + [Node(id=f"b{i}") for i in range(k)] + [Node(id="j")]
-    edges = [("s", f"b{i}", nbytes) for i in range(k)] + [(f"b{i}", "j", nbytes) for i in range(k)]
+def fork_join(k: int, t: float, nbytes: float, depth: int = 1) -> Problem:
+    """A source, ``k`` parallel branches of ``depth`` nodes of time ``t`` and a sink on two
+    identical GPUs joined through a host that is too slow to help: branches on one GPU
+    serialise, on the other they pay two transfers."""
+    br = [[f"b{i}" if depth == 1 else f"b{i}_{j}" for j in range(depth)] for i in range(k)]
+    nodes = [Node(id="s")] + [Node(id=x) for b in br for x in b] + [Node(id="j")]
+    edges = [("s", b[0], nbytes) for b in br] + [(b[-1], "j", nbytes) for b in br]
+    edges += [(b[j], b[j + 1], nbytes) for b in br for j in range(depth - 1)]
     g = CostGraph("fj", nodes, edges, [InputTensor("x", 1000, ("s",))], [("j", 1000)])
     dev = lambda i, kind: {"id": i, "host": "h", "kind": kind, "memory": {"capacity_bytes": 1e12}}  # noqa: E731
     spec = parse_spec({"name": "fj", "devices": [dev("cpu0", "cpu"), dev("g1", "gpu"), dev("g2", "gpu")],
                        "links": [{"a": "cpu0", "b": "g1", "bandwidth_Bps": 1e10, "latency_s": 1e-5},
                                  {"a": "cpu0", "b": "g2", "bandwidth_Bps": 1e10, "latency_s": 1e-5}]})
-    T = np.array([[1.0, t, t]] * (k + 2))
+    T = np.array([[1.0, t, t]] * len(nodes))
     T[0] = T[-1] = [1.0, 1e-5, 1e-5]
     return Problem(g, spec, "latency", T=T)
 
 
 def test_chain_sees_contention_the_lps_miss():
-    """Four 10 us branches, transfers of 40 us per hop: the optimum runs them on one GPU one
-    after the other; the path part sees one branch, the LPs spread them over both GPUs."""
-    p = fork_join(4, 1e-5, 3e5)
+    """Four branches of two 10 us nodes, transfers of 40 us per hop: the optimum runs them on
+    one GPU one after the other; the path part sees the join's inputs contend but not the
+    branches' first nodes, the LPs spread them over both GPUs."""
+    p = fork_join(4, 1e-5, 3e5, depth=2)
     b = B.lower_bound(p)
     opt = solve(p, "milp", Settings(seed=0, time_limit=60))
     assert opt.status == "optimal"
@@ -76,10 +79,23 @@ def test_chain_sees_contention_the_lps_miss():
     assert b.value >= evaluate(p, opt).latency * 0.95  # transfers to and from the host are all the rest
 
 
+def test_path_sees_contention_at_a_join():
+    """One-node branches: the join's inputs either ran on its GPU one at a time or pay the
+    transfers, so the path part alone reaches the optimum; v1's labels, pricing each input
+    on its own, see one branch."""
+    p = fork_join(4, 1e-5, 3e5)
+    b = B.lower_bound(p)
+    opt = evaluate(p, solve(p, "milp", Settings(seed=0, time_limit=60))).latency
+    head, tail = independent_labels(p)
+    assert b.parts["path"] <= opt * (1 + 1e-9)
+    assert b.parts["path"] >= opt * 0.99
+    assert b.parts["path"] > 1.3 * float((head + tail).min(axis=1).max())
+
+
 def test_chain_budget_zero_falls_back_to_segment_paths(monkeypatch):
     """Without CP-SAT time the segments keep their path values: still a bound, at least ``path``
     along the chain, and deterministic."""
-    p = fork_join(4, 1e-5, 3e5)
+    p = fork_join(4, 1e-5, 3e5, depth=2)
     monkeypatch.setitem(C.LIMITS, "chain_det", 0.0)
     lab = B.path_labels(p)
     value, info = C.chain_bound(p, lab)
