@@ -16,7 +16,9 @@ Combinatorial parts (a dynamic programme or closed form):
   its own ``head - T``), or from another device after the transfer, so ``v`` is ready no
   earlier than ``min_L max(last arrival from elsewhere, one-machine span of L with
   release dates)`` over the sets ``L`` of local producers (by release order, exact on one
-  machine); the same for the consumers in ``tail`` (Jackson's rule, decreasing tails).
+  machine); the same for the consumers in ``tail`` (Jackson's rule, decreasing tails). A
+  local input may bring the chain of nodes that feeds only it (each running on ``d`` or
+  not), priced by the least span over those options (:mod:`partitioner.bounds_join`).
   Chains of nodes only one device supports are priced exactly here (``T`` is infinite
   elsewhere). This is at least v1's path bound (``L`` of at most one node).
 * ``energy``: ``sum_v min_d T[v, d] / D``: the busiest device does at least the average
@@ -114,13 +116,14 @@ def path_labels(problem: Problem) -> PathLabels:
     T = np.where(A, problem.T, np.inf)
     cm = problem.comm_matrices()
     head = np.empty((n, D))
+    ups, downs = _join.exclusive_chains(problem, True), _join.exclusive_chains(problem, False)
     for v in range(n):
         ready = np.zeros(D)
         for k in problem.node_inputs[v]:
             np.maximum(ready, cm(problem.in_tensors[k][0])[host], out=ready)
         pb = problem.pred_bytes[v]
         if pb:
-            np.maximum(ready, _join.join_ready(head, pb, T, T[v], cm), out=ready)
+            np.maximum(ready, _join.join_ready(head, pb, T, T[v], cm, ups), out=ready)
         head[v] = ready + T[v]
     tail = np.zeros((n, D))
     for s, b in problem.outputs:
@@ -128,7 +131,7 @@ def path_labels(problem: Problem) -> PathLabels:
     for v in range(n - 1, -1, -1):
         sb = problem.succ_bytes[v]
         if sb:
-            np.maximum(tail[v], _join.fork_tail(tail, sb, T, T[v], cm), out=tail[v])
+            np.maximum(tail[v], _join.fork_tail(tail, sb, T, T[v], cm, downs), out=tail[v])
     return PathLabels(head, tail, A, T)
 
 

@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 
-from .bounds_join import join_ready
+from .bounds_join import chains_of, join_ready
 from .problem import Problem
 
 log = logging.getLogger(__name__)
@@ -123,18 +123,24 @@ def _segments(problem: Problem, chain: list[int]) -> list[tuple[int, int, list[i
 def _segment_path(problem: Problem, lab, cm, nodes: list[int], a: int, b: int) -> np.ndarray:
     """``(D, D)``: for ``c_k = a`` on device ``i`` (finishing at 0) the least finish of
     ``c_{k+1} = b`` on ``j`` by longest paths within the segment (contention ignored but
-    among one node's inputs on its own device, :func:`partitioner.bounds_join.join_ready`)."""
+    among one node's inputs and the chains feeding only them on its own device,
+    :func:`partitioner.bounds_join.join_ready`, within the segment)."""
     D = problem.D
     seg = [a, *nodes, b]
     at = {v: k for k, v in enumerate(seg)}
     Ts = lab.T[seg]
     preds = [[(at[u], by) for u, by in problem.pred_bytes[v] if u in at] for v in seg]
+    outdeg = [0] * len(seg)
+    for lst in preds:
+        for u, _ in lst:
+            outdeg[u] += 1
+    ups = chains_of(preds, outdeg)
     out = np.empty((D, D))
     for i in range(D):
         g = np.full((len(seg), D), np.inf)
         g[0, i] = 0.0
         for k in range(1, len(seg)):
-            g[k] = (join_ready(g, preds[k], Ts, Ts[k], cm) if preds[k] else 0.0) + Ts[k]
+            g[k] = (join_ready(g, preds[k], Ts, Ts[k], cm, ups) if preds[k] else 0.0) + Ts[k]
         out[i] = g[-1]
     return out
 
