@@ -23,6 +23,15 @@ Combinatorial parts (a dynamic programme or closed form):
   elsewhere). This is at least v1's path bound (``L`` of at most one node).
 * ``energy``: ``sum_v min_d T[v, d] / D``: the busiest device does at least the average
   work (it is also implied by ``load``).
+* ``window`` (latency): energetic reasoning. Node ``v`` on ``d`` runs inside ``[head - T,
+  C - tail]``, so at most ``max(0, t1 - head + T)`` of it before ``t1`` and ``max(0, t2 -
+  tail)`` after ``C - t2``: at least ``r[v, d] = max(0, T - both)`` inside ``[t1, C - t2]``,
+  where every device works at most ``C - t1 - t2``. With weights ``y >= 0`` summing to 1
+  (uniform, and the load LP's duals), ``C >= t1 + t2 + sum_v min_d y[d] r[v, d]`` whenever
+  that sum is positive (then the window holds work, so it is not empty); the best over a
+  grid of ``(t1, t2)`` (``WINDOW_GRID`` per side, up to the ``path`` value). The load
+  bound is the window ``t1 = t2 = 0``; the others add the idle time forced at the start
+  and the end.
 * ``forced`` (latency): the nodes ``S`` only ``d`` can run all run on ``d``, one at a time:
   the first starts no earlier than ``min_S (head - T)``, the last finishes at least
   ``sum_S T`` later and is followed by its tail, so ``latency >= min_S (head - T)[., d] +
@@ -162,15 +171,50 @@ def forced_bound(problem: Problem, labels: PathLabels | None = None) -> float:
     return best
 
 
+WINDOW_GRID = 24  # window starts (and ends) tried per side by ``window_bound``
+
+
+def window_bound(problem: Problem, labels: PathLabels | None = None, weights=()) -> float:
+    """Energetic reasoning over windows ``[t1, C - t2]`` (latency; see the module docstring):
+    ``weights`` are extra device weight vectors (each normalised here) besides uniform."""
+    lab = labels or path_labels(problem)
+    n, D = problem.n, problem.D
+    if n == 0:
+        return 0.0
+    A, T = lab.allowed, lab.T
+    est = np.full((n, D), np.inf)
+    np.subtract(lab.head, T, out=est, where=A)
+    tl = np.where(A, lab.tail, np.inf)
+    crit = critical_path_bound(problem, lab)
+    ys = [np.full(D, 1.0 / D)]
+    for y in weights:
+        y = np.maximum(np.asarray(y, dtype=float), 0.0)
+        if y.sum() > 0 and np.isfinite(y).all():
+            ys.append(y / y.sum())
+    ts = np.linspace(0.0, crit, WINDOW_GRID + 1)[:-1]
+    after = np.maximum(0.0, ts[:, None, None] - tl[None])          # (t2, n, D): at most this after C - t2
+    best = 0.0
+    for t1 in ts:
+        r = np.maximum(0.0, np.where(A, T, 0.0)[None] - np.maximum(0.0, t1 - est)[None] - after)
+        for y in ys:
+            ry = r * y
+            ry[:, ~A] = np.inf
+            W = ry.min(axis=2).sum(axis=1)                         # (t2,)
+            ok = W > 1e-12 * max(crit, 1e-300)
+            if ok.any():
+                best = max(best, float((t1 + ts + W)[ok].max()))
+    return best
+
+
 def load_lp(problem: Problem, mask: np.ndarray | None = None) -> LPResult:
     """The fractional load-balancing LP on the devices in ``mask`` (default all)."""
     A = allowed_mask(problem)
     return _lp.load_lp(problem, A if mask is None else A & mask[None, :])
 
 
-def load_lp_bound(problem: Problem) -> float:
+def load_lp_bound(problem: Problem, res: LPResult | None = None) -> float:
     """The fractional load-balancing LP (HiGHS via scipy); raises InfeasibleError if no fit."""
-    res = load_lp(problem)
+    res = res or load_lp(problem)
     if not math.isfinite(res.value):
         need = problem.param_bytes.sum()
         raise InfeasibleError(
@@ -314,7 +358,7 @@ _CACHE: "weakref.WeakKeyDictionary[Problem, Bound]" = weakref.WeakKeyDictionary(
 def lower_bound(problem: Problem) -> Bound:
     """The best lower bound this module can prove for ``problem``'s objective.
 
-    Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``coupled`` and ``chain``
+    Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``window``, ``coupled`` and ``chain``
     (:mod:`partitioner.bounds_chain`). Period:
     max of ``load``, ``energy`` and ``links``. ``info`` names the LP variants used and
     the time taken. Results are cached per Problem object.
@@ -324,12 +368,15 @@ def lower_bound(problem: Problem) -> Bound:
         return hit
     t0 = time.perf_counter()
     lab = path_labels(problem)
-    parts = {"load": load_lp_bound(problem), "energy": energy_bound(problem, lab)}
+    load = load_lp(problem)
+    parts = {"load": load_lp_bound(problem, load), "energy": energy_bound(problem, lab)}
     info: dict[str, Any] = {}
     if problem.objective is Objective.LATENCY:
         parts["path"] = critical_path_bound(problem, lab)
         parts["forced"] = forced_bound(problem, lab)
-        res = coupled_lp_bound(problem, lab, known=parts["load"])
+        duals = () if load.ub_duals is None else (load.ub_duals[:problem.D],)  # the device load rows come first
+        parts["window"] = window_bound(problem, lab, duals)
+        res = coupled_lp_bound(problem, lab, known=max(parts["load"], parts["window"]))
         info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
         if res.variant != "skipped":
             parts["coupled"] = res.value

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,7 +33,8 @@ LIMITS = {"coupled_z": 2_000, "coupled_nodes": 2_500, "coupled_x": 200_000,
 
 @dataclass(frozen=True)
 class LPResult:
-    """An LP bound: ``value`` (certified, shaved), ``primal`` (HiGHS' optimum, unshaved)."""
+    """An LP bound: ``value`` (certified, shaved), ``primal`` (HiGHS' optimum, unshaved);
+    ``ub_duals``: the multipliers (``>= 0``) of the ``<=`` rows, in the order they were added."""
 
     value: float
     primal: float
@@ -41,6 +42,7 @@ class LPResult:
     n_vars: int = 0
     n_rows: int = 0
     seconds: float = 0.0
+    ub_duals: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 class _LP:
@@ -113,7 +115,7 @@ class _LP:
         value = max(0.0, min(cert, primal * (1 - SHAVE)) * scale)
         if cert < primal * (1 - 1e-6):
             log.debug("LP bound %s: dual certificate %.9g below primal %.9g", variant, cert, primal)
-        return LPResult(value, primal * scale, variant, **size)
+        return LPResult(value, primal * scale, variant, **size, ub_duals=None if A_ub is None else -lam)
 
 
 def _x_vars(lp: _LP, A: np.ndarray) -> np.ndarray:

@@ -370,3 +370,14 @@ def test_timing_smoke_2000_nodes(objective, caplog):
     logging.getLogger(__name__).info("lower bound at 2000 nodes (%s): %.2f s, %s", objective, dt, b.info)
     assert math.isfinite(b.value) and b.value > 0
     assert dt < 30.0  # about 1 s on 2 cores; generous for slow CI machines
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_window_dominates_load_and_stays_below_heuristics(seed):
+    """The window ``t1 = t2 = 0`` with the load LP's duals is the load LP (no memory rows
+    here), so ``window`` is at least ``load``; like every part it is below HEFT's plan."""
+    rng = random.Random(seed)
+    p = make_problem(seed, rng.randint(8, 30), rng.randint(2, 4), "latency")
+    b = B.lower_bound(p)
+    assert b.parts["window"] >= b.parts["load"] * (1 - 1e-6)
+    assert b.parts["window"] <= evaluate(p, solve(p, "heft", Settings(seed=0))).latency * (1 + REL)
