@@ -116,11 +116,11 @@ def chains_of(nxt: list, back: list[int]) -> list[tuple[list[int], list[float]]]
 
 def _options(chains, T: np.ndarray, key, link) -> tuple[np.ndarray, np.ndarray]:
     """``(m, K, D)`` arrays for the jobs' options: option ``k`` runs the first ``k + 1``
-    nodes of the job's chain on the device and not the next one, ``P`` their summed times
+    nodes of the job's chain on the device and not the next one; ``P`` is their summed time
     and ``R`` what bounds the last of them: ``key(c)`` (its earliest start there going up,
-    its tail going down) and, when the chain goes on, ``(D,)``: the same
-    with the next node ``y`` on another device, from ``link(y, bytes)``). Padded options and devices a node may not
-    use have ``P = inf``."""
+    its tail going down) and, when the chain goes on, ``link(y, bytes)`` (the same with the
+    next node ``y`` on another device). Padded options and devices a node may not use have
+    ``P = inf``."""
     m, K, D = len(chains), max(len(c) for c, _ in chains), T.shape[1]
     R = np.full((m, K, D), np.inf)
     P = np.full((m, K, D), np.inf)
@@ -157,6 +157,7 @@ def _merge(opts: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def _span_options(opts: list[list[tuple[float, float]]]) -> float:
     """``min`` over one option per job of the one-machine span with release dates (exact:
     ``max_i R_(i) + sum of the times released at or after it``), every combination at once."""
+    opts = list(opts)  # merged below; the caller's list stays as it is
     if any(not o for o in opts):
         return math.inf
     while math.prod(len(o) for o in opts) > COMBOS_MAX:
@@ -183,25 +184,18 @@ def _chain_first(rem: np.ndarray, R: np.ndarray, P: np.ndarray, Tv: np.ndarray) 
     down: followed by the tail ``R[j, k]``, the mirror image of a release on one machine).
     The least span over the options (:func:`_span_options`) only grows with the set of
     jobs, so the prefix argument of :func:`_local_first` holds."""
-    m, K, D = R.shape
+    m, _, D = R.shape
     out = np.full(D, -np.inf)
     for d in np.flatnonzero(np.isfinite(Tv)).tolist():
-        order = sorted(range(m), key=lambda j: -rem[j, d])
-        best, local = math.inf, []
-        for k in range(m + 1):
-            thr = float(rem[order[k], d]) if k < m else -math.inf
-            s_ = _span_options([list(o) for o in local]) if local else -math.inf
-            best = min(best, max(thr, s_))
-            if s_ >= thr or k == m:
-                break
-            local.append(_pareto(R[order[k], :, d], P[order[k], :, d]))
-        out[d] = best
+        jobs = [_pareto(R[j, :, d], P[j, :, d]) for j in range(m)]
+        out[d] = _local_first(rem[:, d].tolist(), jobs, _span_options, list.append)
     return out
 
 
-def _local_first(rem: list[float], jobs: list[tuple[float, float]], span) -> float:
+def _local_first(rem: list[float], jobs: list, span, insert=bisect.insort) -> float:
     """``min over L`` of ``max(max_{i not in L} rem[i], span(L))``: the jobs ``L`` run on the
-    node's own device one at a time (``span`` of their sorted list), the others arrive from
+    node's own device one at a time (``span`` of their list, kept by ``insert``: sorted by
+    default), the others arrive from
     elsewhere at ``rem``. Only the jobs of largest ``rem`` are worth running locally, so
     ``L`` is a prefix in decreasing ``rem``; ``span`` only grows along the prefixes and the
     threshold only falls, so the scan stops where they cross."""
@@ -213,7 +207,7 @@ def _local_first(rem: list[float], jobs: list[tuple[float, float]], span) -> flo
         best = min(best, max(thr, s))
         if s >= thr or k == len(order):
             break
-        bisect.insort(local, jobs[order[k]])
+        insert(local, jobs[order[k]])
     return best
 
 

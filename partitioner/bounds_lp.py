@@ -165,7 +165,8 @@ def _serial_upper(problem: Problem, A: np.ndarray) -> float:
 
 def load_lp(problem: Problem, A: np.ndarray) -> LPResult:
     """The fractional load-balancing LP: ``min C`` with ``C >= sum_v T[v, d] x[v, d]`` for each
-    device, ``x`` over the allowed pairs ``A`` (n, D), parameters within memory."""
+    device, ``x`` over the allowed pairs ``A`` (n, D), parameters within memory. Its first
+    ``D`` ``<=`` rows are the device loads (their multipliers: ``ub_duals[:D]``)."""
     if problem.n == 0:
         return LPResult(0.0, 0.0, "load")
     if not A.any(axis=1).all():
