@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from instances import random_graph, random_spec, two_gpu_spec
-from partitioner.bounds import lower_bound
+
+from partitioner.bounds.lower import lower_bound
 from partitioner.errors import SolverError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Constraints, Plan, Problem, Settings
-from partitioner.solvers import solve
-from partitioner.solvers import dp, metis, peft  # noqa: F401  (register the solvers)
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints, Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.baselines import metis, peft
+from partitioner.solvers.baselines import pipeline_dp as dp  # noqa: F401  (register the solvers)
+from partitioner.solvers.registry import solve
 
 NEW = ("peft", "pipeline-dp", "metis")
 

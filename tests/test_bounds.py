@@ -1,4 +1,4 @@
-"""Lower bounds (partitioner.bounds): every part is at most every plan's value and at most
+"""Lower bounds (partitioner.bounds.lower): every part is at most every plan's value and at most
 the brute-force optimum; the coupled LP dominates the v1 parts; size fallbacks stay valid."""
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from partitioner import bounds as B
+from partitioner.bounds import lower as B
+from partitioner.bounds import lp as bounds_lp
 from partitioner.errors import InfeasibleError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Constraints, Plan, Problem, Settings
-from partitioner.solvers import solve
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints, Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve
 
 HEURISTICS = ("heft", "greedy", "single")
 REL = 1e-9
@@ -308,7 +311,7 @@ def test_coupled_lp_dominates_v1_parts(seed):
     assert res.variant == "coupled-flow"
     assert res.primal >= max(path, load.primal) * (1 - REL)
     # the certified value loses only the shave
-    assert res.value >= res.primal * (1 - 2 * B.SHAVE) and load.value >= load.primal * (1 - 2 * B.SHAVE)
+    assert res.value >= res.primal * (1 - 2 * bounds_lp.SHAVE) and load.value >= load.primal * (1 - 2 * bounds_lp.SHAVE)
 
 
 def test_v2_parts_are_stronger_on_some_instances():
@@ -364,7 +367,7 @@ def test_memory_infeasible_raises_and_results_are_cached():
 def test_timing_smoke_2000_nodes(objective, caplog):
     p = large_problem(2000, 4, objective)
     t0 = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="partitioner.bounds"):
+    with caplog.at_level(logging.INFO, logger="partitioner.bounds.lower"):
         b = B.lower_bound(p)
     dt = time.perf_counter() - t0
     logging.getLogger(__name__).info("lower bound at 2000 nodes (%s): %.2f s, %s", objective, dt, b.info)

@@ -1,4 +1,4 @@
-"""The chain bound (partitioner.bounds_chain): at most the exact optimum (brute force and the
+"""The chain bound (partitioner.bounds.chain): at most the exact optimum (brute force and the
 MILP) on small random DAGs, stronger than the path and LP parts where branches contend."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from partitioner import bounds as B
-from partitioner import bounds_chain as C
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Problem, Settings
-from partitioner.solvers import solve
-
 from test_bounds import brute_latency, independent_labels, make_problem
+
+from partitioner.bounds import chain as C
+from partitioner.bounds import lower as B
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve
 
 REL = 1e-9
 

@@ -1,4 +1,4 @@
-"""Calibration (partitioner.calibrate): roofline factors fitted to a profile, transfer to
+"""Calibration (partitioner.measure.calibrate): roofline factors fitted to a profile, transfer to
 unmeasured devices of the same kind, measured links, the calibrated spec YAML, fidelity."""
 
 import math
@@ -8,12 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from partitioner.api import load_model
-from partitioner.calibrate import (REFERENCE_BANDWIDTH_BPS, calibrate, error_stats, fidelity_report, fit_device,
-                                   predict, predict_schedule, samples_for, write_spec_yaml)
 from partitioner.errors import CostModelError
-from partitioner.hardware import load_spec, parse_spec
-from partitioner.profile import Profile, measure_transfers, parse_devices, profile_graph
+from partitioner.frontend.load import load_model
+from partitioner.ir.spec import load_spec, parse_spec
+from partitioner.machine.replay import predict_schedule
+from partitioner.measure.calibrate import (
+    calibrate,
+    error_stats,
+    fidelity_report,
+    fit_device,
+    predict,
+    samples_for,
+    write_spec_yaml,
+)
+from partitioner.measure.devices import parse_devices
+from partitioner.measure.links import REFERENCE_BANDWIDTH_BPS, measure_transfers
+from partitioner.measure.profile import Profile, profile_graph
+from partitioner.runtime.local import LocalRuntime
 
 FAST = {"warmup": 1, "repeats": 3, "min_sample_s": 5e-5}
 
@@ -164,8 +175,8 @@ def test_fidelity_of_a_run_on_the_local_runtime():
     """Item 3: plan from a profile, emit, run on two logical CPUs, compare."""
     pytest.importorskip("partitioner.runtime.local")
     from partitioner.api import compile_plan
-    from partitioner.emit import emit
-    from partitioner.profile import with_profile
+    from partitioner.emit.build import emit
+    from partitioner.measure.apply import with_profile
 
     torch.manual_seed(0)
     lm = load_model(Convs().eval(), (torch.randn(1, 3, 32, 32),))
@@ -175,7 +186,7 @@ def test_fidelity_of_a_run_on_the_local_runtime():
     art = emit(res)
     sched = predict_schedule(art.schedule, res.problem)
     assert sched["latency_s"] >= res.evaluation.latency * (1 - 1e-9)  # segment-level sends never help
-    with torch.no_grad(), art.runtime(threads={"cpu0": 1, "cpu1": 1}) as rt:
+    with torch.no_grad(), LocalRuntime(art, threads={"cpu0": 1, "cpu1": 1}) as rt:
         runs = [rt.run_with_stats(*lm.example_inputs)[1] for _ in range(3)]
     rep = fidelity_report(art.schedule, runs, problem=res.problem, loads=[1.0, 3.0])
     lat = rep["latency"]
@@ -201,7 +212,7 @@ def _two_device_schedule():
     transfers take 0.1 s. A duck-typed schedule (predict_schedule reads nothing else)."""
     from types import SimpleNamespace as NS
 
-    from partitioner.schedule import Action
+    from partitioner.ir.schedule import Action
 
     segs = [NS(id=i, device=d, predicted_compute_s=c) for i, d, c in
             (("s0", "cpu0", 1.0), ("s1", "cpu0", 2.0), ("s2", "cpu1", 2.0), ("s3", "cpu0", 0.5))]

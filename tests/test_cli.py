@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from partitioner.cli import app
+from partitioner.cli.main import app
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_compare_keeps_the_table_when_a_solver_finds_no_plan(tiny, tmp_path, mon
     """A solver that stops without a plan (and without proving infeasibility) is a
     "no_solution" row; the other solvers' rows are still shown and written."""
     from partitioner.errors import NoSolutionError
-    from partitioner.solvers import SOLVERS, SolverInfo
+    from partitioner.solvers.registry import SOLVERS, SolverInfo
 
     def nothing(problem, settings):
         raise NoSolutionError("stub: no feasible plan found within the time limit", hint="raise the time limit")

@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from instances import random_graph, random_spec, two_gpu_spec
-from partitioner.coarsen import coarse_problem, coarsen, fusible_op
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Plan, Problem, Settings
-from partitioner.solvers import solve
+
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve
+from partitioner.transform.coarsen import coarsen, fusible_op
+from partitioner.transform.mapping import coarse_problem
 
 
 def graph_of(nodes, edges, inputs=None, outputs=None, name="g"):
@@ -344,7 +347,7 @@ def test_bad_target_and_foreign_problem():
 
 
 def test_renumbering_keeps_the_quotient_acyclic(monkeypatch):
-    from partitioner import coarsen as mod
+    from partitioner.transform import coarsen as mod
     monkeypatch.setattr(mod._Quotient, "MIN_STEP", 10.0)  # renumber at every shift
     for seed in range(4):
         g = random_graph(seed, 120, p=0.05)

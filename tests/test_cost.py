@@ -2,10 +2,10 @@ import math
 
 import pytest
 
-from partitioner import graph as G
-from partitioner.cost import cost_matrix, roofline_time
 from partitioner.errors import CostModelError, GraphError
-from partitioner.hardware import parse_spec
+from partitioner.ir import graph as G
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.cost import cost_matrix, roofline_time
 
 SPEC = parse_spec({"name": "s", "devices": [
     {"id": "cpu0", "host": "h", "kind": "cpu", "model": "xeon", "peak_flops": {"fp32": 1e12},

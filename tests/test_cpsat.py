@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from instances import random_graph, random_spec, two_gpu_spec
-from partitioner.api import grade
-from partitioner.bounds import lower_bound
+
+from partitioner.bounds.lower import lower_bound
 from partitioner.errors import InfeasibleError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Boundary, Constraints, Plan, Problem, Settings
-from partitioner.solvers import cpsat
-from partitioner.solvers import solve as run_solver
+from partitioner.grade import grade
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints, Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Boundary, Problem
+from partitioner.solvers.cpsat import solver as cpsat
+from partitioner.solvers.registry import solve as run_solver
 
 HEURISTICS = ("heft", "greedy", "single")
 RTOL = 1e-6

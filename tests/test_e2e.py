@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from partitioner import api
-from partitioner.hardware import list_specs, load_spec
-from partitioner.bounds import lower_bound
-from partitioner.problem import Problem, Settings
-from partitioner.solvers import SOLVERS
+from partitioner.bounds.lower import lower_bound
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import list_specs, load_spec
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import SOLVERS
 
 MODELS = {"resnet50": {}, "randwire-ws": {"nodes": 8}}
 SOLVER_NAMES = sorted(n for n in SOLVERS if n != "milp")  # milp is milp-highs or milp-cbc

@@ -9,21 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import partitioner.zoo as models
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from instances import two_gpu_spec
 from torch import nn
 
-import models
-from instances import two_gpu_spec
 from partitioner import api
-from partitioner.emit import Artifact, emit, load_artifact
+from partitioner.emit.artifact import Artifact, load_artifact
+from partitioner.emit.build import emit
 from partitioner.errors import ArtifactError
-from partitioner.hardware import load_spec
-from partitioner.problem import Plan, Problem, Settings
-from partitioner.schedule import Schedule
-from partitioner.solvers import solve
+from partitioner.ir.plan import Plan
+from partitioner.ir.schedule import Schedule
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import load_spec
+from partitioner.machine.problem import Problem
+from partitioner.runtime.local import run_once
+from partitioner.solvers.registry import solve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +132,7 @@ def check_equal(art: Artifact, inputs, ref, **rt):
     rt.setdefault("threads", torch.get_num_threads())
     with torch.no_grad():
         torch.testing.assert_close(art.run_sequential(*inputs), ref)
-        torch.testing.assert_close(art.run(*inputs, **rt), ref)
+        torch.testing.assert_close(run_once(art, *inputs, **rt), ref)
 
 
 # ---- equivalence -------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def test_emit_from_compile_result_and_meta():
     m = art.schedule.meta
     assert m["solver"] == "heft" and m["spec"] == "two-gpu" and m["predicted_latency_s"] == pytest.approx(res.value)
     with torch.no_grad():
-        torch.testing.assert_close(art.run(*inputs), model(*inputs))
+        torch.testing.assert_close(run_once(art, *inputs), model(*inputs))
 
 
 def test_a_b_a_placement_has_no_cycle_and_sends_each_value_once():
@@ -225,7 +229,7 @@ def test_export_frontend_graph(tmp_path):
 
 
 def test_cli_helpers(tmp_path):
-    from partitioner import cli_run
+    from partitioner.cli import run as cli_run
 
     model, inputs = _tiny("mlp")
     res = api.compile_plan(model, two_gpu_spec(), "latency", "greedy", example_inputs=inputs)
@@ -264,7 +268,7 @@ def test_inplace_across_segments_is_refused():
         emit((lm.gm, p, split))
     art = emit((lm.gm, p, Plan((0,) * p.n)))
     with torch.no_grad():
-        torch.testing.assert_close(art.run(x), model(x))
+        torch.testing.assert_close(run_once(art, x), model(x))
 
 
 def test_emit_rejects_a_foreign_graph():
@@ -326,7 +330,7 @@ def test_export_fallback_for_unrebuildable_module(tmp_path):
 
 def _run_command() -> list[str]:
     """`partitioner run` in a new interpreter."""
-    return [sys.executable, "-m", "partitioner.cli", "run"]
+    return [sys.executable, "-m", "partitioner.cli.main", "run"]
 
 
 def test_fresh_process_runs_the_artifact(saved, tmp_path):
@@ -464,7 +468,7 @@ def test_schedule_ir_roundtrip_and_validation():
 def test_cli_run_reports_a_broken_artifact(saved, tmp_path):
     from typer.testing import CliRunner
 
-    from partitioner import cli
+    from partitioner.cli import main as cli
 
     root = _copy(saved, tmp_path)
     (root / "segments" / "s0" / "module.py").unlink()
@@ -485,7 +489,7 @@ def test_outputs_mismatch_tolerates_reordered_sums_but_not_wrong_values():
     """The output check scales atol with each output's magnitude (thread counts reorder float
     sums: ResNet-50's logits near 100 differ by ~3e-5 between 1 and 2 threads) and still
     catches a real error, a changed shape or an integer that differs."""
-    from partitioner.artifact import outputs_mismatch
+    from partitioner.emit.artifact import outputs_mismatch
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(1, 1000, generator=g) * 50
@@ -507,11 +511,11 @@ def test_resnet50_demo_plan_runs_and_matches(tmp_path):
     """What `make demo` does: ResNet-50 planned by split on the default spec, emitted, and run
     with one thread per worker (other thread counts than the reference run)."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "partitioner.cli", "compile", "resnet50", "--hw", "server-cpu-2gpu",
+    r = subprocess.run([sys.executable, "-m", "partitioner.cli.main", "compile", "resnet50", "--hw", "server-cpu-2gpu",
                         "--solver", "split", "--out", str(out), "--no-gantt", "--quiet"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "partitioner.cli", "run", str(out), "--check", "--threads", "1"],
+    r = subprocess.run([sys.executable, "-m", "partitioner.cli.main", "run", str(out), "--check", "--threads", "1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "outputs match" in r.stdout

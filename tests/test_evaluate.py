@@ -2,11 +2,12 @@ import math
 
 import numpy as np
 import pytest
-
 from instances import two_gpu_spec
-from partitioner.evaluate import evaluate, list_order
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.problem import Constraints, Plan, Problem
+
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints, Plan
+from partitioner.machine.evaluate import evaluate, list_order
+from partitioner.machine.problem import Problem
 
 
 def chain_problem(spec=None, objective="latency", constraints=Constraints()):
@@ -124,10 +125,11 @@ def test_list_order_is_topological_and_deterministic():
 
 
 def test_contended_latency_serialises_a_shared_link():
-    from partitioner.evaluate import contended_latency
     from instances import random_graph, random_spec
-    from partitioner.solvers import solve
-    from partitioner.problem import Settings
+
+    from partitioner.ir.settings import Settings
+    from partitioner.machine.evaluate import contended_latency
+    from partitioner.solvers.registry import solve
 
     # two producers on the host send at once to gpu0 over one link: the second waits
     g = CostGraph("fan", [Node("a", "matmul"), Node("b", "matmul"), Node("c", "matmul")],
@@ -155,7 +157,7 @@ def test_replicas_sharing_a_link_are_charged_for_it():
     """Replicas on disjoint devices whose transfers cross the same link: the link carries
     both replicas' share of the stream, so the period exceeds 1 / (sum of throughputs);
     replicas on links of their own still add their throughputs exactly."""
-    from partitioner.hardware import parse_spec
+    from partitioner.ir.spec import parse_spec
 
     def spec(chain: bool):
         dev = lambda i, h: {"id": i, "host": h, "kind": "gpu" if i != "cpu0" else "cpu",  # noqa: E731

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
-from partitioner.api import grade
-from partitioner.bounds import lower_bound
-from partitioner.errors import InfeasibleError
-from partitioner.problem import Settings
-from partitioner.solvers import solve
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from test_milp import rand_problem
+
+from partitioner.bounds.lower import lower_bound
+from partitioner.errors import InfeasibleError
+from partitioner.grade import grade
+from partitioner.ir.settings import Settings
+from partitioner.solvers.registry import solve
 
 EXACT = ("milp-cbc", "milp-highs", "cpsat")
 HEURISTICS = ("single", "greedy", "heft", "peft", "split", "metis")
@@ -56,8 +58,9 @@ def test_bound_le_exact_equal_le_heuristics(seed, n, D, objective, blocks):
 def test_memory_too_small_is_reported_infeasible_by_every_exact_solver():
     import random
 
-    from partitioner.problem import Problem
     from test_milp import make_spec
+
+    from partitioner.machine.problem import Problem
 
     p = rand_problem(3, 6, 2, mem=True)
     small = make_spec(2, random.Random(0), capacity=1000.0)  # no node's parameters fit anywhere
@@ -72,7 +75,7 @@ def test_unsupported_everywhere_is_a_clear_error():
     import numpy as np
 
     from partitioner.errors import PartitionerError
-    from partitioner.problem import Problem
+    from partitioner.machine.problem import Problem
 
     p = rand_problem(4, 6, 2)
     T = p.T.copy()

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import partitioner.zoo as models
 import pytest
 import torch
+from instances import two_gpu_spec
 from torch import nn
 from typer.testing import CliRunner
 
-import models
-from instances import two_gpu_spec
-from partitioner import api, export_onnx
-from partitioner.emit import emit
+from partitioner import api
+from partitioner.emit import onnx as export_onnx
+from partitioner.emit.build import emit
+from partitioner.emit.onnx import export_artifact, export_dir, is_onnx_export
 from partitioner.errors import ArtifactError, UsageError
-from partitioner.export_onnx import export_artifact, export_dir, is_onnx_export
-from partitioner.problem import Plan, Problem
+from partitioner.ir.plan import Plan
+from partitioner.machine.problem import Problem
 from partitioner.runtime.onnx_rt import OnnxRuntime, run_exported
 
 pytest.importorskip("onnxruntime")
@@ -229,7 +231,7 @@ def test_wrong_shape_and_providers(small_export):
 # ---- CLI -----------------------------------------------------------------------------------
 def _app():
     """The package CLI: `partitioner export` and `partitioner run` (which dispatches ONNX exports)."""
-    from partitioner.cli import app
+    from partitioner.cli.main import app
 
     return app
 

@@ -1,5 +1,5 @@
 """Measured costs in planning (api.compile_plan(profile=...), compile --profile) and the
-predicted-vs-measured report of a run (partitioner.fidelity)."""
+predicted-vs-measured report of a run (partitioner.measure.fidelity)."""
 
 import json
 import logging
@@ -12,13 +12,20 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
-from partitioner.api import compare, compile_plan, load_model
-from partitioner.calibrate import predict_schedule
-from partitioner.cli import app
-from partitioner.emit import emit
+from partitioner.api import compare, compile_plan
+from partitioner.cli.main import app
+from partitioner.emit.build import emit
 from partitioner.errors import UsageError
-from partitioner.fidelity import as_runs, fidelity_summary, fidelity_table, from_profile
-from partitioner.profile import profile_graph
+from partitioner.frontend.load import load_model
+from partitioner.machine.replay import predict_schedule
+from partitioner.measure.fidelity import (
+    as_runs,
+    fidelity_summary,
+    fidelity_table,
+    from_profile,
+)
+from partitioner.measure.profile import profile_graph
+from partitioner.runtime.local import LocalRuntime
 
 FAST = {"warmup": 1, "repeats": 3}
 
@@ -46,14 +53,20 @@ def lm():
 @pytest.fixture(scope="module")
 def prof_path(lm, tmp_path_factory):
     prof = profile_graph(lm.gm, lm.example_inputs, "cpu:1t,cpu:2t", name=lm.graph.name, **FAST)
-    from partitioner.profile import add_transfers
+    from partitioner.measure.links import add_transfers
 
     add_transfers(prof, "cpu:1t,cpu:2t", repeats=3)
     return prof.save(tmp_path_factory.mktemp("prof") / "p.json")
 
 
 def test_compile_plan_uses_measured_times_and_links(lm, prof_path):
-    from partitioner.profile import MIN_CORRECTED_FRACTION, _key, load_profile, node_overhead, node_signature
+    from partitioner.measure.profile import (
+        MIN_CORRECTED_FRACTION,
+        _key,
+        load_profile,
+        node_overhead,
+        node_signature,
+    )
 
     prof = load_profile(prof_path)
     over = {m: node_overhead(prof, lm.graph.name, m) for m in ("cpu-1t", "cpu-2t")}
@@ -100,7 +113,7 @@ def test_compile_plan_uses_measured_times_and_links(lm, prof_path):
 def test_nodes_missing_from_the_profile_fall_back_to_the_calibrated_roofline(lm, prof_path, caplog):
     torch.manual_seed(1)
     other = load_model(Convs().eval(), (torch.randn(2, 3, 32, 32),))  # batch 2: no signature in the profile
-    with caplog.at_level(logging.WARNING, logger="partitioner.profile"):
+    with caplog.at_level(logging.WARNING, logger="partitioner.measure.profile"):
         res = compile_plan(other, "cpu-threads-2", solver="greedy", profile=prof_path)
     assert "keep the roofline" in caplog.text
     T = res.problem.T
@@ -116,7 +129,7 @@ def test_fidelity_summary_and_table_of_a_run(lm, prof_path):
     art = emit(res)
     s = art.schedule
     assert from_profile(s)
-    with torch.no_grad(), art.runtime(threads={"cpu0": 1, "cpu1": 1}) as rt:
+    with torch.no_grad(), LocalRuntime(art, threads={"cpu0": 1, "cpu1": 1}) as rt:
         runs = [rt.run_with_stats(*lm.example_inputs)[1] for _ in range(3)]
     rep = fidelity_summary(s, runs, problem=res.problem)
     lat = rep["latency"]
@@ -172,7 +185,7 @@ def test_cli_compile_with_profile_then_run(tmp_path, prof_path):
     stats = tmp_path / "stats.json"
     r = runner.invoke(app, ["run", str(out), "--repeat", "2", "--stats", str(stats), "--json"])
     assert r.exit_code == 0, r.output
-    from partitioner.emit import load_artifact
+    from partitioner.emit.artifact import load_artifact
 
     s = load_artifact(out).schedule
     rep = fidelity_summary(s, json.loads(stats.read_text()))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import warnings
 
+import partitioner.zoo as models
 import pytest
 import torch
+from instances import two_gpu_spec
 from torch import nn
 
-import models
-from instances import two_gpu_spec
-from partitioner import frontends
+from partitioner import dropin as frontends
 from partitioner.errors import UsageError
 
 # Workers get the caller's intra-op thread count: oneDNN picks other kernels for other
@@ -95,7 +95,11 @@ def test_torch_compile_backend_equals_model():
 
 def test_torch_compile_by_name_and_partial():
     torch._dynamo.reset()
-    from torch._dynamo.backends.registry import _BACKENDS, lookup_backend, register_backend
+    from torch._dynamo.backends.registry import (
+        _BACKENDS,
+        lookup_backend,
+        register_backend,
+    )
 
     try:
         lookup_backend("partitioner")  # installed through the torch_dynamo_backends entry point

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from partitioner import graph as G
 from partitioner.errors import GraphError
+from partitioner.ir import graph as G
 
 DOC = {
     "format": "partitioner.costgraph/1",

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from partitioner.errors import SpecError
-from partitioner.hardware import parse_spec
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.links import link_table
 
 BASE = {"name": "s", "devices": [
     {"id": "cpu0", "host": "a", "kind": "cpu", "peak_flops": {"fp32": 1e12}, "memory": {"capacity_bytes": 1e9, "bandwidth_Bps": 1e11}},
@@ -27,12 +28,12 @@ def spec_with(**changes):
 
 def test_routing_through_hosts_adds_hops():
     s = parse_spec(BASE)
-    t = s.links_table.transfer_time("gpu0", "gpu1", 1e6)
+    t = link_table(s).transfer_time("gpu0", "gpu1", 1e6)
     expect = (1e-5 + 1e6 / 2e10) * 2 + 5e-6 + 1e6 / 1e10
     assert t == pytest.approx(expect, rel=1e-12)
-    assert s.links_table.transfer_time("gpu1", "gpu0", 1e6) == pytest.approx(t)
-    assert s.links_table.transfer_time("gpu0", "gpu0", 1e9) == 0
-    hops = s.links_table.route(1, 3, 1e6).hops
+    assert link_table(s).transfer_time("gpu1", "gpu0", 1e6) == pytest.approx(t)
+    assert link_table(s).transfer_time("gpu0", "gpu0", 1e9) == 0
+    hops = link_table(s).route(1, 3, 1e6).hops
     assert [s.device_ids[a] for a, _ in hops] + [s.device_ids[hops[-1][1]]] == ["gpu0", "cpu0", "cpu1", "gpu1"]
 
 
@@ -44,7 +45,7 @@ def test_best_route_depends_on_size():
         {"a": "cpu1", "b": "gpu0", "bandwidth_Bps": 1e11, "latency_s": 1e-3},
         {"a": "cpu1", "b": "gpu1", "bandwidth_Bps": 1e10, "latency_s": 1e-6},
     ])
-    lt = parse_spec(d).links_table
+    lt = link_table(parse_spec(d))
     small, big = 1e3, 1e9
     assert lt.transfer_time("cpu0", "gpu0", small) == pytest.approx(1e-6 + small / 1e9)
     assert lt.transfer_time("cpu0", "gpu0", big) == pytest.approx(1e-6 + 1e-3 + 2 * big / 1e11)
@@ -79,7 +80,7 @@ def test_host_defaults_to_first_cpu():
 
 
 def test_missing_spec_file_and_name():
-    from partitioner.hardware import load_spec
+    from partitioner.ir.spec import load_spec
 
     with pytest.raises(SpecError, match="unknown hardware spec"):
         load_spec("no-such-spec")

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from instances import random_graph, random_spec, two_gpu_spec
-from partitioner.bounds import lower_bound
+
+from partitioner.bounds.lower import lower_bound
 from partitioner.errors import InfeasibleError, UsageError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, Node
-from partitioner.problem import Plan, Problem, Settings
-from partitioner.solvers import SOLVERS, solve
+from partitioner.ir.graph import CostGraph, Node
+from partitioner.ir.plan import Plan
+from partitioner.ir.settings import Settings
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import SOLVERS, solve
 
 BASELINES = ("single", "greedy", "heft", "peft", "pipeline-dp", "metis")
 
@@ -111,8 +113,8 @@ def test_bound_parts_and_throughput_lp():
 
 
 def test_ctrl_c_returns_a_marked_fallback_plan():
-    from partitioner.api import grade
-    from partitioner.solvers import SOLVERS, register
+    from partitioner.grade import grade
+    from partitioner.solvers.registry import SOLVERS, register
 
     @register("_interrupt_me", "test only")
     def _boom(problem, settings):

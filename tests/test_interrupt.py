@@ -25,13 +25,16 @@ import pytest
 import yaml
 
 from partitioner import progress
-from partitioner.api import grade
 from partitioner.errors import NoSolutionError
-from partitioner.evaluate import evaluate
-from partitioner.graph import from_json
-from partitioner.hardware import parse_spec
-from partitioner.problem import Plan, Problem, Settings
-from partitioner.solvers import SOLVERS, greedy, heft, register, single, solve
+from partitioner.grade import grade
+from partitioner.ir.graph import from_json
+from partitioner.ir.plan import Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.baselines import greedy, heft, single
+from partitioner.solvers.registry import SOLVERS, register, solve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,9 +219,8 @@ def test_nothing_found_yet_falls_back_to_heft(fake_solvers):
 
 # ---- each solver returns its own best plan ---------------------------------------------------------
 def test_split_interrupted_returns_its_best_plan_so_far():
-    from models.synthetic import dnn_cost_graph
-
     from instances import random_spec
+    from partitioner.zoo.synthetic import dnn_cost_graph
 
     p = Problem(dnn_cost_graph(300, 1), random_spec(1, 3), "latency")
     full = solve(p, "split", Settings(seed=0, time_limit=60))
@@ -303,7 +305,7 @@ def _start_cli(tmp_path: Path, solver: str, time_limit: float = 60):
     (tmp_path / "graph.json").write_text(json.dumps(graph))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "partitioner.cli", "-v", "compile", str(tmp_path / "graph.json"), "--hw",
+    cmd = [sys.executable, "-m", "partitioner.cli.main", "-v", "compile", str(tmp_path / "graph.json"), "--hw",
            str(tmp_path / "spec.yaml"), "--solver", solver, "--time-limit", str(time_limit), "--out", str(out),
            "--no-gantt", "--no-emit"]
     # stdout to a file: only the reader thread consumes stderr (communicate() would race it)

@@ -8,14 +8,15 @@ import itertools
 
 import pytest
 import torch
+from partitioner.zoo.gpt2 import gpt2
+from partitioner.zoo.llama import CONFIGS, cost_graph, llama, param_count
 
-from partitioner.hardware import load_spec
-from partitioner.problem import Problem, Settings
-from partitioner.evaluate import evaluate
-from partitioner.solvers import solve
-
-from models.gpt2 import gpt2
-from models.llama import CONFIGS, cost_graph, llama, param_count
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import load_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.links import link_table
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve
 
 gpt2mod = importlib.import_module("models.gpt2")  # the attribute `models.gpt2` is the factory
 llamamod = importlib.import_module("models.llama")
@@ -106,7 +107,7 @@ def test_llm_specs():
     usable = [d.memory.capacity_bytes * (1 - het.memory_reserve) for d in het.devices]
     weights_70b = param_count(CONFIGS["llama-70b"]) * 2
     assert weights_70b > max(usable) and weights_70b < sum(usable)  # fits on no single device
-    t = het.links_table
+    t = link_table(het)
     hops = (("gpu0", "cpu0"), ("cpu0", "cpu1"), ("cpu1", "gpu4"))  # store and forward over 100 GbE
     assert t.transfer_time("gpu0", "gpu4", 1e6) == pytest.approx(sum(t.transfer_time(a, b, 1e6) for a, b in hops))
     h = load_spec("h100-server")
@@ -129,7 +130,8 @@ def test_symmetry_on_a_70b_slice_on_the_hetero_spec():
 
 def test_meta_model_compiles_without_an_artifact(tmp_path):
     """A model on the meta device has no weights: compile writes the plan and says so."""
-    from partitioner import api, cli_run
+    from partitioner import api
+    from partitioner.cli import run as cli_run
 
     model, inputs = llama("llama-tiny", batch=1, seq=8, device="meta")
     res = api.compile_plan(api.load_model(model, inputs), "hetero-2server", "latency", "symmetry")

@@ -11,18 +11,24 @@ import time
 import networkx as nx
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-import partitioner.solvers.milp as milp
-import partitioner.solvers.milp_throughput as milp_thr
-from partitioner.api import grade
-from partitioner.bounds import lower_bound
+import partitioner.solvers.milp.latency as milp_lat
+import partitioner.solvers.milp.solver as milp
+import partitioner.solvers.milp.throughput as milp_thr
+from partitioner.bounds.lower import lower_bound
 from partitioner.errors import InfeasibleError, SolverError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import parse_spec
-from partitioner.problem import Boundary, Constraints, Plan, Problem, Settings
-from partitioner.solvers import SOLVERS, greedy, heft, single
+from partitioner.grade import grade
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints, Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Boundary, Problem
+from partitioner.solvers.baselines import greedy, heft, single
+from partitioner.solvers.registry import SOLVERS
 
 HEURISTICS = {"heft": heft.solve, "greedy": greedy.solve, "single": single.solve}
 RTOL = 1e-6
@@ -238,7 +244,7 @@ def test_largest_edge_bytes_are_charged():
 def test_subproblem_full_boundary_matches_solver():
     p = rand_problem(3, 7, 3)
     plan = run(p, "highs")
-    pl, order, obj, status, bound = milp.solve_latency_subproblem(p, Boundary.full(p), Settings())
+    pl, order, obj, status, bound = milp_lat.solve_latency_subproblem(p, Boundary.full(p), Settings())
     assert status == "optimal"
     assert obj == pytest.approx(plan.claimed, rel=RTOL)
     ev = evaluate(p, Plan(pl, order))
@@ -251,9 +257,9 @@ def test_subproblem_on_a_subset():
     full = Boundary.full(p)
     sub = tuple(range(4))
     bnd = Boundary(sub, np.array([0.0, 2e-4]), full.release[:4] + 1e-4, full.tail[:4] + 5e-5, p.capacity.copy())
-    pl, order, obj, status, bound = milp.solve_latency_subproblem(p, bnd, Settings())
+    pl, order, obj, status, bound = milp_lat.solve_latency_subproblem(p, bnd, Settings())
     assert status == "optimal" and len(pl) == 4
-    assert obj == pytest.approx(milp.subproblem_objective(p, bnd, dict(zip(sub, pl)), order))
+    assert obj == pytest.approx(milp_lat.subproblem_objective(p, bnd, dict(zip(sub, pl)), order))
     # brute force over the subset
     best = math.inf
     for pls in itertools.product(range(p.D), repeat=4):
@@ -262,7 +268,7 @@ def test_subproblem_on_a_subset():
         d = dict(zip(sub, pls))
         per = [[v for v in sub if d[v] == k] for k in range(p.D)]
         for combo in itertools.product(*[list(itertools.permutations(x)) for x in per]):
-            best = min(best, milp.subproblem_objective(p, bnd, d, combo))
+            best = min(best, milp_lat.subproblem_objective(p, bnd, d, combo))
     assert obj == pytest.approx(best, rel=RTOL)
 
 

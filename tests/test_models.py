@@ -6,10 +6,9 @@ import inspect
 
 import pytest
 import torch
+from partitioner.zoo import ZOO, get_model, list_models
+from partitioner.zoo.randwire import GENERATORS, RandomDag, random_dag
 from torch import fx
-
-from models import ZOO, get_model, list_models
-from models.randwire import GENERATORS, RandomDag, random_dag
 
 # Default-config example inputs: (model name, expected output shape).
 DEFAULT_SHAPES: dict[str, tuple[int, ...]] = {

@@ -8,10 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from partitioner.api import load_model
-from partitioner.cli import app
+from partitioner.cli.main import app
 from partitioner.errors import GraphError, UsageError
-from partitioner.onnx_import import from_onnx, load_onnx
+from partitioner.frontend.load import load_model
+from partitioner.frontend.onnx import from_onnx, load_onnx
 
 
 def small_model() -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""Profiling (partitioner.profile): logical CPU devices, per-op timing with a shape-keyed cache,
+"""Profiling (partitioner.measure.profile): logical CPU devices, per-op timing with a shape-keyed cache,
 transfers, applying a profile to a cost graph, bad inputs, and the CLI functions."""
 
 import json
@@ -10,13 +10,21 @@ import typer
 from torch import nn
 from typer.testing import CliRunner
 
-import partitioner.profile as profmod
-import partitioner.profile_timing as timing  # the timing primitives profile.py calls
-from partitioner.api import compile_plan, load_model
+import partitioner.measure.profile as profmod
+import partitioner.measure.timing as timing  # the timing primitives profile.py calls
+from partitioner.api import compile_plan
 from partitioner.errors import CostModelError, UsageError
-from partitioner.hardware import load_spec, parse_spec
-from partitioner.profile import (LocalDevice, Profile, apply_profile, load_profile, match_devices,
-                                 measure_transfers, parse_devices, profile_graph, profile_model, with_profile)
+from partitioner.frontend.load import load_model
+from partitioner.ir.spec import load_spec, parse_spec
+from partitioner.measure.apply import apply_profile, match_devices, with_profile
+from partitioner.measure.devices import LocalDevice, parse_devices
+from partitioner.measure.links import measure_transfers
+from partitioner.measure.profile import (
+    Profile,
+    load_profile,
+    profile_graph,
+    profile_model,
+)
 
 FAST = {"warmup": 1, "repeats": 3, "min_sample_s": 5e-5}
 
@@ -278,12 +286,12 @@ def test_profile_model_refuses_a_cost_graph(tmp_path, tiny):
 
 # ---- CLI functions ---------------------------------------------------------------------------
 def _app():
-    from partitioner import cli_profile
-    from partitioner.cli import _guard
+    from partitioner.cli import profile as cli_profile
+    from partitioner.cli.common import guard
 
     app = typer.Typer()
-    app.command("profile")(_guard(cli_profile.profile))
-    app.command("calibrate")(_guard(cli_profile.calibrate))
+    app.command("profile")(guard(cli_profile.profile))
+    app.command("calibrate")(guard(cli_profile.calibrate))
     return app
 
 
@@ -356,21 +364,21 @@ def test_contended_samples_are_discarded(monkeypatch):
         while _time.perf_counter() < end:
             pass
 
-    kept, number, info = profmod._time_call(fn, lambda: None, 0, 4, 1e-4)
+    kept, number, info = timing._time_call(fn, lambda: None, 0, 4, 1e-4)
     assert number == 1 and info["clean"] == 4 and info["samples"] == 7 and len(kept) == 4
     assert float(np.median(kept)) < 0.003  # only the fast, uncontended samples are kept
     # all contended: fall back to every sample, and say so
     monkeypatch.setattr(timing, "runqueue_wait_s", lambda: state.__setitem__("wait", state["wait"] + 1) or state["wait"])
-    kept, _, info = profmod._time_call(lambda: None, lambda: None, 0, 3, 1e-5)
+    kept, _, info = timing._time_call(lambda: None, lambda: None, 0, 3, 1e-5)
     assert info["clean"] == 0 and info["samples"] == 9 and len(kept) == 9
 
 
 def test_runqueue_wait_is_monotone():
-    a = profmod.runqueue_wait_s()
+    a = timing.runqueue_wait_s()
     if a is None:
         pytest.skip("no /proc/self/task/*/schedstat here")
     sum(i * i for i in range(100000))
-    assert profmod.runqueue_wait_s() >= a >= 0
+    assert timing.runqueue_wait_s() >= a >= 0
 
 
 # ---- whole passes and the per-node overhead ----------------------------------------------------
@@ -417,7 +425,11 @@ def test_corrupted_whole_pass_record(tmp_path, tiny_prof):
 def test_runtime_handoff_and_corun_probes(tiny, tmp_path):
     """The hand-off the runtime meets (a sleeping receiver, a sender that goes on computing) and
     the slowdown of two logical CPUs computing at once are measured and stored."""
-    from partitioner.profile_links import add_corun, corun_slowdown, runtime_handoff_latency
+    from partitioner.measure.links import (
+        add_corun,
+        corun_slowdown,
+        runtime_handoff_latency,
+    )
 
     h = runtime_handoff_latency(rounds=8, busy_s=2e-4)
     assert h["rounds"] == 8 and 0 < h["p25_s"] <= h["latency_s"] <= h["p75_s"] < 1.0
@@ -437,14 +449,17 @@ def test_runtime_handoff_and_corun_probes(tiny, tmp_path):
 
 
 def test_alternation_probe_is_measured_and_charged_on_the_link(tmp_path):
-    """The hand-off probe on the model's own segments (partitioner.profile_handoff): a record
+    """The hand-off probe on the model's own segments (partitioner.measure.handoff): a record
     per device model, its excess added to the same-model link when a spec is calibrated for
     that graph (else the median over graphs), and the runtime's own costs for predictions."""
     from partitioner.api import apply_measured
-    from partitioner.calibrate import calibrate
-    from partitioner.profile import add_transfers
-    from partitioner.profile_handoff import add_alternation, alternation_excess, measure_alternation
-    from partitioner.profile_links import add_corun
+    from partitioner.measure.calibrate import calibrate
+    from partitioner.measure.handoff import (
+        add_alternation,
+        alternation_excess,
+        measure_alternation,
+    )
+    from partitioner.measure.links import add_corun, add_transfers
 
     torch.manual_seed(0)
     lm = load_model(nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.ReLU())]).eval(),
@@ -485,7 +500,7 @@ def test_alternation_probe_is_measured_and_charged_on_the_link(tmp_path):
 
 
 def test_a_failing_handoff_probe_is_skipped_with_a_warning(monkeypatch, caplog):
-    import partitioner.profile_handoff as ph
+    import partitioner.measure.handoff as ph
     from partitioner.errors import ArtifactError
 
     torch.manual_seed(0)
@@ -496,6 +511,6 @@ def test_a_failing_handoff_probe_is_skipped_with_a_warning(monkeypatch, caplog):
         raise ArtifactError("cannot emit this model", hint="-")
 
     monkeypatch.setattr(ph, "measure_alternation", boom)
-    with caplog.at_level("WARNING", logger="partitioner.profile_handoff"):
+    with caplog.at_level("WARNING", logger="partitioner.measure.handoff"):
         ph.add_alternation(prof, lm, "cpu:1t")
     assert prof.graphs[lm.graph.name]["alternation"] == [] and "hand-off probe on cpu:1t skipped" in caplog.text

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from partitioner.api import grade
-from partitioner.problem import Problem, Settings
-from partitioner.report import chrome_trace, critical_path, gantt_figure, gantt_png, markdown
-from partitioner.solvers import solve
 from instances import random_graph, random_spec
+
+from partitioner.grade import grade
+from partitioner.ir.settings import Settings
+from partitioner.machine.problem import Problem
+from partitioner.report.render import (
+    chrome_trace,
+    critical_path,
+    gantt_figure,
+    gantt_png,
+    markdown,
+)
+from partitioner.solvers.registry import solve
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

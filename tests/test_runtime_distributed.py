@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from partitioner import api
-from partitioner.emit import emit
+from partitioner.emit.build import emit
 from partitioner.errors import ArtifactError
-from partitioner.hardware import load_spec, parse_spec
-from partitioner.problem import Plan, Problem
+from partitioner.ir.plan import Plan
+from partitioner.ir.spec import load_spec, parse_spec
+from partitioner.machine.problem import Problem
 from partitioner.runtime import distributed as D
+from partitioner.runtime.launch import launch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -84,7 +86,7 @@ def test_three_ranks_equal_the_model(saved, tmp_path):
     x2 = torch.randn(7, 16)  # other values and batch size: shapes come from the header, not the trace
     torch.save((x2,), tmp_path / "x2.pt")
     with torch.no_grad():
-        torch.testing.assert_close(D.launch(root, tmp_path / "x2.pt", timeout_s=60), model(x2))
+        torch.testing.assert_close(launch(root, tmp_path / "x2.pt", timeout_s=60), model(x2))
     assert time.perf_counter() - t0 < 50
 
 
@@ -92,7 +94,7 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(saved):
     _, _, _, root, _ = saved
     t0 = time.perf_counter()
     with pytest.raises(D.DistributedFailure) as e:
-        D.launch(root, timeout_s=20, env={D.DIE_ENV: "2"})
+        launch(root, timeout_s=20, env={D.DIE_ENV: "2"})
     msg = str(e.value)
     assert "rank 2 (host h2) exited with code 17" in msg
     assert "transfer" in msg and "rank 2 (host h2)" in msg  # a survivor names what it waited for
@@ -108,7 +110,7 @@ def test_a_rank_killed_mid_run_ends_the_run_with_a_clear_error(saved):
     assert len(mine) >= 3
     t0 = time.perf_counter()
     with pytest.raises(D.DistributedFailure) as e:
-        D.launch(root, timeout_s=20, env={D.KILL_ENV: f"1:{len(mine) // 2}"})
+        launch(root, timeout_s=20, env={D.KILL_ENV: f"1:{len(mine) // 2}"})
     msg = str(e.value)
     assert "rank 1 (host h1) was killed by signal SIGKILL" in msg
     assert "transfer" in msg
@@ -119,7 +121,7 @@ def test_a_silent_rank_times_out_and_is_killed(saved):
     _, _, _, root, _ = saved
     t0 = time.perf_counter()
     with pytest.raises(D.DistributedFailure) as e:
-        D.launch(root, timeout_s=3, grace_s=1.5, env={D.HANG_ENV: "1"})
+        launch(root, timeout_s=3, grace_s=1.5, env={D.HANG_ENV: "1"})
     msg = str(e.value)
     assert "rank 1 (host h1) killed by the watchdog" in msg
     assert "timed out after 6.0 s waiting for transfer" in msg or "failed waiting for transfer" in msg
@@ -155,7 +157,7 @@ def test_tampered_schedule_is_refused_before_running(saved, tmp_path):
     d["actions"][dev] = [a for a in d["actions"][dev] if a[0] != "recv"]  # drop its recvs
     (bad / "schedule.json").write_text(json.dumps(d))
     with pytest.raises(ArtifactError, match="invalid schedule"):
-        D.launch(bad, timeout_s=20)  # refused before any process starts
+        launch(bad, timeout_s=20)  # refused before any process starts
 
 
 def test_two_server_cluster_spec(tmp_path):
@@ -170,4 +172,4 @@ def test_two_server_cluster_spec(tmp_path):
     root = art.save(tmp_path / "art")
     assert D.layout(art.schedule).hosts == ("node0", "node1")
     with torch.no_grad():
-        torch.testing.assert_close(D.launch(root, timeout_s=60), model(x))
+        torch.testing.assert_close(launch(root, timeout_s=60), model(x))

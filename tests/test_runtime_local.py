@@ -7,14 +7,15 @@ import time
 
 import pytest
 import torch
+from instances import Chain, two_gpu_spec
 from torch import nn
 
-from instances import Chain, two_gpu_spec
 from partitioner import api
-from partitioner.emit import emit
+from partitioner.emit.build import emit
 from partitioner.errors import ArtifactError, RuntimeFailure, UsageError
-from partitioner.problem import Plan, Problem
-from partitioner.runtime.local import LocalRuntime
+from partitioner.ir.plan import Plan
+from partitioner.machine.problem import Problem
+from partitioner.runtime.local import LocalRuntime, run_once
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +104,8 @@ def test_thread_budgets_are_per_worker(setup):
 def test_map_devices(setup):
     _, x, art, ref = setup
     with torch.no_grad():
-        torch.testing.assert_close(art.run(x, map_devices={"gpu0": "cpu", "gpu1": "cpu:0"}), ref)
-        torch.testing.assert_close(art.run(x, map_devices="cpu", copy_same_device=True), ref)
+        torch.testing.assert_close(run_once(art, x, map_devices={"gpu0": "cpu", "gpu1": "cpu:0"}), ref)
+        torch.testing.assert_close(run_once(art, x, map_devices="cpu", copy_same_device=True), ref)
     with pytest.raises(UsageError, match="unknown spec device"):
         LocalRuntime(art, {"tpu9": "cpu"})
     with pytest.raises(UsageError, match="not a torch device"):
@@ -123,15 +124,15 @@ def test_cuda_streams_and_events(setup):  # pragma: no cover - exercised on GPU 
         for _ in range(3):
             torch.testing.assert_close(rt.run(x), ref)
     with torch.no_grad():
-        torch.testing.assert_close(art.run(x.cuda(), map_devices={**mapping, "cpu0": "cuda:0"}),
+        torch.testing.assert_close(run_once(art, x.cuda(), map_devices={**mapping, "cpu0": "cuda:0"}),
                                    tuple(t.cuda() for t in ref))
 
 
 def test_grad_mode_follows_the_caller(setup):
     model, x, art, _ = setup
     with torch.no_grad():
-        assert not art.run(x)[0].requires_grad
-    out = art.run(x)
+        assert not run_once(art, x)[0].requires_grad
+    out = run_once(art, x)
     assert out[0].requires_grad
     (out[0].sum() + out[1]).backward()
     got = [p.grad.clone() for p in model.parameters()]

@@ -9,7 +9,8 @@ import re
 import pytest
 import yaml
 
-from partitioner.hardware import SPEC_DIR, list_specs, load_spec
+from partitioner.ir.spec import SPEC_DIR, list_specs, load_spec
+from partitioner.machine.links import link_table
 
 EXPECTED = {"server-cpu-2gpu", "edge-soc", "cluster-2x-a100-pcie", "cpu-threads-2"}
 SPEC_FILES = sorted(SPEC_DIR.glob("*.yaml"))
@@ -110,7 +111,7 @@ def test_server_cpu_2gpu():
     assert spec.host == cpus[0].id == "cpu0"
     assert spec.memory_reserve == pytest.approx(0.1)
     # no direct GPU-GPU link: the transfer goes through the host
-    t = spec.links_table
+    t = link_table(spec)
     g0, g1 = (g.id for g in gpus)
     assert t.transfer_time(g0, g1, 1e6) == pytest.approx(t.transfer_time(g0, "cpu0", 1e6)
                                                          + t.transfer_time("cpu0", g1, 1e6))
@@ -163,7 +164,7 @@ def test_cluster_routes_across_nodes_through_both_hosts():
     assert spec.host == "cpu0"
     by_host = {h: sorted(d.id for d in spec.devices if d.host == h) for h in hosts}
     assert sorted(by_host.values()) == [["cpu0", "gpu0", "gpu1"], ["cpu1", "gpu2", "gpu3"]]
-    t = spec.links_table
+    t = link_table(spec)
     n = 1e6
     assert t.transfer_time("gpu0", "gpu3", n) > t.transfer_time("gpu0", "gpu1", n)
     paths = _simple_paths(spec, "gpu0", "gpu3")
@@ -175,7 +176,7 @@ def test_cluster_routes_across_nodes_through_both_hosts():
 @pytest.mark.parametrize("nbytes", [0.0, 1.0, 4096.0, 1e6, 3.2e8])
 def test_transfer_time_zero_on_self_and_symmetric(spec_name, nbytes):
     spec = load_spec(spec_name)
-    t = spec.links_table
+    t = link_table(spec)
     for a in spec.device_ids:
         assert t.transfer_time(a, a, nbytes) == 0.0
     for a, b in itertools.combinations(spec.device_ids, 2):

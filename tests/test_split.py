@@ -8,17 +8,26 @@ import random
 import networkx as nx
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from instances import random_graph, random_spec, two_gpu_spec
+from partitioner.zoo.synthetic import dnn_cost_graph
 
-import partitioner.solvers.split as split
-from models.synthetic import dnn_cost_graph
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.problem import Constraints, Problem, Settings
-from partitioner.solvers import SOLVERS
-from partitioner.solvers._split_engine import State, Tables, _between, positions_from_schedule
-from partitioner.solvers._split_modules import find_modules
+import partitioner.solvers.split.solver as split
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Constraints
+from partitioner.ir.settings import Settings
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import SOLVERS
+from partitioner.solvers.split.engine import (
+    State,
+    Tables,
+    _between,
+    positions_from_schedule,
+)
+from partitioner.solvers.split.modules import find_modules
 
 FAST = {"effort": 0.3}
 

@@ -8,14 +8,16 @@ import math
 
 import pytest
 import torch
+from instances import Chain, two_gpu_spec
 from torch import nn
 
-from instances import Chain, two_gpu_spec
 from partitioner import api
-from partitioner.emit import emit, emit_replicas
+from partitioner.emit.build import emit, emit_replicas
 from partitioner.errors import RuntimeFailure
-from partitioner.problem import Plan, Problem
-from partitioner.runtime.local import LocalRuntime, split_stream, stream_replicas
+from partitioner.ir.plan import Plan
+from partitioner.machine.problem import Problem
+from partitioner.runtime.local import LocalRuntime
+from partitioner.runtime.stream import split_stream, stream_replicas
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,8 @@ def test_data_parallel_replicas_share_the_stream(three, tmp_path):
 def test_cli_run_stream(tmp_path):
     from typer.testing import CliRunner
 
-    from partitioner import cli, cli_run
+    from partitioner.cli import main as cli
+    from partitioner.cli import run as cli_run
 
     torch.manual_seed(0)
     model = Chain(n=4).eval()

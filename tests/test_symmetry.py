@@ -9,19 +9,21 @@ import math
 
 import numpy as np
 import pytest
-
-import partitioner.symmetry as sym
-from partitioner.api import grade
-from partitioner.bounds import lower_bound
-from partitioner.errors import InfeasibleError
-from partitioner.evaluate import evaluate
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import load_spec, parse_spec
-from partitioner.problem import Plan, Problem, Settings
-from partitioner.solvers import SOLVERS, solve
-
 from instances import random_graph
-from models.llama import cost_graph, llama
+from partitioner.zoo.llama import cost_graph, llama
+
+import partitioner.solvers.symmetry.blocks as sym
+import partitioner.solvers.symmetry.polish as polish
+from partitioner.bounds.lower import lower_bound
+from partitioner.errors import InfeasibleError
+from partitioner.grade import grade
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.plan import Plan
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import load_spec, parse_spec
+from partitioner.machine.evaluate import evaluate
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import SOLVERS, solve
 
 NO_CUTS = {"cut_factor": 0.0, "groups": False}
 DP_ONLY = {**NO_CUTS, "polish": False}  # the reduced DP's own plan, as expanded
@@ -85,7 +87,7 @@ def test_registered_and_blocks_found(tiny):
 
 
 def test_tied_head_weight_runs_with_the_epilogue():
-    from models.gpt2 import gpt2
+    from partitioner.zoo.gpt2 import gpt2
 
     model, inputs = gpt2("gpt2-tiny", batch=1, seq=8)
     g = cost_graph(model, inputs, "gpt2-tiny")
@@ -242,7 +244,7 @@ def test_polish_is_deterministic_and_budgeted(tiny):
         assert [r.placement for r in a.replicas or ()] == [r.placement for r in b.replicas or ()]
         assert a.info["polish_work"] == b.info["polish_work"] and a.info["chosen"] == b.info["chosen"]
         # the default budget: a small fraction of split's search (1000 per node + 500,000)
-        assert a.info["polish_budget"] == sym.POLISH_PER_NODE[objective] * p.n + sym.POLISH_BASE
+        assert a.info["polish_budget"] == polish.POLISH_PER_NODE[objective] * p.n + polish.POLISH_BASE
         assert a.info["polish_budget"] < 0.2 * (1000 * p.n + 500_000)
         # the budget is checked between moves: it is exceeded by at most a few moves' work
         assert a.info["polish_work"] <= a.info["polish_budget"] + 10 * (p.n + len(p.edge_src))
@@ -276,10 +278,10 @@ def test_polish_goes_beyond_contiguous_pipelines(tiny):
 def test_throughput_gain_ignores_cancelled_loads():
     """Loads that cancel out to about -1e-19 are not an improvement (the relief loop stops)."""
     s = (0.0, 1e-3, [1e-3, 5e-4, -1e-19])
-    assert not sym._gains(s, s)
-    assert sym._gains((0.0, 1e-3, [1e-3, 4e-4, 0.0]), s)
-    assert sym._gains((0.0, 9e-4, [9e-4]), (0.0, 1e-3, [1e-3]))
-    assert not sym._gains((0.1, 9e-4, [9e-4]), (0.0, 1e-3, [1e-3]))
+    assert not polish._gains(s, s)
+    assert polish._gains((0.0, 1e-3, [1e-3, 4e-4, 0.0]), s)
+    assert polish._gains((0.0, 9e-4, [9e-4]), (0.0, 1e-3, [1e-3]))
+    assert not polish._gains((0.1, 9e-4, [9e-4]), (0.0, 1e-3, [1e-3]))
 
 
 def test_group_patterns_expand_in_their_own_order(tiny):

@@ -1,4 +1,4 @@
-"""Tests for partitioner.trace: fx / export frontends, shapes, FLOPs, bytes and errors."""
+"""Tests for partitioner.frontend.trace: fx / export frontends, shapes, FLOPs, bytes and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner.errors import PartitionerError, TraceError
-from partitioner.trace import NodeCost, node_cost, trace
+from partitioner.frontend.trace import NodeCost, node_cost, trace
 
 torch.manual_seed(0)
 
@@ -520,7 +520,7 @@ def test_bad_arguments_raise_trace_error():
 
 # ---- scale and integration ---------------------------------------------------------------
 def test_large_graph_and_lowering_to_cost_graph():
-    from partitioner.graph import from_fx
+    from partitioner.ir.graph import from_fx
 
     model = nn.Sequential(*[m for _ in range(300) for m in (nn.Linear(4, 4), nn.ReLU())])
     x = torch.randn(2, 4)
