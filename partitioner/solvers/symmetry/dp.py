@@ -22,6 +22,7 @@ from ...errors import InfeasibleError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
+from ...machine.memory import peak_of_intervals
 from ...machine.problem import Problem
 
 if TYPE_CHECKING:  # annotations only: symmetry imports this module
@@ -127,26 +128,24 @@ def _build(problem: Problem, bl: Blocks, cls: DeviceClasses, additive: bool, set
 
 
 def _block_peak(problem: Problem, bl: Blocks) -> float:
-    """Peak live activation bytes of one block run alone in index order, as the evaluator counts
-    them: an output from its node to its last consumer (to the block's end when the next block
-    reads it), a received boundary tensor from its first to its last consumer."""
+    """Peak live activation bytes of one block run alone in index order, in the evaluator's step
+    accounting (:func:`partitioner.machine.memory.peak_of_intervals`): an output from its node to
+    its last consumer (to the block's end when the next block reads it), a received boundary
+    tensor from its first to its last consumer."""
     blk = bl.blocks[1]
     pos = {v: r for r, v in enumerate(blk)}
     m = len(blk)
-    diff = np.zeros(m + 1)
+    held = []
     for v in blk:
         r = pos[v]
-        last = max([pos.get(w, m - 1) for w, _ in problem.succ_bytes[v]] + [r])
-        diff[r] += problem.output_bytes[v]
-        diff[last + 1] -= problem.output_bytes[v]
+        held.append((r, max([pos.get(w, m - 1) for w, _ in problem.succ_bytes[v]] + [r]), problem.output_bytes[v]))
     uses: dict[int, list] = {}
     for rs, rd, by in bl.chain:
         uses.setdefault(rs, []).append((rd, by))
     for lst in uses.values():
         rds = [rd for rd, _ in lst]
-        diff[min(rds)] += max(by for _, by in lst)
-        diff[max(rds) + 1] -= max(by for _, by in lst)
-    return float(np.cumsum(diff[:-1]).max()) if m else 0.0
+        held.append((min(rds), max(rds), max(by for _, by in lst)))
+    return peak_of_intervals(m, held)
 
 
 def _block_problem(problem: Problem, bl: Blocks, p: int):
