@@ -118,14 +118,13 @@ from .blocks import Blocks, DeviceClasses, device_classes, find_blocks, servers
 from .dp import (
     MAIN_RATIO,
     _backtrack,
-    _block_peak,
     _build,
     _dp,
     _expand,
     _main_classes,
-    _memory_error,
     _replica_split,
 )
+from .memory import _block_peak, _memory_error
 from .polish import _plain_select, _polish_select
 
 log = logging.getLogger(__name__)
