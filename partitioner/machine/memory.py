@@ -19,6 +19,7 @@ intervals of a model of their own; :func:`memory_upper_bound` is the conservativ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 
 import numpy as np
 
@@ -34,11 +35,17 @@ def peak_of_intervals(steps: int, intervals: Iterable[tuple[int, int, float]]) -
     for a, c, b in intervals:
         diffs[a] += b
         diffs[c + 1] -= b
-    return float(np.cumsum(np.array(diffs[:-1])).max())
+    return _peak(diffs)
+
+
+def _peak(diffs: list[float]) -> float:
+    """The largest prefix sum of ``diffs[:-1]``, added left to right (drops ``diffs``' last entry)."""
+    del diffs[-1]
+    return float(max(accumulate(diffs)))
 
 
 def activation_peak(problem: Problem, d: int, seq: Sequence[int], placement: Sequence[int],
-                    received: Callable[[int, int], float]) -> float:
+                    received: Callable[[int, int], float], output_bytes: Sequence[float] | None = None) -> float:
     """Peak live activation bytes of device ``d`` running ``seq`` in order (parameters excluded).
 
     Parameters
@@ -53,44 +60,55 @@ def activation_peak(problem: Problem, d: int, seq: Sequence[int], placement: Seq
     received : callable
         ``received(u, d)``: bytes of producer ``u``'s tensor sent to ``d`` (the largest edge
         from ``u`` to a consumer on ``d``).
+    output_bytes : sequence of float, optional
+        ``problem.output_bytes`` as a list, for callers that keep one (faster scalar access).
 
     Returns
     -------
     float
-        The rule of the module docstring; intervals are added by producer index, then the
-        model inputs in order (the evaluator's figures, value for value).
+        The rule of the module docstring.
     """
     m = len(seq)
     if not m:
         return 0.0
+    out_b = problem.output_bytes.tolist() if output_bytes is None else output_bytes
+    succs, preds = problem.succs, problem.preds
     pos = {v: i for i, v in enumerate(seq)}
-    out_b = problem.output_bytes
-    spans: dict[int, list] = {}
+    diffs = [0.0] * (m + 1)
+    remote: dict[int, list[int]] = {}  # producer on another device -> [first, last] step of its consumers here
     for i, u in enumerate(seq):
         last = i
-        for j in problem.succs[u]:
-            if placement[j] == d and pos[j] > last:
-                last = pos[j]
-        spans[u] = [i, last, out_b[u]]
-        for w in problem.preds[u]:
+        for j in succs[u]:
+            if placement[j] == d:
+                k = pos[j]
+                if k > last:
+                    last = k
+        diffs[i] += out_b[u]
+        diffs[last + 1] -= out_b[u]
+        for w in preds[u]:
             if placement[w] != d:
-                r = spans.get(w)
+                r = remote.get(w)
                 if r is None:
-                    spans[w] = [i, i, None]
+                    remote[w] = [i, i]
                 else:
                     r[1] = i
-    intervals = [(a, c, received(u, d) if b is None else b) for u, (a, c, b) in sorted(spans.items())]
+    for w, (a, c) in remote.items():
+        b = received(w, d)
+        diffs[a] += b
+        diffs[c + 1] -= b
     for b, dsts in problem.in_tensors:
         at = [pos[j] for j in dsts if placement[j] == d]
         if at:
-            intervals.append((min(at), max(at), b))
-    return peak_of_intervals(m, intervals)
+            diffs[min(at)] += b
+            diffs[max(at) + 1] -= b
+    return _peak(diffs)
 
 
 def activation_peaks(problem: Problem, placement: Sequence[int], order: Sequence[Sequence[int]],
                      received: Callable[[int, int], float]) -> np.ndarray:
     """:func:`activation_peak` of every device, ``order[d]`` being device ``d``'s sequence."""
-    return np.array([activation_peak(problem, d, order[d], placement, received) for d in range(problem.D)],
+    out_b = problem.output_bytes.tolist()
+    return np.array([activation_peak(problem, d, order[d], placement, received, out_b) for d in range(problem.D)],
                     dtype=float).reshape(problem.D)
 
 

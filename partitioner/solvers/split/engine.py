@@ -248,7 +248,7 @@ class State:
         """The evaluator's memory peak of device ``d`` (parameters + live activations)."""
         seq = self.seq[d]
         self.work += len(seq)
-        return self.params[d] + activation_peak(self.t.p, d, seq, self.pl, self.xbytes)
+        return self.params[d] + activation_peak(self.t.p, d, seq, self.pl, self.xbytes, self.t.ob)
 
     # ---- moves ------------------------------------------------------------------------
     def _relocate(self, v: int, b: int, q: float) -> tuple[int, float]:
