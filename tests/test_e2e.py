@@ -24,6 +24,11 @@ def loaded(request):
     return api.load_model(request.param, model_kwargs=MODELS[request.param])
 
 
+def _spec_params(quick: tuple[str, ...]):
+    """Every shipped spec; all but ``quick`` run only in ``make test-all`` (marker ``slow``)."""
+    return [pytest.param(s, marks=() if s in quick else pytest.mark.slow) for s in list_specs()]
+
+
 def check_plan(res) -> None:
     """Every node placed once on a device that runs it; per-device starts never overlap;
     every consumer starts after its inputs arrive; memory fits; bound <= value."""
@@ -46,11 +51,9 @@ def check_plan(res) -> None:
     assert math.isfinite(res.value) and 0 <= res.gap < 1
 
 
-# every shipped spec, the LLM-scale ones (hetero-2server, h100-server) included
-E2E_SPECS = list_specs()
-
-
-@pytest.mark.parametrize("spec", E2E_SPECS)
+# every shipped spec, the LLM-scale ones (hetero-2server, h100-server) included; the default
+# run keeps the product's default spec and the two-server one (routes through the hosts)
+@pytest.mark.parametrize("spec", _spec_params(("server-cpu-2gpu", "hetero-2server")))
 def test_every_solver_on_every_spec(loaded, spec):
     hw = load_spec(spec)
     for objective in ("latency", "throughput"):

@@ -133,13 +133,15 @@ def critical_path(res: Result) -> list[int]:
     for seq in ev.order:
         for a, b in zip(seq, seq[1:]):
             prev_on_dev[b] = a
+    # the evaluator's arrivals: one transfer per (producer, destination device)
+    arrival = {(t.producer, t.dst): t.arrival for t in ev.transfers if t.kind == "edge"}
     path = [v]
     tol = 1e-12 + 1e-9 * float(ev.latency)
     while True:
         s = ev.start[v]
         cand = None
-        for u, b in p.pred_bytes[v]:
-            arr = ev.finish[u] + (p.comm(pl[u], pl[v], b) if pl[u] != pl[v] else 0.0)
+        for u, _ in p.pred_bytes[v]:
+            arr = ev.finish[u] if pl[u] == pl[v] else arrival[(u, pl[v])]
             if arr >= s - tol and (cand is None or ev.finish[u] > ev.finish[cand]):
                 cand = u
         if cand is None and v in prev_on_dev and ev.finish[prev_on_dev[v]] >= s - tol:

@@ -28,12 +28,22 @@ def test_critical_path_is_a_tight_chain(seed):
     path = critical_path(res)
     assert path
     # the first node starts when its inputs from the host arrive (or at 0): nothing before it
+    first = path[0]
+    ready = max([p.comm(p.host, pl[first], p.in_tensors[k][0]) for k in p.node_inputs[first]] + [0.0])
+    assert ev.start[first] == pytest.approx(ready, rel=1e-9, abs=1e-15)
     prev_on_dev = {b: a for seq in ev.order for a, b in zip(seq, seq[1:])}
+    sent = {(t.producer, t.dst): t for t in ev.transfers if t.kind == "edge"}
     for u, v in zip(path, path[1:]):
         assert u in p.preds[v] or prev_on_dev.get(v) == u
-        arrival = ev.finish[u] + (p.comm(pl[u], pl[v], max(b for w, b in p.succ_bytes[u] if w == v))
-                                  if u in p.preds[v] and pl[u] != pl[v] else 0.0)
-        assert ev.start[v] == pytest.approx(arrival, rel=1e-9, abs=1e-15) or ev.start[v] >= arrival
+        if u in p.preds[v] and pl[u] != pl[v]:  # the transfer the evaluator charges for u -> v's device
+            t = sent[(u, pl[v])]
+            nbytes = max(b for w, b in p.succ_bytes[u] if pl[w] == pl[v])
+            assert t.arrival == pytest.approx(ev.finish[u] + p.comm(pl[u], pl[v], nbytes), rel=1e-9)
+            arrival = t.arrival
+        else:
+            arrival = ev.finish[u]
+        # tight: v starts exactly when u's result is there (no slack anywhere on the chain)
+        assert ev.start[v] == pytest.approx(arrival, rel=1e-9, abs=1e-15)
     last = path[-1]
     tail = max([p.comm(pl[last], p.host, b) for s, b in p.outputs if s == last] + [0.0])
     assert ev.finish[last] + tail == pytest.approx(ev.latency, rel=1e-9)

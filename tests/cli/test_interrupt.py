@@ -36,7 +36,7 @@ from partitioner.machine.problem import Problem
 from partitioner.solvers.baselines import greedy, heft, single
 from partitioner.solvers.registry import SOLVERS, register, solve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def hard_instance(n: int = 40, D: int = 4, seed: int = 3) -> tuple[dict, dict]:

@@ -29,7 +29,7 @@ from partitioner.machine.problem import Problem
 from partitioner.runtime.local import run_once
 from partitioner.solvers.registry import solve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- tiny models (defined here: a fresh process cannot import them) ----------------------
