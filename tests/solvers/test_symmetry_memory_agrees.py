@@ -107,7 +107,7 @@ def test_the_dp_plans_fit_where_the_dp_says_they_fit(seed, objective, groups):
     g = block_graph(seed, rng.random() < 0.5, rng.random() < 0.5)
     total = sum(n.param_bytes + n.output_bytes for n in g.nodes)
     p = Problem(g, parse_spec(spec(4, total * rng.uniform(0.3, 0.7))), objective)
-    plan = solve(p, "symmetry", Settings(extra={"polish": False, "groups": groups, "fallback": "greedy"}))
+    plan = solve(p, "symmetry", Settings(options={"symmetry": {"polish": False, "groups": groups, "fallback": "greedy"}}))
     if "symmetry_info" not in plan.info:  # the DP's own plan (not the fallback's)
         ev = evaluate(p, plan)
         assert ev.feasible, ev.violations
