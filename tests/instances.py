@@ -30,6 +30,44 @@ def random_graph(seed: int, n: int, p: float = 0.3, with_params: bool = True) ->
     return CostGraph(f"rand{seed}", nodes, edges, inputs, outputs)
 
 
+def mixed_graph(seed: int, n: int, p: float = 0.3) -> CostGraph:
+    """:func:`random_graph` where the memory rules differ most: every edge carries its own bytes
+    (so the largest edge to a device decides a transfer), two model inputs read by random
+    nodes, and model outputs taken from random nodes (not only sinks)."""
+    base = random_graph(seed, n, p)
+    rng = random.Random(seed + 1)
+    edges = [(u, v, rng.randint(1_000, 4_000_000)) for u, v, _ in base.edges()]
+    ids = [x.id for x in base.nodes]
+    inputs = [InputTensor(name, rng.randint(1_000, 2_000_000), tuple(sorted(rng.sample(ids, rng.randint(1, min(3, n))))))
+              for name in ("x", "y")]
+    outputs = sorted({(rng.choice(ids), rng.randint(1_000, 1_000_000)) for _ in range(rng.randint(1, 3))})
+    return CostGraph(f"mixed{seed}", list(base.nodes), edges, inputs, outputs)
+
+
+def random_plan(problem, seed: int):
+    """A random plan: every node on a random allowed device (groups together), and each device's
+    nodes in the order of one random topological order of the graph."""
+    from partitioner.ir.plan import Plan
+
+    rng = random.Random(seed)
+    pl = [-1] * problem.n
+    for v in range(problem.n):
+        g = problem.group_of[v]
+        mate = next((u for u in problem.groups[g] if pl[u] >= 0), None) if g >= 0 else None
+        pl[v] = pl[mate] if mate is not None else int(rng.choice(problem.allowed_devices(v).tolist()))
+    indeg = [len(ps) for ps in problem.preds]
+    ready = [v for v in range(problem.n) if not indeg[v]]
+    order: list[list[int]] = [[] for _ in range(problem.D)]
+    while ready:
+        v = ready.pop(rng.randrange(len(ready)))
+        order[pl[v]].append(v)
+        for w in problem.succs[v]:
+            indeg[w] -= 1
+            if not indeg[w]:
+                ready.append(w)
+    return Plan(tuple(pl), tuple(tuple(o) for o in order))
+
+
 def random_spec(seed: int, n_devices: int, unsupported: bool = True, capacity: float = 64e9) -> Spec:
     """A random spec: cpu0 host plus gpus/accelerators; some pairs only linked via the host."""
     rng = random.Random(seed)

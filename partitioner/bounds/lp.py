@@ -325,10 +325,8 @@ class _Routes:
     """Per-sample load a transfer certainly puts on each resource (rows: devices, then hops)."""
 
     def __init__(self, problem: Problem):
-        self.links, self.D = problem.links, problem.D
-        self.blocks = problem.spec.comm_blocks_device
-        self.hop_row = {h: problem.D + k for k, h in enumerate(sorted(self.links.hop))}
-        self.n_res = problem.D + len(self.hop_row)
+        self.problem, self.links, self.D = problem, problem.links, problem.D
+        self.n_res = problem.D + len(problem.hops)  # rows as Problem.transfer_loads numbers resources
         self.cache: dict[tuple, list[tuple[int, float]]] = {}
 
     def contrib(self, a: int, b: int, sizes: tuple[float, ...]) -> list[tuple[int, float]]:
@@ -339,14 +337,12 @@ class _Routes:
         if out is None:
             routes = [self.links.route(a, b, x) for x in sizes]
             common = set(routes[0].hops).intersection(*(r.hops for r in routes[1:]))
-            out = []
-            for h in routes[0].hops:
-                if h in common:
-                    lat, inv = self.links.hop[h]
-                    t = lat + sizes[0] * inv
-                    out.append((self.hop_row[h], t))
-                    if self.blocks:
-                        out += [(h[0], t), (h[1], t)]
+            out, keep = [], False
+            for r, t in self.problem.transfer_loads(a, b, sizes[0]):
+                if r >= self.D:  # a hop; the device loads that follow it are its endpoints'
+                    keep = self.problem.hops[r - self.D] in common
+                if keep:
+                    out.append((r, t))
             self.cache[key] = out
         return out
 

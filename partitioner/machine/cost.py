@@ -49,6 +49,20 @@ def measured_time(node, dev: Device) -> float | None:
     return None
 
 
+def roofline(flops, bytes_moved, peak, bandwidth, eff_compute, eff_memory, overhead):
+    """The roofline rule: ``overhead + max(flops / (peak * eff_compute), bytes_moved / (bandwidth * eff_memory))``.
+
+    Scalars or NumPy arrays (broadcast), so that a fit can price many ops under trial
+    efficiency factors (:mod:`partitioner.measure.calibrate`); :func:`roofline_time` applies it
+    with a device's own numbers.
+    """
+    compute = flops / (peak * eff_compute)
+    memory = bytes_moved / (bandwidth * eff_memory)
+    if isinstance(compute, float) and isinstance(memory, float):
+        return overhead + max(compute, memory)  # the figure np.maximum gives, without its per-call cost
+    return overhead + np.maximum(compute, memory)
+
+
 def roofline_time(flops: float, bytes_moved: float, dev: Device, dtype: str = "float32") -> float:
     """Roofline time of an op on a device (see the module docstring)."""
     peak = dev.peak(dtype)
@@ -57,8 +71,8 @@ def roofline_time(flops: float, bytes_moved: float, dev: Device, dtype: str = "f
         missing = "peak_flops" if peak is None else "memory.bandwidth_Bps"
         raise CostModelError(f"device {dev.id!r} has no {missing}, and the node carries no measured time for it",
                              hint=f"add {missing} to the spec, or `time_s` for {dev.id!r} to every node")
-    return dev.launch_overhead_s + max(flops / (peak * dev.efficiency.compute),
-                                       bytes_moved / (bw * dev.efficiency.memory))
+    return roofline(flops, bytes_moved, peak, bw, dev.efficiency.compute, dev.efficiency.memory,
+                    dev.launch_overhead_s)
 
 
 def check_time_keys(graph: CostGraph, spec: Spec) -> None:

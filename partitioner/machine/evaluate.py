@@ -3,7 +3,7 @@
 Machine model (docs/architecture.md): a device runs one node at a time in the plan's order; a tensor
 produced by ``u`` on device ``a`` and consumed on ``b != a`` is sent once per (producer,
 destination device), sized by the largest edge to that device, and arrives
-``transfer_time(a, b, bytes)`` after ``u`` finishes; transfers overlap with compute and
+the transfer time of :mod:`.links` after ``u`` finishes; transfers overlap with compute and
 do not contend. Model inputs start on the host at time 0 and outputs must reach it.
 
 * **latency**: the time the last output reaches the host (never earlier than the last
@@ -14,10 +14,7 @@ do not contend. Model inputs start on the host at time 0 and outputs must reach 
   Throughput is ``1 / period``; data-parallel replicas add their throughputs, less what
   they lose on links (or devices) they share (see :func:`_evaluate_replicas`).
 * **memory**: per device, the parameters of its nodes plus the peak of live activations
-  in its order. A node's output is live from its step to its last local consumer's
-  step; a received tensor from its first to its last local consumer's step. This counts
-  at step granularity (a tensor is held while its device runs any node between its
-  producer and last consumer), which is what a sequential per-device executor allocates.
+  in its order (the rule of :mod:`.memory`, at step granularity).
 
 Without an order the evaluator list-schedules: nodes by decreasing upward rank on their
 assigned devices (ties: topological index), appended to their device's queue.
@@ -33,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.plan import Objective, Plan
+from .memory import activation_peaks
 from .problem import Problem
 
 _TOL = 1e-9
@@ -234,22 +232,19 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
             transfers.append(Transfer(s_, pl[s_], host, b, finish[s_], finish[s_] + comm(pl[s_], host, b), "output"))
     device_load = np.bincount(pl, weights=dur, minlength=D).astype(float)
     link_load: dict[tuple[int, int], float] = {}
-    blocks = problem.spec.comm_blocks_device
-    links = problem.links
+    hops = problem.hops
     for tr in transfers:
-        route = links.route(tr.src, tr.dst, tr.bytes)
-        for x, y in route.hops:
-            lat, inv = links.hop[(x, y)]
-            t = lat + tr.bytes * inv
-            link_load[(x, y)] = link_load.get((x, y), 0.0) + t
-            if blocks:
-                device_load[x] += t
-                device_load[y] += t
+        for r, t in problem.transfer_loads(tr.src, tr.dst, tr.bytes):
+            if r < D:
+                device_load[r] += t
+            else:
+                h = hops[r - D]
+                link_load[h] = link_load.get(h, 0.0) + t
     period = max([float(device_load.max())] + list(link_load.values()))
 
     # ---- memory ----------------------------------------------------------------------
     param_bytes = np.bincount(pl, weights=problem.param_bytes, minlength=D).astype(float)
-    memory_peak = _memory_peaks(problem, pl_l, order, xb, ib) + param_bytes
+    memory_peak = activation_peaks(problem, pl_l, order, lambda u, d: xb[(u, d)]) + param_bytes
     if problem.constraints.memory:
         for d in range(D):
             cap = problem.capacity[d]
@@ -268,50 +263,6 @@ def _check_side_constraints(problem: Problem, latency: float, period: float, vio
         violations.append(f"throughput {1.0 / period:.4g}/s is below the floor {c.throughput_floor:.4g}/s")
     if c.latency_ceiling is not None and latency > c.latency_ceiling * (1 + _TOL):
         violations.append(f"latency {latency:.4g} s is above the ceiling {c.latency_ceiling:.4g} s")
-
-
-def _memory_peaks(problem: Problem, pl, order, xb, ib) -> np.ndarray:
-    """Peak live activation bytes per device at step granularity (see module docstring)."""
-    n, D = problem.n, problem.D
-    pos = [0] * n
-    for seq in order:
-        for p, v in enumerate(seq):
-            pos[v] = p
-    # intervals [first, last] of positions on a device, with bytes
-    peaks = np.zeros(D)
-    diffs = [[0.0] * (len(seq) + 1) for seq in order]
-    out_b = problem.output_bytes.tolist()
-    for u in range(n):
-        du = pl[u]
-        last = pos[u]
-        remote: dict[int, list[int]] = {}
-        for j, _ in problem.succ_bytes[u]:
-            dj = pl[j]
-            if dj == du:
-                last = max(last, pos[j])
-            else:
-                r = remote.setdefault(dj, [pos[j], pos[j]])
-                r[0] = min(r[0], pos[j])
-                r[1] = max(r[1], pos[j])
-        diffs[du][pos[u]] += out_b[u]
-        diffs[du][last + 1] -= out_b[u]
-        for dj, (a, b) in remote.items():
-            nb = xb[(u, dj)]
-            diffs[dj][a] += nb
-            diffs[dj][b + 1] -= nb
-    for k, (b, dsts) in enumerate(problem.in_tensors):
-        span: dict[int, list[int]] = {}
-        for j in dsts:
-            r = span.setdefault(pl[j], [pos[j], pos[j]])
-            r[0] = min(r[0], pos[j])
-            r[1] = max(r[1], pos[j])
-        for d, (a, c) in span.items():
-            diffs[d][a] += b
-            diffs[d][c + 1] -= b
-    for d in range(D):
-        if len(order[d]):
-            peaks[d] = float(np.cumsum(np.array(diffs[d][:-1])).max())
-    return peaks
 
 
 def _evaluate_replicas(problem: Problem, plan: Plan) -> Evaluation:
@@ -445,10 +396,8 @@ def contended_latency(problem: Problem, plan: Plan) -> float:
     hop_free: dict[tuple[int, int], float] = {}
 
     def send(t: float, a: int, b: int, nbytes: float) -> float:
-        route = links.route(a, b, nbytes)
-        for hop in route.hops:
-            lat, inv = links.hop[hop]
-            t = max(t, hop_free.get(hop, 0.0)) + lat + nbytes * inv
+        for hop, dt in links.hop_times(a, b, nbytes):
+            t = max(t, hop_free.get(hop, 0.0)) + dt
             hop_free[hop] = t
         return t
 

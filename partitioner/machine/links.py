@@ -110,6 +110,19 @@ class LinkTable:
             return None
         return min(self.routes[(a, b)], key=lambda r: (r.time(nbytes), len(r.hops)))
 
+    def hop_factors(self, a: int, b: int, nbytes: float) -> tuple[tuple[tuple[int, int], float, float], ...]:
+        """``((x, y), latency, seconds per byte)`` of every hop of the fastest route for ``nbytes``
+        from ``a`` to ``b`` (empty when ``a == b``): a hop carrying ``c`` transfers of ``B`` bytes in
+        all is busy ``c * latency + B * seconds_per_byte``."""
+        if a == b:
+            return ()
+        return tuple((h,) + self.hop[h] for h in self.route(a, b, nbytes).hops)
+
+    def hop_times(self, a: int, b: int, nbytes: float) -> tuple[tuple[tuple[int, int], float], ...]:
+        """``((x, y), seconds)``: how long each hop of the fastest route is busy moving ``nbytes``
+        from ``a`` to ``b`` (``latency + nbytes / bandwidth`` of that link; empty when ``a == b``)."""
+        return tuple((h, lat + nbytes * inv) for h, lat, inv in self.hop_factors(a, b, nbytes))
+
     def matrix(self, nbytes: float) -> np.ndarray:
         """``D x D`` matrix of transfer times for one tensor size (diagonal 0)."""
         return np.min(self._L + nbytes * self._I, axis=2)

@@ -86,7 +86,11 @@ class Problem:
         for gi, g in enumerate(self.groups):
             self.group_of[g] = gi
         self.supported = np.isfinite(self.T)
+        #: directed links (device index pairs), sorted; resource ``D + k`` of :meth:`transfer_loads` is ``hops[k]``
+        self.hops: list[tuple[int, int]] = sorted(self.links.hop)
+        self._hop_resource = {h: self.D + k for k, h in enumerate(self.hops)}
         self._comm_cache: dict[tuple[int, int, float], float] = {}
+        self._loads_cache: dict[tuple[int, int, float], tuple[tuple[int, float], ...]] = {}
 
     # ---- helpers ------------------------------------------------------------------
     def node_name(self, i: int) -> str:
@@ -103,7 +107,29 @@ class Problem:
         return t
 
     def comm_matrix(self, nbytes: float) -> np.ndarray:
+        """``D x D`` transfer times of ``nbytes`` (:meth:`comm` for every pair at once)."""
         return self.links.matrix(nbytes)
+
+    def transfer_loads(self, a: int, b: int, nbytes: float) -> tuple[tuple[int, float], ...]:
+        """``(resource, seconds)``: the per-sample load one transfer of ``nbytes`` from device ``a``
+        to device ``b`` puts on each resource (the period rule).
+
+        Every hop of its route loads its directed link (resource ``D + k`` for ``hops[k]``)
+        for that hop's time and, with ``comm_blocks_device``, both endpoint devices of the
+        hop (resources ``< D``) as well; per hop, the link comes first, then the sender and
+        the receiver. Empty when ``a == b``.
+        """
+        key = (a, b, nbytes)
+        out = self._loads_cache.get(key)
+        if out is None:
+            blocks = self.spec.comm_blocks_device
+            res = []
+            for (x, y), t in self.links.hop_times(a, b, nbytes):
+                res.append((self._hop_resource[(x, y)], t))
+                if blocks:
+                    res += [(x, t), (y, t)]
+            out = self._loads_cache[key] = tuple(res)
+        return out
 
     def comm_matrices(self):
         """``cm(nbytes)``: :meth:`comm_matrix`, memoised per byte size for one caller's loop

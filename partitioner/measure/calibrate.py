@@ -54,7 +54,7 @@ from scipy.optimize import least_squares
 
 from ..errors import CostModelError
 from ..ir.spec import Device, Spec, parse_spec
-from ..machine.cost import FREE_OPS
+from ..machine.cost import FREE_OPS, roofline
 from ..machine.replay import predict_schedule
 from .apply import match_devices
 from .handoff import alternation_excess
@@ -171,10 +171,10 @@ def _peaks(dev: Device, s: Samples) -> tuple[np.ndarray, float]:
 
 
 def predict(dev: Device, s: Samples) -> np.ndarray:
-    """Roofline times of the sampled ops on ``dev`` (as :func:`partitioner.machine.cost.roofline_time`)."""
+    """Roofline times of the sampled ops on ``dev`` (:func:`partitioner.machine.cost.roofline`)."""
     P, W = _peaks(dev, s)
-    return dev.launch_overhead_s + np.maximum(s.flops / (P * dev.efficiency.compute),
-                                              s.bytes_moved / (W * dev.efficiency.memory))
+    return roofline(s.flops, s.bytes_moved, P, W, dev.efficiency.compute, dev.efficiency.memory,
+                    dev.launch_overhead_s)
 
 
 def error_stats(pred: np.ndarray, s: Samples) -> ErrorStats:
@@ -194,7 +194,7 @@ def error_stats(pred: np.ndarray, s: Samples) -> ErrorStats:
 def _model_log(x: np.ndarray, P: np.ndarray, W: float, s: Samples, L_fixed: float | None) -> np.ndarray:
     fc, fm = np.exp(x[0]), np.exp(x[1])
     L = L_fixed if L_fixed is not None else np.exp(x[2])
-    return np.log(L + np.maximum(s.flops / (P * fc), s.bytes_moved / (W * fm)) + 1e-15)
+    return np.log(roofline(s.flops, s.bytes_moved, P, W, fc, fm, L) + 1e-15)
 
 
 def fit_device(dev: Device, s: Samples, *, fit_overhead: bool = True) -> tuple[Device, DeviceFit]:

@@ -98,7 +98,7 @@ import numpy as np
 
 from ..errors import GraphError, UsageError
 from ..ir.graph import CostGraph, InputTensor, Node
-from ..machine.cost import FREE_OPS
+from ..machine.cost import FREE_OPS, roofline
 from ..machine.problem import Problem
 from .mapping import Coarsening
 
@@ -403,7 +403,7 @@ def _weights_and_masks(nodes, moved, problem):
         elif nd.op in FREE_OPS:
             w.append(0.0)
         else:
-            w.append(max(nd.flops / _NOMINAL_FLOPS, moved[i] / _NOMINAL_MEM_BW))
+            w.append(roofline(nd.flops, moved[i], _NOMINAL_FLOPS, _NOMINAL_MEM_BW, 1.0, 1.0, 0.0))
         if nd.supported_on is None:
             mask.append(-1)  # every bit set: no restriction
         else:

@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 
 from partitioner.errors import CostModelError, GraphError
 from partitioner.ir import graph as G
 from partitioner.ir.spec import parse_spec
-from partitioner.machine.cost import cost_matrix, roofline_time
+from partitioner.machine.cost import cost_matrix, roofline, roofline_time
 
 SPEC = parse_spec({"name": "s", "devices": [
     {"id": "cpu0", "host": "h", "kind": "cpu", "model": "xeon", "peak_flops": {"fp32": 1e12},
@@ -28,6 +29,20 @@ def test_roofline_formula_compute_and_memory_bound():
     assert roofline_time(0, 1e9, cpu) == pytest.approx(1e-5 + 1e9 / (1e11 * 0.5))
     gpu = SPEC.devices[1]
     assert roofline_time(1e9, 0, gpu, "float16") == pytest.approx(1e9 / (8e13 * 0.5))
+
+
+def test_the_roofline_on_arrays_is_the_roofline_of_each_op():
+    rng = np.random.default_rng(0)
+    F, B = rng.uniform(0, 1e10, 50), rng.uniform(0, 1e9, 50)
+    F[:5] = 0.0
+    for dev in SPEC.devices:
+        e = dev.efficiency
+        T = roofline(F, B, dev.peak("float32"), dev.memory.bandwidth_Bps, e.compute, e.memory, dev.launch_overhead_s)
+        assert T.tolist() == [roofline_time(f, b, dev) for f, b in zip(F.tolist(), B.tolist())]
+    # other efficiency factors (what calibration fits) and per-op peaks broadcast alike
+    P = np.where(np.arange(50) % 2, 1e12, 4e12)
+    T = roofline(F, B, P, 1e11, 0.3, 0.8, 2e-6)
+    assert T.tolist() == [2e-6 + max(f / (p * 0.3), b / (1e11 * 0.8)) for f, b, p in zip(F, B, P)]
 
 
 def test_measured_times_most_specific_wins_and_unsupported_is_inf():

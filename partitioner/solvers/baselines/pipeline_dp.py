@@ -247,22 +247,15 @@ class _Tables:
             bad |= self.mem > self.p.capacity[d] * (1 + 1e-12)
         return np.where(bad, np.inf, S)
 
-    def _hops(self, a: int, b: int, nbytes: float) -> list[tuple[tuple[int, int], float, float]]:
-        if a == b:
-            return []
-        links = self.p.links
-        r = links.route(a, b, nbytes)
-        return [((x, y),) + tuple(links.hop[(x, y)]) for x, y in r.hops]
-
     def _io_hops(self, d: int) -> dict[tuple[int, int], np.ndarray]:
         """Per directed hop, ``[i, k]`` load of segment's input and output transfers on ``d``."""
         p, loads = self.p, {}
         host = p.host
         in_avg = float(np.mean([b for b, _ in p.in_tensors])) if p.in_tensors else 0.0
         out_avg = float(np.mean([b for _, b in p.outputs])) if p.outputs else 0.0
-        for h, lat, inv in self._hops(host, d, in_avg):
+        for h, lat, inv in self.p.links.hop_factors(host, d, in_avg):
             loads[h] = loads.get(h, 0.0) + self.in_c * lat + self.in_b * inv
-        for h, lat, inv in self._hops(d, host, out_avg):
+        for h, lat, inv in self.p.links.hop_factors(d, host, out_avg):
             loads[h] = loads.get(h, 0.0) + self.out_c * lat + self.out_b * inv
         return loads
 
@@ -274,7 +267,7 @@ class _Tables:
             if c <= 0:
                 continue
             b = self.cut_b[i]
-            for h, lat, inv in self._hops(e, d, b / c):
+            for h, lat, inv in self.p.links.hop_factors(e, d, b / c):
                 loads.setdefault(h, np.zeros(self.M1))[i] += c * lat + b * inv
         return loads
 

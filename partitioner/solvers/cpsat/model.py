@@ -306,8 +306,7 @@ def _load_part(problem: Problem, B: Built, inset: set[int], lu: float, mode: str
     ``comm_blocks_device``, both endpoint devices).
     """
     m, p, allowed, T = B.model, B.p, B.allowed, problem.T
-    D, host, links = problem.D, problem.host, problem.links
-    blocks = problem.spec.comm_blocks_device
+    D, host = problem.D, problem.host
     rnd = (lambda x: ceil_units(x, lu)) if mode == CONSERVATIVE else (lambda x: floor_units(x, lu))
     res: dict[tuple, tuple[list, list]] = {}
 
@@ -317,13 +316,8 @@ def _load_part(problem: Problem, B: Built, inset: set[int], lu: float, mode: str
             t.append(var), cs.append(c)
 
     def hops(a, b, nb, var):
-        for x, y in links.route(a, b, nb).hops:
-            lat, inv = links.hop[(x, y)]
-            c = rnd(lat + nb * inv)
-            add(("link", x, y), var, c)
-            if blocks:
-                add(("dev", x), var, c)
-                add(("dev", y), var, c)
+        for r, t in problem.transfer_loads(a, b, nb):
+            add(("dev", r) if r < D else ("link",) + problem.hops[r - D], var, rnd(t))
 
     for v in B.nodes:
         for d in allowed[v]:

@@ -109,6 +109,7 @@ from ...errors import InfeasibleError, NoSolutionError, SolverError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
+from ...machine.memory import memory_upper_bound
 from ...machine.problem import Boundary, Problem
 from ..registry import register
 from .model import (
@@ -473,20 +474,7 @@ def _sub_memory_ok(problem: Problem, bnd: Boundary, pl: dict[int, int]) -> tuple
     """The conservative memory proxy of the model, in bytes."""
     if not problem.constraints.memory:
         return True, ""
-    inset = set(bnd.nodes)
-    use = np.zeros(problem.D)
-    for v in bnd.nodes:
-        use[pl[v]] += problem.param_bytes[v] + problem.output_bytes[v]
-        out, _ = edge_levels(problem, inset, v)
-        xb: dict[int, float] = {}
-        for w, b in out:
-            if pl[w] != pl[v]:
-                xb[pl[w]] = max(xb.get(pl[w], 0.0), b)
-        for d, b in xb.items():
-            use[d] += b
-    for b, dsts in problem.in_tensors:
-        for d in {pl[j] for j in dsts if j in inset}:
-            use[d] += b
+    use = memory_upper_bound(problem, pl, bnd.nodes)
     over = np.flatnonzero(use > np.asarray(bnd.capacity) * (1 + 1e-9))
     if over.size:
         d = int(over[0])

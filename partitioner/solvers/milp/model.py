@@ -297,16 +297,14 @@ class MilpModel:
         p, tau, A, x = self.p, self.tau, self.allowed, self.x
         dev = {d: _Lin() for d in range(p.D)}
         link: dict[tuple[int, int], _Lin] = {}
-        links, blocks = p.links, p.spec.comm_blocks_device
+        D, hops = p.D, p.hops
 
         def charge(var, a: int, b: int, nbytes: float) -> None:
-            for hx, hy in links.route(a, b, nbytes).hops:
-                lat, inv = links.hop[(hx, hy)]
-                t = (lat + nbytes * inv) / tau
-                link.setdefault((hx, hy), _Lin()).add(var, t)
-                if blocks:
-                    dev[hx].add(var, t)
-                    dev[hy].add(var, t)
+            for r, t in p.transfer_loads(a, b, nbytes):
+                if r < D:
+                    dev[r].add(var, t / tau)
+                else:
+                    link.setdefault(hops[r - D], _Lin()).add(var, t / tau)
 
         for v in self.nodes:
             for d in A[v]:

@@ -36,6 +36,7 @@ import math
 from bisect import bisect_left, bisect_right
 
 from ...ir.plan import Plan
+from ...machine.memory import activation_peak
 from .tables import Tables
 
 
@@ -245,47 +246,9 @@ class State:
 
     def device_peak(self, d: int) -> float:
         """The evaluator's memory peak of device ``d`` (parameters + live activations)."""
-        t = self.t
         seq = self.seq[d]
-        m = len(seq)
-        self.work += m
-        if not m:
-            return self.params[d]
-        pl = self.pl
-        at = {v: i for i, v in enumerate(seq)}
-        diffs = [0.0] * (m + 1)
-        remote: dict[int, list[int]] = {}
-        for i, u in enumerate(seq):
-            last = i
-            for j in t.succs[u]:
-                if pl[j] == d:
-                    k = at[j]
-                    if k > last:
-                        last = k
-            diffs[i] += t.ob[u]
-            diffs[last + 1] -= t.ob[u]
-            for w in t.preds[u]:
-                if pl[w] != d:
-                    r = remote.get(w)
-                    if r is None:
-                        remote[w] = [i, i]
-                    else:
-                        r[1] = i
-        for w, (a, c) in remote.items():
-            nb = self.xbytes(w, d)
-            diffs[a] += nb
-            diffs[c + 1] -= nb
-        for k, b in enumerate(t.in_bytes):
-            if self.icnt[k][d]:
-                idx = [at[j] for j in t.p.in_tensors[k][1] if pl[j] == d]
-                diffs[min(idx)] += b
-                diffs[max(idx) + 1] -= b
-        run, peak = 0.0, 0.0
-        for x in diffs[:-1]:
-            run += x
-            if run > peak:
-                peak = run
-        return self.params[d] + peak
+        self.work += len(seq)
+        return self.params[d] + activation_peak(self.t.p, d, seq, self.pl, self.xbytes, self.t.ob)
 
     # ---- moves ------------------------------------------------------------------------
     def _relocate(self, v: int, b: int, q: float) -> tuple[int, float]:

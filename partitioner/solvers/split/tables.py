@@ -81,11 +81,9 @@ class Tables:
         self.ob = p.output_bytes.tolist()
         self.cap = p.capacity.tolist()
         self.memory = bool(p.constraints.memory)
-        hops = sorted(p.links.hop)
+        hops = p.hops  # resource D + k is hops[k], as in Problem.transfer_loads
         self.res_names = [("dev", d) for d in range(D)] + [("link", h) for h in hops]
-        self.link_index = {h: D + k for k, h in enumerate(hops)}
         self.R = D + len(hops)
-        self.blocks = bool(p.spec.comm_blocks_device)
         self._hc: dict[tuple[int, int, float], tuple[tuple[int, float], ...]] = {}
         self._qs: list[float] | None = None
 
@@ -123,16 +121,7 @@ class Tables:
         key = (a, d, b)
         hc = self._hc.get(key)
         if hc is None:
-            out = []
-            route = self.p.links.route(a, d, b)
-            for x, y in route.hops:
-                lat, inv = self.p.links.hop[(x, y)]
-                t = lat + b * inv
-                out.append((self.link_index[(x, y)], t))
-                if self.blocks:
-                    out.append((x, t))
-                    out.append((y, t))
-            hc = self._hc[key] = tuple(out)
+            hc = self._hc[key] = self.p.transfer_loads(a, d, b)
         return hc
 
 

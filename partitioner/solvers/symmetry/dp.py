@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import InfeasibleError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
 from ...machine.problem import Problem
+from .memory import _stage_memory, _stage_need
 from .options import SymmetryOptions
 
 if TYPE_CHECKING:  # annotations only: symmetry imports this module
@@ -75,22 +75,19 @@ def _build(problem: Problem, bl: Blocks, cls: DeviceClasses, additive: bool, set
     bounds = [0, *bl.cuts, bl.size]
     g = len(bounds) - 1
     U, E = L * g, L * g + 2
-    T, pb, ob = problem.T, problem.param_bytes, problem.output_bytes
+    T = problem.T
     units = [list(bl.prologue)] + [list(bl.blocks[q][bounds[s]:bounds[s + 1]]) for q in range(L)
                                     for s in range(g)] + [list(bl.epilogue)]
     ut = np.array([T[np.ix_(x, rep)].sum(axis=0) if x else np.zeros(K) for x in units])     # (E, K)
     bad = ~np.isfinite(ut)
     ST = np.vstack([np.zeros(K), np.cumsum(np.where(bad, 0.0, ut), axis=0)]).T              # (K, E+1)
     SB = np.vstack([np.zeros(K), np.cumsum(bad, axis=0)]).T
-    SM = np.concatenate([[0.0], np.cumsum([pb[x].sum() for x in units])])
     in_b = [b for b, _ in problem.in_tensors]
     out_b = [b for _, b in problem.outputs]
-    mem = dict(act=_block_peak(problem, bl) + sum(bl.shared) + max((sum(c) for c in bl.cut_cross), default=0.0),
-               first=ob[list(bl.prologue)].sum() + sum(in_b), last=ob[list(bl.epilogue)].sum())
+    SM, mem = _stage_memory(problem, bl, units)
+    need = _stage_need(SM, mem)
     cap = problem.capacity if problem.constraints.memory else np.full(problem.D, np.inf)
     k = np.arange(E + 1)
-    need = SM[None, :] - SM[:, None] + mem["act"] + np.where(k == 0, mem["first"], 0.0)[:, None] \
-        + np.where(k == E, mem["last"], 0.0)[None, :]
     upper = k[None, :] > k[:, None]
     kinds, stats = [], {}
     for c in range(K):
@@ -125,29 +122,6 @@ def _build(problem: Problem, bl: Blocks, cls: DeviceClasses, additive: bool, set
     h_in = np.array([agg([problem.comm(host, rep[c], b) for b in in_b]) for c in range(K)])
     h_out = np.array([agg([problem.comm(rep[c], host, b) for b in out_b]) for c in range(K)])
     return _Reduced(K, cls.sizes, U, g, kinds, link, shared, h_in, h_out, additive, stats)
-
-
-def _block_peak(problem: Problem, bl: Blocks) -> float:
-    """Peak live activation bytes of one block run alone in index order, as the evaluator counts
-    them: an output from its node to its last consumer (to the block's end when the next block
-    reads it), a received boundary tensor from its first to its last consumer."""
-    blk = bl.blocks[1]
-    pos = {v: r for r, v in enumerate(blk)}
-    m = len(blk)
-    diff = np.zeros(m + 1)
-    for v in blk:
-        r = pos[v]
-        last = max([pos.get(w, m - 1) for w, _ in problem.succ_bytes[v]] + [r])
-        diff[r] += problem.output_bytes[v]
-        diff[last + 1] -= problem.output_bytes[v]
-    uses: dict[int, list] = {}
-    for rs, rd, by in bl.chain:
-        uses.setdefault(rs, []).append((rd, by))
-    for lst in uses.values():
-        rds = [rd for rd, _ in lst]
-        diff[min(rds)] += max(by for _, by in lst)
-        diff[max(rds) + 1] -= max(by for _, by in lst)
-    return float(np.cumsum(diff[:-1]).max()) if m else 0.0
 
 
 def _block_problem(problem: Problem, bl: Blocks, p: int):
@@ -558,19 +532,6 @@ def _replica_split(rates: dict[int, float], vecs) -> tuple[float, list[int]]:
         parts.append(choice[vi])
         vi -= choice[vi]
     return F[-1], parts
-
-
-def _memory_error(problem: Problem, bl: Blocks, cls: DeviceClasses) -> InfeasibleError:
-    pb = problem.param_bytes
-    need, act, have = pb.sum(), _block_peak(problem, bl), problem.capacity.sum()
-    where = ", ".join(f"{problem.devices[m[0]]}{'..' + problem.devices[m[-1]] if len(m) > 1 else ''} "
-                      f"{problem.capacity[m[0]] / 1e9:.2f} GB{' each' if len(m) > 1 else ''}" for m in cls.members)
-    msg = (f"{problem.graph.name} needs {need / 1e9:.2f} GB of parameters (KV cache included; "
-           f"{pb[list(bl.blocks[0])].sum() / 1e9:.3f} GB per block) plus about {act / 1e9:.3f} GB of activations, "
-           f"but the devices of {problem.spec.name!r} have {have / 1e9:.2f} GB usable in all ({where}): "
-           f"short by {(need + act - have) / 1e9:.2f} GB")
-    return InfeasibleError(msg, hint="use a spec with more memory, a lower memory_reserve, fewer kv_cache_tokens "
-                                     "or a smaller dtype")
 
 
 PATTERN_TOL = 0.005        # groups grow while their pattern's latency improves, and is not within, this much

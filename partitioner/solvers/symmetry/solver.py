@@ -110,14 +110,13 @@ from ..registry import solve as run_solver
 from .blocks import Blocks, DeviceClasses, device_classes, find_blocks, servers
 from .dp import (
     _backtrack,
-    _block_peak,
     _build,
     _dp,
     _expand,
     _main_classes,
-    _memory_error,
     _replica_split,
 )
+from .memory import _block_peak, _memory_error
 from .options import SymmetryOptions
 from .polish import _plain_select, _polish_select
 
