@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError
+from ..ir import jsonio
 from ..ir.schedule import Schedule
 from .distributed import ERROR_PREFIX, DistributedFailure, layout
 
@@ -70,11 +71,8 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
         With the error of every rank that reported one (rank, server, transfer).
     """
     root = Path(artifact)
-    try:
-        sched = Schedule.from_json(json.loads((root / "schedule.json").read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"cannot read {root / 'schedule.json'}: {err}",
-                            hint="pass the directory written by emit/save") from None
+    sched = Schedule.from_json(jsonio.read(root / "schedule.json", error=ArtifactError,
+                                           hint="pass the directory written by emit/save"))
     lay = layout(sched)
     k = nprocs or len(lay.hosts)
     port = _free_port()
