@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: the bound LPs and the MILPs' big-M rows lose their footing beyond it (1e10 s next to
 #: operators of 1e-4 s made HiGHS fail).
 MAX_SOLVABLE_S = 1e9
+#: The critical path with every node on its fastest device must be 0 or at least this long: a
+#: model whose every operator takes less (1e-30 s) is below the LPs' tolerances.
+MIN_SOLVABLE_S = 1e-15
 
 
 def check_magnitudes(problem: Problem) -> None:
@@ -54,6 +57,12 @@ def check_magnitudes(problem: Problem) -> None:
                              f"{problem.devices[int(d)]!r}, beyond the {MAX_SOLVABLE_S:g} s the solvers handle",
                              hint="check the node's flops/bytes/time_s and the device's peak_flops, memory "
                                   "bandwidth and efficiency in the spec")
+    fastest = np.where(np.isfinite(problem.T), problem.T, np.inf).min(axis=1, initial=np.inf)
+    longest = float(fastest[np.isfinite(fastest)].max(initial=0.0))
+    if 0 < longest < MIN_SOLVABLE_S:
+        raise CostModelError(f"every operator of {problem.graph.name!r} takes at most {longest:.3g} s on its fastest "
+                             f"device, below the {MIN_SOLVABLE_S:g} s the solvers resolve",
+                             hint="check the units: times are seconds, sizes bytes, peak_flops FLOP/s")
     sizes = [*problem.edge_bytes.tolist(), *(b for b, _ in problem.in_tensors), *(b for _, b in problem.outputs)]
     if sizes and problem.D > 1:
         big = max(sizes)

@@ -27,6 +27,8 @@ FORMAT = "partitioner.costgraph/1"
 MAX_BYTES = 1e15
 MAX_FLOPS = 1e18
 MAX_TIME_S = 1e9
+#: The shortest measured time other than 0 (no clock resolves less; smaller ones break the LPs' scaling).
+MIN_TIME_S = 1e-15
 
 _NODE_KEYS = {"id", "op", "flops", "param_bytes", "output_bytes", "bytes_moved", "time_s",
               "supported_on", "group", "dtype", "module_path", "fx_name"}
@@ -208,6 +210,10 @@ def _check_node(n: Node, graph: str) -> None:
         _check_number(n.bytes_moved, f"node {n.id!r} bytes_moved", graph)
     for k, t in n.time_s.items():  # 0 is a measured time too: profilers report it for views and reshapes
         _check_number(t, f"node {n.id!r} time_s[{k!r}]", graph, MAX_TIME_S)
+        if 0 < t < MIN_TIME_S:
+            raise GraphError(f"cost graph {graph!r}: node {n.id!r} time_s[{k!r}] is {t:g} s, between 0 and the "
+                             f"shortest time the solvers handle ({MIN_TIME_S:g} s)",
+                             hint="write 0 for an op that takes no measurable time; times are in seconds")
 
 
 def from_json(data: Any, source: str = "<json>") -> CostGraph:

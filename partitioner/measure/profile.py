@@ -110,6 +110,7 @@ import torch.fx
 from .. import progress
 from ..errors import CostModelError, UsageError
 from ..ir import jsonio
+from ..ir.graph import MAX_TIME_S, MIN_TIME_S
 from ..machine.cost import FREE_OPS
 from .devices import LocalDevice, parse_devices
 from .timing import _profile_in_context, _Timer
@@ -257,8 +258,10 @@ def _validate(data: dict, source: str) -> None:
         for m, t in op["times"].items():
             x = t.get("median_s") if isinstance(t, dict) else None
             # 0 is a measurement too: a view or reshape takes no time the clock can see
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x >= 0):
-                raise bad(f"op {k!r} on {m!r}: median_s must be a finite number >= 0, got {x!r}")
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (
+                    math.isfinite(x) and (x == 0 or MIN_TIME_S <= x <= MAX_TIME_S)):
+                raise bad(f"op {k!r} on {m!r}: median_s must be 0 or a number in [{MIN_TIME_S:g}, {MAX_TIME_S:g}] "
+                          f"s, got {x!r}")
     for name, g in data.get("graphs", {}).items():
         if not isinstance(g, dict) or not isinstance(g.get("nodes"), dict):
             raise bad(f"graph {name!r} has no `nodes` map")
