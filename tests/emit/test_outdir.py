@@ -15,7 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from partitioner.cli.main import app
-from partitioner.emit.outdir import MARKER, OutDir, atomic_dir, check_out_file, is_our_output
+from partitioner.emit.outdir import (
+    MARKER,
+    OutDir,
+    atomic_dir,
+    check_out_file,
+    is_our_output,
+)
 from partitioner.errors import UsageError
 
 TINY = {

@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 
 from partitioner import api
 from partitioner.cli.main import app
-from partitioner.errors import ArtifactError, CostModelError, GraphError, SpecError, UsageError
+from partitioner.errors import (
+    ArtifactError,
+    CostModelError,
+    GraphError,
+    SpecError,
+    UsageError,
+)
 from partitioner.ir import jsonio
 from partitioner.ir.graph import from_json
 from partitioner.ir.schedule import Schedule, valid_segment_id
