@@ -183,15 +183,15 @@ def test_two_server_cluster_spec(tmp_path):
 def test_a_rank_stuck_inside_a_compute_ends_with_its_own_timeout(saved):
     """The deadline used to be checked only while waiting for transfers: a rank stuck in a
     segment's compute ran until the launcher killed it. Its watchdog ends it now, naming the action."""
-    msg, seconds = failed_launch(saved[3], timeout_s=3, grace_s=3, env={D.STUCK_ENV: "1"})
-    assert "rank 1 (host h1) exited with code 2: rank 1 (host h1) timed out (3.0 s) at cpu1 action #" in msg
+    msg, seconds = failed_launch(saved[3], timeout_s=2, grace_s=2, env={D.STUCK_ENV: "1"})
+    assert "rank 1 (host h1) exited with code 2: rank 1 (host h1) timed out (2.0 s) at cpu1 action #" in msg
     assert "(compute s" in msg and "the watchdog ended it" in msg
     assert "rank 1 (host h1) killed by the watchdog" not in msg  # not the launcher's: its own
     assert seconds < 25
 
 
 def test_a_rank_without_the_secret_cannot_join(saved):
-    msg, _ = failed_launch(saved[3], timeout_s=10, startup_s=10,
+    msg, _ = failed_launch(saved[3], timeout_s=10, startup_s=10, grace_s=1,
                            rank_env={2: {W.SECRET_ENV: "another secret, 32 characters.."}})
     assert "rank 2 (host h2): rank 0 greeted with another shared secret" in msg, msg
 
