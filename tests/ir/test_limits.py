@@ -139,6 +139,8 @@ def test_deep_nesting_is_a_clean_error_in_every_loader(tmp_path):
             load()
     r = run("evaluate", "resnet18", "--placement", p)
     assert r.exit_code == 2 and "nested too deeply" in r.output
+    r = run("compile", "resnet18", "--model-arg", "x=" + DEEP, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--model-arg x: the value is nested too deeply" in r.output
     y = tmp_path / "deep.yaml"
     y.write_text("name: " + "[" * 5000 + "]" * 5000)
     with pytest.raises(SpecError, match="nested too deeply"):
