@@ -14,6 +14,7 @@ from typing import Any
 from . import progress
 from .bounds.lower import lower_bound
 from .errors import (
+    CostModelError,
     InfeasibleError,
     NoSolutionError,
     PartitionerError,
@@ -29,6 +30,49 @@ from .machine.problem import Problem
 from .solvers.registry import check_options, get_solver, solve
 
 log = logging.getLogger(__name__)
+
+#: The longest single time (an operator, or one transfer over its route) the solvers take:
+#: the bound LPs and the MILPs' big-M rows lose their footing beyond it (1e10 s next to
+#: operators of 1e-4 s made HiGHS fail).
+MAX_SOLVABLE_S = 1e9
+#: The critical path with every node on its fastest device must be 0 or at least this long: a
+#: model whose every operator takes less (1e-30 s) is below the LPs' tolerances.
+MIN_SOLVABLE_S = 1e-15
+
+
+def check_magnitudes(problem: Problem) -> None:
+    """Refuse a problem whose operator or transfer times exceed :data:`MAX_SOLVABLE_S`.
+
+    Raises
+    ------
+    CostModelError
+        Naming the node and device, or the bytes and devices, of the longest such time.
+    """
+    import numpy as np
+
+    T = np.where(np.isfinite(problem.T), problem.T, 0.0)
+    if T.size and T.max() > MAX_SOLVABLE_S:
+        i, d = np.unravel_index(int(np.argmax(T)), T.shape)
+        raise CostModelError(f"node {problem.node_name(int(i))!r} takes {T[i, d]:.3g} s on device "
+                             f"{problem.devices[int(d)]!r}, beyond the {MAX_SOLVABLE_S:g} s the solvers handle",
+                             hint="check the node's flops/bytes/time_s and the device's peak_flops, memory "
+                                  "bandwidth and efficiency in the spec")
+    fastest = np.where(np.isfinite(problem.T), problem.T, np.inf).min(axis=1, initial=np.inf)
+    longest = float(fastest[np.isfinite(fastest)].max(initial=0.0))
+    if 0 < longest < MIN_SOLVABLE_S:
+        raise CostModelError(f"every operator of {problem.graph.name!r} takes at most {longest:.3g} s on its fastest "
+                             f"device, below the {MIN_SOLVABLE_S:g} s the solvers resolve",
+                             hint="check the units: times are seconds, sizes bytes, peak_flops FLOP/s")
+    sizes = [*problem.edge_bytes.tolist(), *(b for b, _ in problem.in_tensors), *(b for _, b in problem.outputs)]
+    if sizes and problem.D > 1:
+        big = max(sizes)
+        M = problem.comm_matrix(big)
+        if M.max() > MAX_SOLVABLE_S:
+            a, b = np.unravel_index(int(np.argmax(M)), M.shape)
+            raise CostModelError(f"a transfer of {big:.3g} bytes from {problem.devices[int(a)]!r} to "
+                                 f"{problem.devices[int(b)]!r} takes {M[a, b]:.3g} s, beyond the "
+                                 f"{MAX_SOLVABLE_S:g} s the solvers handle",
+                                 hint="check the graph's bytes and the spec's link bandwidth_Bps and latency_s")
 
 def solve_problem(problem: Problem, solver: str, settings: Settings | None = None,
                   coarsen_to: int | None = None) -> tuple[Plan, dict[str, Any]]:
@@ -149,6 +193,7 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     elif device_map:
         raise UsageError("a device map needs a profile", hint="pass profile=FILE (--profile FILE) too")
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
+    check_magnitudes(problem)
     t0 = time.perf_counter()
     progress.step(f"lower bound ({problem.n} nodes)")
     bound = lower_bound(problem)
@@ -207,6 +252,7 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
         raise UsageError("a device map needs a profile", hint="pass profile=FILE (--profile FILE) too")
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     problem.check_supported()
+    check_magnitudes(problem)
     size = problem.n if coarsen_to is None else min(problem.n, coarsen_to)
     names = list(solvers) if solvers else default_solvers(size)
     for name in names:

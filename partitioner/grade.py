@@ -14,6 +14,7 @@ from typing import Any
 from .bounds.lower import Bound, lower_bound
 from .errors import SolverError
 from .frontend.load import LoadedModel
+from .ir.jsonio import finite
 from .ir.plan import Plan, gap
 from .machine.evaluate import Evaluation, evaluate
 from .machine.problem import Problem
@@ -73,7 +74,8 @@ class Result:
         }
 
     def to_json(self) -> dict[str, Any]:
-        """The content of ``plan.json``."""
+        """The content of ``plan.json`` (standard JSON: an infinite or undefined figure, e.g. the
+        throughput of a plan that takes no time, is None)."""
         p, ev = self.problem, self.evaluation
         out = {"format": "partitioner.plan/1"}
         out.update(self.summary())
@@ -83,7 +85,7 @@ class Result:
         out["links_load_s"] = {f"{p.devices[a]}->{p.devices[b]}": t for (a, b), t in sorted(ev.link_load.items())}
         if self.plan.info:
             out["solver_info"] = {k: v for k, v in self.plan.info.items() if _jsonable(v)}
-        return out
+        return finite(out)
 
 
 def _jsonable(v: Any) -> bool:

@@ -63,6 +63,9 @@ def parse_kv(items: list[str] | None, flag: str = "--model-arg", example: str = 
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
             out[k.strip()] = v
+        except RecursionError:
+            raise UsageError(f"{flag} {k.strip()}: the value is nested too deeply", hint=f"e.g. {flag} {example}") \
+                from None
     return out
 
 
@@ -109,6 +112,7 @@ def json_default(o):
 
 
 def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

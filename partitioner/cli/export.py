@@ -8,7 +8,6 @@ inputs and compared with ``expected_outputs.pt`` before the directory is put in 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ArtifactError, UsageError
+from ..ir import jsonio
 from ..runtime.io import parse_device_map
 from .common import console
 
@@ -60,10 +60,8 @@ def export(
         raise ArtifactError(f"{src} holds no schedule.json: not an emitted artifact",
                             hint="pass the directory written by `partitioner compile ... --out DIR`")
     dest = Path(out) if out is not None else src / "onnx"
-    if dest.resolve() == src.resolve():
-        raise UsageError("--out is the artifact directory itself", hint="choose another --out (default: DIR/onnx)")
     mismatch = None
-    with atomic_dir(dest, force=force) as tmp:
+    with atomic_dir(dest, force=force, protect=(src,)) as tmp:
         rep = export_artifact(src, tmp, opset=opset, exporter=exporter, probe=probe)
         if check and (tmp / "expected_outputs.pt").is_file():
             import torch
@@ -84,7 +82,7 @@ def export(
                "check": (mismatch is None) if check else None,
                "fallbacks": {r.segment: r.fallback_reason for r in rep.segments if r.fallback_reason}}
     if json_out:
-        console.print_json(json.dumps(summary))
+        console.print_json(jsonio.dumps(summary))
         return
     t = Table(title=f"{s.meta.get('model')} on {s.meta.get('spec')}: {len(rep.segments)} ONNX segments")
     for col in ("segment", "device", "exporter", "opset", "inputs", "outputs", "export time"):

@@ -6,7 +6,6 @@ shows a bare traceback (``--debug`` shows it). Output directories are written at
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -17,6 +16,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..ir import jsonio
 from ..runtime.io import parse_device_map
 from . import export as cli_export
 from . import profile as cli_profile
@@ -125,33 +125,33 @@ def compile(
 ):
     """Compile MODEL for a hardware spec: trace, solve, grade, and write DIR/plan.json + report.md."""
     from .. import api
-    from ..emit.outdir import atomic_dir, check_out_dir
+    from ..emit.outdir import OutDir
     from ..ir.plan import Constraints
     from ..report import render as report
 
-    check_out_dir(out, force)
     settings = _settings(seed, time_limit, threads, backend, option)
     cons = Constraints(throughput_floor=throughput_floor, latency_ceiling=latency_ceiling)
-    with progress_bar(quiet or json_out) as prog:
-        task = prog.add_task(f"compiling {model} for {hw}", total=None)
-        with progress_sink(prog, task):
-            res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
-                                   model_kwargs=parse_kv(model_arg), coarsen_to=coarsen,
-                                   **_profile_kw(profile, profile_map))
-    with atomic_dir(out, force) as tmp:
-        (tmp / "plan.json").write_text(json.dumps(res.to_json(), indent=1))
-        emit_note = None if no_emit else cli_run.write_artifact(res, tmp, display=str(out))
-        (tmp / "report.md").write_text(report.markdown(res))
-        res.problem.graph.save(tmp / "costgraph.json")
-        (tmp / "trace.json").write_text(json.dumps(report.chrome_trace(res)))
-        if not no_gantt:
-            report.gantt_png(res, tmp / "gantt.png")
+    kw = dict(model_kwargs=parse_kv(model_arg), coarsen_to=coarsen, **_profile_kw(profile, profile_map))
+    with OutDir(out, force) as od:  # checked and locked before the compile
+        with progress_bar(quiet or json_out) as prog:
+            task = prog.add_task(f"compiling {model} for {hw}", total=None)
+            with progress_sink(prog, task):
+                res = api.compile_plan(model, hw, _objective(objective), solver, settings, cons, frontend=frontend,
+                                       **kw)
+        with od.writing() as tmp:
+            (tmp / "plan.json").write_text(jsonio.dumps(res.to_json(), indent=1))
+            emit_note = None if no_emit else cli_run.write_artifact(res, tmp, display=str(out))
+            (tmp / "report.md").write_text(report.markdown(res))
+            res.problem.graph.save(tmp / "costgraph.json")
+            (tmp / "trace.json").write_text(jsonio.dumps(report.chrome_trace(res)))
+            if not no_gantt:
+                report.gantt_png(res, tmp / "gantt.png")
     s = res.summary()
     if res.plan.info.get("interrupted"):
         err_console.print(f"[yellow]interrupted:[/] solver {res.plan.info['interrupted']} was stopped; "
                           f"{out} holds {res.plan.info.get('interrupted_plan', 'the HEFT plan it started from')}, gap {100 * res.gap:.2f}%")
     if json_out:
-        console.print_json(json.dumps(dict(s, out=str(out))))
+        console.print_json(jsonio.dumps(dict(s, out=str(out))))
         return
     if quiet:
         return
@@ -185,10 +185,7 @@ def evaluate(
 
     if not placement.is_file():
         raise UsageError(f"placement file {str(placement)!r} does not exist", hint="check the path")
-    try:
-        data = json.loads(placement.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{placement}: not valid JSON: {err}", hint="fix the JSON") from None
+    data = jsonio.read(placement, error=UsageError, hint="pass a plan.json or a JSON {node: device} mapping")
     if not isinstance(data, dict):
         raise UsageError(f"{placement}: expected a JSON object", hint="a {node: device} mapping or a plan.json")
     pl = data.get("placement", data)
@@ -199,7 +196,7 @@ def evaluate(
     res = api.grade(problem, plan)
     s = res.summary()
     if json_out:
-        console.print_json(json.dumps(s))
+        console.print_json(jsonio.dumps(s))
     else:
         console.print(_summary_table(res))
         from ..report.render import fmt_time
@@ -236,6 +233,7 @@ def compare(
 ):
     """Run several solvers on one problem: value, value/bound, status, gap and time of each."""
     from .. import api
+    from ..emit.outdir import check_out_file
     from ..report.render import fmt_time
 
     settings = _settings(seed, time_limit, threads, backend, option)
@@ -243,9 +241,7 @@ def compare(
     if solvers is not None and not names:
         raise UsageError("--solvers is empty", hint="e.g. --solvers split,heft,milp")
     for path, what in ((json_file, "--json"), (plot, "--plot")):
-        if path is not None and (path.is_dir() or not path.parent.exists() and str(path.parent) != ""):
-            raise UsageError(f"{what} {str(path)!r}: not a writable file path",
-                             hint="name a file in an existing directory")
+        check_out_file(path, what)
     with progress_bar(quiet) as prog:
         task = prog.add_task("loading", total=None)
         with progress_sink(prog, task):
@@ -260,7 +256,7 @@ def compare(
             out = api.compare(loaded, hw, _objective(objective), names, settings, on_solver=progress,
                               coarsen_to=coarsen, **_profile_kw(profile, profile_map))
     if json_file is not None:
-        write_atomic(json_file, json.dumps(out, indent=1, default=json_default))
+        write_atomic(json_file, jsonio.dumps(out, indent=1, default=json_default))
     if plot is not None:
         _compare_plot(out, plot)
     if quiet:
@@ -300,6 +296,7 @@ def _compare_plot(out: dict, path: Path) -> None:
     ax.set_title(f"{out['model']} on {out['spec']} ({out['objective']})", fontsize=9)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -385,7 +382,7 @@ def solvers(options: Optional[str] = typer.Option(None, "--options", metavar="SO
         for c in ("option", "type", "default", "description"):
             t.add_column(c)
         for o in describe_options(cls):
-            t.add_row(o.name, o.type, json.dumps(o.default), o.doc)
+            t.add_row(o.name, o.type, jsonio.dumps(o.default), o.doc)
         console.print(t)
         return
     t = Table(title="solvers")

@@ -7,7 +7,6 @@ to :func:`partitioner.api.compile_plan`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..ir import jsonio
 from ..runtime.io import parse_device_map
 from .common import console, parse_kv, progress_bar, progress_sink
 
@@ -42,14 +42,14 @@ def profile(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
     """Time every operator of MODEL on each local device and write (or extend) a profile file."""
+    from ..emit.outdir import check_out_file
     from ..measure.devices import parse_devices
     from ..measure.handoff import add_alternation
     from ..measure.links import add_corun, add_transfers
     from ..measure.profile import load_profile, profile_model
 
     devs = parse_devices(devices)
-    if out.exists() and out.is_dir():
-        raise UsageError(f"--out {out} is a directory", hint="give a file path, e.g. --out profile.json")
+    check_out_file(out, "--out")
     cache = None if fresh or not out.exists() else load_profile(out)
 
     with progress_bar(quiet or json_out) as prog:
@@ -87,7 +87,7 @@ def profile(
                "transfers": [{k: t[k] for k in ("src", "dst", "mode", "latency_s") if k in t}
                              for t in prof.transfers]}
     if json_out:
-        console.print_json(json.dumps(summary))
+        console.print_json(jsonio.dumps(summary))
         return
     if quiet:
         return
@@ -127,19 +127,21 @@ def calibrate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ):
     """Fit a spec's roofline efficiencies (and launch overheads, links) to a profile; write SPEC.yaml."""
+    from ..emit.outdir import check_out_file
     from ..ir.spec import load_spec
     from ..measure import calibrate as cal_mod
     from ..measure.profile import load_profile
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists", hint="pass --force to replace it, or choose another --out")
+    check_out_file(out, "--out")
     spec = load_spec(hw)
     prof = load_profile(profile_file)
     cal = cal_mod.calibrate(spec, prof, device_map=parse_device_map(device_map, value="PROFILED_DEVICE", example="cpu0=cpu:1t"), fit_overhead=not no_overhead,
                             copy_same_device=copy_same_device)
     cal_mod.write_spec_yaml(cal, out, profile_path=str(profile_file))
     if json_out:
-        console.print_json(json.dumps(dict(cal.to_json(), out=str(out))))
+        console.print_json(jsonio.dumps(dict(cal.to_json(), out=str(out))))
         return
     if quiet:
         return

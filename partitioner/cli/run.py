@@ -6,7 +6,6 @@ Inputs and outputs are files (:mod:`partitioner.runtime.io`); without ``--inputs
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -15,8 +14,9 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..ir import jsonio
 from ..runtime.io import parse_device_map, read_inputs, write_outputs
-from .common import console, err_console, json_default
+from .common import console, err_console, json_default, write_atomic
 from .export import check_onnx_outputs, providers_from_map
 
 __all__ = ["run", "run_onnx", "write_artifact", "replica_dirs"]
@@ -43,10 +43,13 @@ def run(
     import torch
 
     from ..emit.artifact import load_artifact, outputs_mismatch
+    from ..emit.outdir import check_out_file
     from ..runtime.local import LocalRuntime
 
     if repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {repeat}", hint="e.g. --repeat 10")
+    check_out_file(out, "--out")  # before any work: a run is never lost to an unwritable path
+    check_out_file(stats, "--stats")
     from ..emit.onnx import is_onnx_export
 
     if is_onnx_export(artifact):  # `partitioner export DIR --format onnx` output: run it with onnxruntime
@@ -71,7 +74,7 @@ def run(
             outputs, st = rt.run_with_stats(*args)
             runs.append(st)
     if out is not None:
-        write_outputs(out, outputs)
+        _write(out, "--out", lambda: write_outputs(out, outputs))
     mismatch = None
     if check:
         if art.expected_outputs is None:
@@ -98,11 +101,11 @@ def report_run(s, artifact: Path, runs: list, *, outputs_file: Path | None, chec
     fid = fidelity_summary(s, runs)
     summary["fidelity_summary"] = fid
     if stats is not None:
-        stats.parent.mkdir(parents=True, exist_ok=True)
-        stats.write_text(json.dumps(dict(st.to_json(), fidelity=st.fidelity(s), summary=summary), indent=1,
-                                    default=json_default))
+        text = jsonio.dumps(dict(st.to_json(), fidelity=st.fidelity(s), summary=summary), indent=1,
+                            default=json_default)
+        _write(stats, "--stats", lambda: write_atomic(stats, text))
     if json_out:
-        console.print_json(json.dumps(summary, default=json_default))
+        console.print_json(jsonio.dumps(summary, default=json_default))
     else:
         t = Table(title=f"{s.meta.get('model')} on {s.meta.get('spec')}" + (f" ({engine}runtime)" if engine else "")
                   + f": {len(s.segments)} segments, {len(s.transfers)} transfers")
@@ -154,7 +157,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         for rt in rts:
             rt.close()
     if out is not None:
-        write_outputs(out, outputs[-1])
+        _write(out, "--out", lambda: write_outputs(out, outputs[-1]))
     mismatch = None
     if check:
         if art.expected_outputs is None:
@@ -171,10 +174,10 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
                "predicted_samples_per_s": st.predicted_samples_per_s,
                "check": None if not check else (mismatch is None)}
     if stats is not None:
-        stats.parent.mkdir(parents=True, exist_ok=True)
-        stats.write_text(json.dumps(dict(st.to_json(), summary=summary), indent=1, default=json_default))
+        text = jsonio.dumps(dict(st.to_json(), summary=summary), indent=1, default=json_default)
+        _write(stats, "--stats", lambda: write_atomic(stats, text))
     if json_out:
-        console.print_json(json.dumps(summary, default=json_default))
+        console.print_json(jsonio.dumps(summary, default=json_default))
     else:
         pred = st.predicted_samples_per_s
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
@@ -212,6 +215,15 @@ def write_artifact(result, directory: Path, *, segmentation: str = "faithful", d
             f"(run it: partitioner run {display or directory})")
 
 
+def _write(path: Path, option: str, write) -> None:
+    """Run ``write()``; a failure to write ``path`` (checked up front, so rare: a full disk) is a clean error."""
+    try:
+        write()
+    except OSError as err:
+        raise UsageError(f"cannot write {option} {str(path)!r}: {err.strerror or err}",
+                         hint=f"give {option} a writable path with free space") from None
+
+
 def _fmt(x: float | None) -> str:
     from ..report.render import fmt_time
 
@@ -232,6 +244,10 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
         raise UsageError(f"--repeat must be >= 1, got {repeat}", hint="e.g. --repeat 10")
     if stream:
         raise UsageError("--stream is not supported for ONNX exports", hint="run the torch artifact with --stream")
+    from ..emit.outdir import check_out_file
+
+    check_out_file(out, "--out")
+    check_out_file(stats, "--stats")
     rt = OnnxRuntime(artifact, providers_from_map(map_device), threads, parallel=parallel)
     s = rt.schedule
     if inputs is None:
@@ -246,7 +262,7 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
         outputs, st = rt.run_with_stats(*args)
         runs.append(st)
     if out is not None:
-        write_outputs(out, outputs)
+        _write(out, "--out", lambda: write_outputs(out, outputs))
     mismatch = None
     if check:
         exp = Path(artifact) / "expected_outputs.pt"

@@ -16,7 +16,6 @@ both ``torch.save`` of tensors, read with ``weights_only=True``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import ArtifactError
+from ..ir import jsonio
 from ..ir.schedule import Schedule, bind_inputs
 from ..ir.tree import tree_unflatten
 from . import segcode
@@ -123,24 +123,49 @@ def outputs_mismatch(actual: Any, expected: Any, *, rtol: float = OUTPUT_RTOL,
     str or None
         None when they agree, else one line naming the first differing output.
     """
-    a_leaves, a_spec = pytree.tree_flatten(actual)
-    e_leaves, e_spec = pytree.tree_flatten(expected)
+    a_leaves, _ = pytree.tree_flatten(actual)
+    e_leaves, _ = pytree.tree_flatten(expected)
     if len(a_leaves) != len(e_leaves):
         return f"{len(a_leaves)} output values, expected {len(e_leaves)}"
     for k, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+        where = f"output {k}" if len(e_leaves) > 1 else "output"
+        if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
+            return f"{where}: {_kind(a)}, expected {_kind(e)}"
+        if not isinstance(e, torch.Tensor):  # a constant: None, bool, int, float, str
+            bad = _const_mismatch(a, e, rtol, atol)
+            if bad:
+                return f"{where}: {bad}"
+            continue
         scale = 1.0
-        if isinstance(e, torch.Tensor) and e.is_floating_point() and e.numel():
+        if e.is_floating_point() and e.numel():
             finite = e.detach().float()[torch.isfinite(e.detach().float())]
             if finite.numel():
                 scale = max(1.0, float(finite.abs().max()))
         try:
-            if isinstance(a, torch.Tensor):
-                a = a.detach().cpu()
-            torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=True)
+            torch.testing.assert_close(a.detach().cpu(), e, rtol=rtol, atol=atol * scale, equal_nan=True)
         except AssertionError as err:
-            where = f"output {k}" if len(e_leaves) > 1 else "output"
             return f"{where}: " + " ".join(str(err).split())
     return None
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return f"the constant {x!r:.60}"
+
+
+def _const_mismatch(a: Any, e: Any, rtol: float, atol: float) -> str | None:
+    """Why constant ``a`` differs from ``e`` (same type, equal; floats within tolerance), or None."""
+    numbers = (int, float)
+    if type(a) is not type(e) and not (isinstance(a, numbers) and isinstance(e, numbers)
+                                       and not isinstance(a, bool) and not isinstance(e, bool)):
+        return f"{_kind(a)}, expected {_kind(e)}"
+    if isinstance(e, float) or isinstance(a, float):
+        if a == e or (a != a and e != e) or abs(a - e) <= atol + rtol * abs(e):
+            return None
+    elif a == e:
+        return None
+    return f"{_kind(a)}, expected {_kind(e)}"
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -162,11 +187,7 @@ def read_schedule_dir(path: str | Path, what: str, written_by: str, corrupt_hint
     sj = root / "schedule.json"
     if not sj.is_file():
         raise ArtifactError(f"{sj} is missing", hint=f"pass the directory written by {written_by}")
-    try:
-        data = json.loads(sj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{sj} is not valid JSON: {err}", hint=corrupt_hint) from None
-    return root, Schedule.from_json(data)
+    return root, Schedule.from_json(jsonio.read(sj, error=ArtifactError, hint=corrupt_hint))
 
 
 def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, UsageError
-from ..ir.schedule import Schedule
+from ..ir.schedule import Schedule, valid_segment_id
 from ..ir.tree import tree_encode
 from .artifact import sha256_file
 
@@ -316,6 +316,15 @@ def _check_session(sess, names_in: list[str], out_names: list[str], cases: list[
                                        equal_nan=True, check_dtype=False, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refused unless it resolves inside ``root`` (symlinks followed)."""
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{rel!r} would be written outside the export directory {str(root)!r}",
+                            hint="emit the plan again; do not edit schedule.json")
+    return path
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
@@ -357,6 +366,10 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
                             "to fix the graphs' shapes", hint="emit the plan with example inputs "
                             "(partitioner compile writes them)")
     sched = art.schedule
+    for seg in sched.segments:  # ids name files: never a path out of ``dest`` (checked before any write)
+        if not valid_segment_id(seg.id):
+            raise ArtifactError(f"segment id {seg.id[:140]!r} cannot name a file (1 to 128 of A-Z a-z 0-9 _ . -, "
+                                "not starting with '.')", hint="emit the plan again; do not edit schedule.json")
     root = Path(dest)
     (root / "segments").mkdir(parents=True, exist_ok=True)
     example = tuple(art.example_inputs)
@@ -415,7 +428,7 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
         tries = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
         reasons: dict[str, str] = {}
         used = None
-        path = root / rel
+        path = _inside(root, rel)
         for ex in tries:
             for p in path.parent.glob(f"{seg.id}.onnx*"):
                 p.unlink()
@@ -492,13 +505,10 @@ def export_dir(src: str | Path, out: str | Path | None = None, *, force: bool = 
 
     src = Path(src)
     out = Path(out) if out is not None else src / "onnx"
-    if out.resolve() == src.resolve():
-        raise UsageError("the output directory is the artifact directory itself",
-                         hint="choose another --out (default: DIR/onnx)")
     if not (src / "schedule.json").is_file():
         raise ArtifactError(f"{src} holds no schedule.json: not an emitted artifact",
                             hint="pass the directory written by `partitioner compile ... --out DIR`")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, protect=(src,)) as tmp:
         rep = export_artifact(src, tmp, **kw)
     rep.path = out
     return rep
@@ -516,5 +526,5 @@ def is_onnx_export(schedule_or_dir: Schedule | str | Path) -> bool:
         d = json.loads(p.read_text())
         return isinstance(d, dict) and isinstance(d.get("meta"), dict) and "onnx" in d["meta"] and \
             all(isinstance(s, dict) and s.get("format") == FORMAT for s in d.get("segments", []))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False

@@ -8,7 +8,6 @@ return to, the spec's host device. The JSON interchange format is
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -19,8 +18,17 @@ from typing import Any
 import networkx as nx
 
 from ..errors import GraphError
+from . import jsonio
 
 FORMAT = "partitioner.costgraph/1"
+
+#: The largest values a cost graph may hold (no time derived from them overflows); the derived
+#: times are checked against what the solvers handle by :func:`partitioner.api.check_magnitudes`.
+MAX_BYTES = 1e15
+MAX_FLOPS = 1e18
+MAX_TIME_S = 1e9
+#: The shortest measured time other than 0 (no clock resolves less; smaller ones break the LPs' scaling).
+MIN_TIME_S = 1e-15
 
 _NODE_KEYS = {"id", "op", "flops", "param_bytes", "output_bytes", "bytes_moved", "time_s",
               "supported_on", "group", "dtype", "module_path", "fx_name"}
@@ -63,7 +71,8 @@ class CostGraph:
     nodes : list of Node
         Operators, in a deterministic order (used to break ties everywhere).
     edges : list of (src, dst, bytes)
-        Data dependencies with the bytes the consumer needs.
+        Data dependencies with the bytes the consumer needs; a pair given twice keeps the
+        larger bytes (the JSON loader, :func:`from_json`, refuses a repeated pair instead).
     inputs : list of InputTensor
         Model inputs (transferred from the host once per destination device).
     outputs : list of (src, bytes)
@@ -72,7 +81,8 @@ class CostGraph:
     Raises
     ------
     GraphError
-        Unknown or duplicate ids, self-loops, cycles, negative or non-finite numbers.
+        Unknown or duplicate ids, self-loops, cycles, negative, non-finite or too large
+        numbers (:data:`MAX_BYTES`, :data:`MAX_FLOPS`, :data:`MAX_TIME_S`).
     """
 
     def __init__(self, name: str, nodes: list[Node], edges: list[tuple[str, str, float]],
@@ -177,27 +187,33 @@ class CostGraph:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        Path(path).write_text(jsonio.dumps(self.to_json(), indent=1))
 
 
-def _check_number(x: Any, what: str, graph: str) -> None:
+def _check_number(x: Any, what: str, graph: str, upper: float = MAX_BYTES) -> None:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise GraphError(f"cost graph {graph!r}: {what} must be a number, got {x!r}", hint="use plain numbers")
     if not math.isfinite(x) or x < 0:
         raise GraphError(f"cost graph {graph!r}: {what} must be finite and >= 0, got {x}",
                          hint="costs and sizes are seconds and bytes; fix the value")
+    if x > upper:
+        raise GraphError(f"cost graph {graph!r}: {what} is {x:g}, above the largest value the solvers handle "
+                         f"({upper:g})", hint="costs and sizes are seconds, FLOPs and bytes; fix the value "
+                                              f"(bytes <= {MAX_BYTES:g}, flops <= {MAX_FLOPS:g}, time_s <= {MAX_TIME_S:g})")
 
 
 def _check_node(n: Node, graph: str) -> None:
-    for attr in ("flops", "param_bytes", "output_bytes"):
+    _check_number(n.flops, f"node {n.id!r} flops", graph, MAX_FLOPS)
+    for attr in ("param_bytes", "output_bytes"):
         _check_number(getattr(n, attr), f"node {n.id!r} {attr}", graph)
     if n.bytes_moved is not None:
         _check_number(n.bytes_moved, f"node {n.id!r} bytes_moved", graph)
-    for k, t in n.time_s.items():
-        _check_number(t, f"node {n.id!r} time_s[{k!r}]", graph)
-        if t == 0:
-            raise GraphError(f"cost graph {graph!r}: node {n.id!r} time_s[{k!r}] is 0",
-                             hint="a measured time must be > 0; leave the key out to use the roofline")
+    for k, t in n.time_s.items():  # 0 is a measured time too: profilers report it for views and reshapes
+        _check_number(t, f"node {n.id!r} time_s[{k!r}]", graph, MAX_TIME_S)
+        if 0 < t < MIN_TIME_S:
+            raise GraphError(f"cost graph {graph!r}: node {n.id!r} time_s[{k!r}] is {t:g} s, between 0 and the "
+                             f"shortest time the solvers handle ({MIN_TIME_S:g} s)",
+                             hint="write 0 for an op that takes no measurable time; times are in seconds")
 
 
 def from_json(data: Any, source: str = "<json>") -> CostGraph:
@@ -254,6 +270,13 @@ def from_json(data: Any, source: str = "<json>") -> CostGraph:
         return items
 
     edges = [(str(e["src"]), str(e["dst"]), e.get("bytes", 0)) for e in _items("edges", ("src", "dst"))]
+    first: dict[tuple[str, str], int] = {}
+    for i, (src, dst, _) in enumerate(edges):
+        k = first.setdefault((src, dst), i)
+        if k != i:
+            raise GraphError(f"{source}: edges[{k}] and edges[{i}] both connect {src!r} -> {dst!r}",
+                             hint="list each (src, dst) pair once, with the bytes the consumer needs; several "
+                                  "consumers of one producer on one device are charged once, at the largest bytes")
     ins: dict[str, tuple[float, list[str]]] = {}
     for i, it in enumerate(_items("inputs", ("dst",))):
         nm = str(it.get("name", f"input{i}"))
@@ -271,11 +294,7 @@ def load(path: str | os.PathLike) -> CostGraph:
     p = Path(path)
     if not p.is_file():
         raise GraphError(f"cost graph file {str(p)!r} does not exist", hint="check the path")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GraphError(f"{p}: not valid JSON: {err}", hint="fix the JSON syntax") from None
-    return from_json(data, str(p))
+    return from_json(jsonio.read(p, error=GraphError, hint="fix the JSON syntax"), str(p))
 
 
 # ---- lowering from torch.fx ------------------------------------------------------------

@@ -29,6 +29,9 @@ Invariants (checked by :meth:`Schedule.validate`, so by :meth:`Schedule.from_jso
 -------------------------------------------------------------------------------------
 * every segment is computed exactly once, on its own device; every value has exactly
   one producer (a segment output or a model input);
+* a segment id is 1 to 128 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` (it names
+  files: ``segments/ID``), and the output tree and ``meta`` nest at most
+  :data:`partitioner.ir.jsonio.MAX_DEPTH` levels;
 * every transfer has exactly one send (on its source, after the value is available
   there) and one recv (on its destination); no device sends to itself;
 * per ordered pair of devices, recvs come in the same order as the sends (FIFO), so an
@@ -48,20 +51,31 @@ round-trip exactly. This module does not import torch.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ArtifactError
+from . import jsonio
 from .tree import HINT as _HINT
 from .tree import tree_leaves
 
-__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "bind_inputs", "sequential_order"]
+__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "bind_inputs", "sequential_order",
+           "valid_segment_id"]
 
 FORMAT = "partitioner.schedule/1"
 OPS = ("compute", "send", "recv")
+
+
+_SEGMENT_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def valid_segment_id(sid: Any) -> bool:
+    """Whether ``sid`` may be a segment id: a file name on every platform (no separators, no
+    leading dot, so never ``.`` or ``..``), 1 to 128 of ``A-Z a-z 0-9 _ . -``."""
+    return isinstance(sid, str) and _SEGMENT_ID.fullmatch(sid) is not None
 
 
 def _err(msg: str, hint: str = _HINT) -> ArtifactError:
@@ -315,7 +329,7 @@ class Schedule:
     def dumps(self) -> str:
         """The JSON text of ``schedule.json``: one value, segment, transfer or action per line."""
         d = self.to_json()
-        one = lambda x: json.dumps(x, separators=(", ", ": "))  # noqa: E731
+        one = lambda x: jsonio.dumps(x, separators=(", ", ": "))  # noqa: E731
         parts = []
         for k, v in d.items():
             if k in ("values", "segments", "transfers") and v:
@@ -376,6 +390,9 @@ class Schedule:
             raise _err(f"actions for unknown device(s) {unknown}")
         segs: dict[str, Segment] = {}
         for s in self.segments:
+            if not valid_segment_id(s.id):
+                raise _err(f"segment id {s.id[:140]!r} is not 1 to 128 of A-Z a-z 0-9 _ . - (not starting with "
+                           "'.')")
             if s.id in segs:
                 raise _err(f"duplicate segment id {s.id!r}")
             if s.device not in devs:
@@ -394,6 +411,8 @@ class Schedule:
             for v in s.outputs:
                 if v not in self.values or self.values[v].producer != s.id:
                     raise _err(f"segment {s.id!r} outputs {v!r}, whose producer is not {s.id!r}")
+        for what, part in (("the output tree", self.outputs), ("meta", self.meta)):
+            jsonio.check_depth(part, what=f"invalid schedule: {what}", error=ArtifactError, hint=_HINT)
         for leaf in tree_leaves(self.outputs):
             if "value" in leaf and leaf["value"] not in self.values:
                 raise _err(f"model output names unknown value {leaf['value']!r}")

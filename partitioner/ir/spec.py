@@ -46,11 +46,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _finite_positive(v: float, what: str) -> float:
+#: Ranges (inclusive) of a spec's numbers: wide enough for any real machine (and for papers'
+#: abstract units, 1 B/s), narrow enough that no time derived from them over- or underflows
+#: (1e-300 B/s once crashed the bound's LP). The times themselves are checked against what the
+#: solvers handle once a graph meets the spec (:func:`partitioner.api.check_magnitudes`).
+RANGES = {
+    "bandwidth_Bps": (1.0, 1e16),
+    "memory.bandwidth_Bps": (1.0, 1e16),
+    "memory.capacity_bytes": (1.0, 1e18),
+    "peak_flops": (1.0, 1e20),
+    "efficiency": (1e-6, 1.0),
+    "latency_s": (0.0, 1e6),
+    "launch_overhead_s": (0.0, 1e6),
+}
+
+
+def _in_range(v: float | None, what: str, key: str | None = None) -> float | None:
+    """``v`` if it is a finite number inside ``RANGES[key or what]``; else ValueError naming it."""
     if v is None:
         return v
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {v}")
+    lo, hi = RANGES[key or what]
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"{what} must be a finite number in [{lo:g}, {hi:g}], got {v:g}")
     return v
 
 
@@ -61,7 +78,7 @@ class Memory(_Strict):
     @field_validator("capacity_bytes", "bandwidth_Bps")
     @classmethod
     def _pos(cls, v, info):
-        return _finite_positive(v, info.field_name)
+        return _in_range(v, f"memory.{info.field_name}")
 
 
 class Efficiency(_Strict):
@@ -71,9 +88,7 @@ class Efficiency(_Strict):
     @field_validator("compute", "memory")
     @classmethod
     def _frac(cls, v, info):
-        if not (math.isfinite(v) and 0 < v <= 1):
-            raise ValueError(f"efficiency.{info.field_name} must be in (0, 1], got {v}")
-        return v
+        return _in_range(v, f"efficiency.{info.field_name}", "efficiency")
 
 
 class Device(_Strict):
@@ -92,15 +107,13 @@ class Device(_Strict):
     @classmethod
     def _peaks(cls, v):
         for k, x in v.items():
-            _finite_positive(x, f"peak_flops.{k}")
+            _in_range(x, f"peak_flops.{k}", "peak_flops")
         return v
 
     @field_validator("launch_overhead_s")
     @classmethod
     def _overhead(cls, v):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"launch_overhead_s must be a finite number >= 0, got {v}")
-        return v
+        return _in_range(v, "launch_overhead_s")
 
     def peak(self, dtype: str) -> float | None:
         """Peak FLOP/s for a dtype name ("float32" or "fp32"); falls back to fp32."""
@@ -121,14 +134,12 @@ class Link(_Strict):
     @field_validator("bandwidth_Bps")
     @classmethod
     def _bw(cls, v):
-        return _finite_positive(v, "bandwidth_Bps")
+        return _in_range(v, "bandwidth_Bps")
 
     @field_validator("latency_s")
     @classmethod
     def _lat(cls, v):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"latency_s must be a finite number >= 0, got {v}")
-        return v
+        return _in_range(v, "latency_s")
 
 
 class Spec(_Strict):
@@ -267,6 +278,9 @@ def load_spec(name_or_path: str | os.PathLike) -> Spec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}", hint="fix the YAML syntax") from None
+    except RecursionError:
+        raise SpecError(f"{path} is nested too deeply to be read", hint="a spec nests a few levels; fix the YAML") \
+            from None
     return parse_spec(data, str(path))
 
 

@@ -150,8 +150,8 @@ def samples_for(profile: Profile, model: str, *, overhead: bool = True) -> Sampl
     for k in sorted(profile.ops):
         op = profile.ops[k]
         t = op["times"].get(model)
-        if t is None or op.get("op") in FREE_OPS:
-            continue
+        if t is None or op.get("op") in FREE_OPS or not float(t["median_s"]) > 0:
+            continue  # a free op, or one too fast to time, says nothing about the roofline
         keys.append(k)
         F.append(float(op.get("flops", 0.0)))
         B.append(float(op.get("bytes_moved", 0.0)))

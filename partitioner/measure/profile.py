@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
@@ -110,6 +109,8 @@ import torch.fx
 
 from .. import progress
 from ..errors import CostModelError, UsageError
+from ..ir import jsonio
+from ..ir.graph import MAX_TIME_S, MIN_TIME_S
 from ..machine.cost import FREE_OPS
 from .devices import LocalDevice, parse_devices
 from .timing import _profile_in_context, _Timer
@@ -216,7 +217,7 @@ class Profile:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.write_text(jsonio.dumps(self.to_json(), indent=1))
         os.replace(tmp, p)
         return p
 
@@ -232,11 +233,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     p = Path(path)
     if not p.is_file():
         raise CostModelError(f"profile file {str(p)!r} does not exist", hint=_PROFILE_HINT)
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CostModelError(f"profile {p} is not valid JSON: {err}",
-                             hint="the file is corrupted; delete it and profile again") from None
+    data = jsonio.read(p, error=CostModelError, hint="the file is corrupted; delete it and profile again")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CostModelError(f"{p} is not a profile (format {got!r}, expected {FORMAT!r})",
@@ -260,8 +257,11 @@ def _validate(data: dict, source: str) -> None:
             raise bad(f"op {k!r} has no `times`")
         for m, t in op["times"].items():
             x = t.get("median_s") if isinstance(t, dict) else None
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
-                raise bad(f"op {k!r} on {m!r}: median_s must be a finite number > 0, got {x!r}")
+            # 0 is a measurement too: a view or reshape takes no time the clock can see
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (
+                    math.isfinite(x) and (x == 0 or MIN_TIME_S <= x <= MAX_TIME_S)):
+                raise bad(f"op {k!r} on {m!r}: median_s must be 0 or a number in [{MIN_TIME_S:g}, {MAX_TIME_S:g}] "
+                          f"s, got {x!r}")
     for name, g in data.get("graphs", {}).items():
         if not isinstance(g, dict) or not isinstance(g.get("nodes"), dict):
             raise bad(f"graph {name!r} has no `nodes` map")

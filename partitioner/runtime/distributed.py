@@ -15,18 +15,19 @@ order, so the run is the projection of one sequential execution and cannot deadl
 Transfers between devices of the same server stay in-process (a ``.to(device)``);
 transfers between servers are point-to-point messages:
 
-* the sender posts ``dist.isend`` of a header (``int64[1]``: the length of a JSON
-  description of the value: its tree of tuples/lists/dicts, constants such as ints, and
-  the shape and dtype of every tensor leaf), the description (``uint8``), then every
-  tensor leaf, on tags ``tag * STRIDE + k``; it waits for all its sends at the end;
+* the sender posts a header with the length of a JSON description of the value, the
+  description sealed with an HMAC of the run's shared secret, then every tensor leaf
+  (:mod:`partitioner.runtime.wire`: the format, and how joining is bound to
+  ``MASTER_ADDR`` and authenticated); it waits for all its sends at the end;
 * the receiver, when it needs a value from a peer rank, receives (blocking, bounded by
   the deadline) every message that peer sends it, in the peer's issue order, up to that
   value, keeping the earlier ones. Messages therefore match in issue order per rank pair
-  (as NCCL requires) and by tag (gloo checks it).
+  (as NCCL requires) and by tag (gloo checks it). It checks each description's HMAC and
+  sizes (bounded by what the schedule declares for the value) before it allocates anything.
 
 No pickle crosses the wire: non-tensor values are limited to JSON constants (ints,
-floats, bools, strings, None) and ``torch.Size``/tuples/lists/dicts of them and tensors;
-anything else is refused with :class:`DistributedFailure`.
+finite floats, bools, strings, None) and ``torch.Size``/tuples/lists/dicts of them and
+tensors; anything else is refused with :class:`~partitioner.runtime.wire.DistributedFailure`.
 
 Backends
 --------
@@ -37,9 +38,11 @@ has no such restriction.
 
 Failures
 --------
-``init_process_group(timeout=...)`` bounds the rendezvous (``--init-timeout``); every
-recv and the final send completion wait at most until the run's deadline (``--timeout``,
-from the rank's start after the rendezvous). A peer that dies makes
+The rendezvous is bounded by ``--init-timeout``; every recv and the final send completion
+wait at most until the run's deadline (``--timeout``, from the rank's start after the
+rendezvous), and a watchdog thread ends a rank still busy at its deadline (say, stuck
+inside a segment's compute) within :data:`WATCHDOG_GRACE_S` after it, with its own
+error line and exit code 2. A peer that dies makes
 gloo fail the pending recv at once ("connection closed"); either way the rank exits with
 code 2 after printing one line ``partitioner-dist-error: MESSAGE`` that names the rank,
 its server and the transfer it waited for. :func:`launch` (K local processes, used by
@@ -47,7 +50,8 @@ the tests) adds a watchdog: when a process exits non-zero or the deadline passes
 others get a short grace period to report their own error and are then killed, and
 :class:`DistributedFailure` is raised with every rank's message.
 
-Command line (one process per server; the host's server is node rank 0)::
+Command line (one process per server; the host's server is node rank 0; the same
+``PARTITIONER_SECRET`` on every server)::
 
     torchrun --nnodes=K --nproc-per-node=1 --node-rank=R --master-addr=HOST0 --master-port=29500 \\
         -m partitioner.runtime.distributed DIR --inputs inputs.pt --out outputs.pt
@@ -56,7 +60,8 @@ Test hooks: environment ``PARTITIONER_DIST_DIE_RANK=R`` makes rank ``R`` exit wi
 right after joining the process group (before its first transfer);
 ``PARTITIONER_DIST_HANG_RANK=R`` makes it sleep instead (a peer that never answers);
 ``PARTITIONER_DIST_KILL=R:K`` makes rank ``R`` send itself SIGKILL before its ``K``-th
-action (a rank killed in the middle of the run, after earlier transfers went through).
+action (a rank killed in the middle of the run, after earlier transfers went through);
+``PARTITIONER_DIST_STUCK_RANK=R`` makes rank ``R``'s first compute never return.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,24 +82,24 @@ from typing import Any
 import torch
 
 from ..emit.artifact import outputs_mismatch
-from ..errors import ArtifactError, PartitionerError, RuntimeFailure, UsageError
+from ..errors import ArtifactError, PartitionerError, UsageError
 from ..ir.schedule import Schedule, sequential_order
 from ..ir.tree import tree_unflatten
+from . import wire
+from .wire import STRIDE, DistributedFailure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedFailure", "HostLayout", "layout", "run_rank", "main", "STRIDE", "ERROR_PREFIX"]
+__all__ = ["HostLayout", "layout", "run_rank", "main", "ERROR_PREFIX", "WATCHDOG_GRACE_S"]
 
-#: tag stride per transfer: header, description, then at most STRIDE - 2 tensor leaves
-STRIDE = 256
 ERROR_PREFIX = "partitioner-dist-error: "
 DIE_ENV = "PARTITIONER_DIST_DIE_RANK"
 HANG_ENV = "PARTITIONER_DIST_HANG_RANK"
 KILL_ENV = "PARTITIONER_DIST_KILL"
-
-
-class DistributedFailure(RuntimeFailure):
-    """A distributed run failed: a rank died, a peer never answered, or a value cannot be sent."""
+STUCK_ENV = "PARTITIONER_DIST_STUCK_RANK"
+#: how long after its deadline the watchdog ends a rank that is still busy (a rank waiting
+#: for a transfer reports its own timeout first, naming the transfer)
+WATCHDOG_GRACE_S = 0.5
 
 
 # ---- hosts, ranks and the global order -----------------------------------------------------
@@ -151,61 +157,12 @@ def layout(schedule: Schedule, device_hosts: dict[str, str] | None = None) -> Ho
     return HostLayout(tuple(hosts), rank_of, tuple(sequential_order(schedule)))
 
 
-# ---- value descriptions (JSON, no pickle) ---------------------------------------------------
-def _describe(value: Any, leaves: list[torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        leaves.append(value)
-        return {"t": [list(value.shape), str(value.dtype).removeprefix("torch.")]}
-    if isinstance(value, torch.Size):
-        return {"size": list(value)}
-    if isinstance(value, tuple):
-        return {"tuple": [_describe(x, leaves) for x in value]}
-    if isinstance(value, list):
-        return {"list": [_describe(x, leaves) for x in value]}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"dict": [[k, _describe(x, leaves)] for k, x in value.items()]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return {"c": value}
-    raise DistributedFailure(f"cannot send a value of type {type(value).__name__} between ranks",
-                             hint="only tensors, numbers, strings and tuples/lists/dicts of them cross servers; "
-                                  "place its producer and consumers on one server")
-
-
-def _rebuild(desc: Any, leaves: list[torch.Tensor]) -> Any:
-    (k, v), = desc.items()
-    if k == "t":
-        return leaves.pop(0)
-    if k == "size":
-        return torch.Size(v)
-    if k == "tuple":
-        return tuple(_rebuild(x, leaves) for x in v)
-    if k == "list":
-        return [_rebuild(x, leaves) for x in v]
-    if k == "dict":
-        return {key: _rebuild(x, leaves) for key, x in v}
-    return v
-
-
-def _tensor_specs(desc: Any, out: list) -> list:
-    (k, v), = desc.items()
-    if k == "t":
-        out.append((tuple(v[0]), getattr(torch, v[1])))
-    elif k in ("tuple", "list"):
-        for x in v:
-            _tensor_specs(x, out)
-    elif k == "dict":
-        for _, x in v:
-            _tensor_specs(x, out)
-    return out
-
-
 # ---- one rank -------------------------------------------------------------------------------
 class _Rank:
     def __init__(self, art, lay: HostLayout, rank: int, devices: dict[str, torch.device],
-                 comm_device: torch.device, timeout_s: float, deadline: float | None = None):
-        import torch.distributed as dist
-
-        self.dist = dist
+                 comm_device: torch.device, timeout_s: float, deadline: float | None, group: wire.Group,
+                 sealer: wire.Sealer, max_scale: float):
+        self.group, self.sealer, self.max_scale = group, sealer, max_scale
         self.s: Schedule = art.schedule
         self.lay = lay
         self.rank = rank
@@ -258,16 +215,17 @@ class _Rank:
     # -- remote transfers
     def isend(self, tag: int, value: Any, peer: int) -> None:
         leaves: list[torch.Tensor] = []
-        desc = json.dumps(_describe(value, leaves)).encode()
+        tree = wire.describe(value, leaves)
         if len(leaves) > STRIDE - 2:
             raise DistributedFailure(f"value {self.transfers[tag].value!r} has {len(leaves)} tensors; at most "
                                      f"{STRIDE - 2} can be sent as one transfer", hint="please report this")
-        blob = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.comm)
-        msgs = [torch.tensor([blob.numel()], dtype=torch.int64, device=self.comm), blob]
-        msgs += [t.detach().contiguous().to(self.comm) for t in leaves]
+        leaves = [t.detach().contiguous().to(self.comm) for t in leaves]
+        sealed = self.sealer.seal({"v": tree, "digest": wire.digest(leaves)}, self.rank, peer, tag)
+        blob = torch.frombuffer(bytearray(sealed), dtype=torch.uint8).to(self.comm)
+        msgs = [torch.tensor([blob.numel()], dtype=torch.int64, device=self.comm), blob, *leaves]
         what = f"sending {self._describe_transfer(tag)} to {self.where(peer)}"
         for k, m in enumerate(msgs):
-            self.pending.append((self.dist.isend(m, peer, tag=tag * STRIDE + k), what, [m]))
+            self.pending.append((self.group.isend(m, peer, tag * STRIDE + k), what, [m]))
 
     def recv(self, tag: int, src: int, dev: torch.device) -> Any:
         order = self.issue.get((src, self.rank), [])
@@ -283,17 +241,27 @@ class _Rank:
 
     def _recv_one(self, tag: int, src: int) -> Any:
         what = f"waiting for {self._describe_transfer(tag)} from {self.where(src)}"
+        bad = f"{self.where(self.rank)} received {self._describe_transfer(tag)}"
         hdr = torch.empty(1, dtype=torch.int64, device=self.comm)
-        self._wait(self.dist.irecv(hdr, src, tag=tag * STRIDE), what)
-        blob = torch.empty(int(hdr.item()), dtype=torch.uint8, device=self.comm)
-        self._wait(self.dist.irecv(blob, src, tag=tag * STRIDE + 1), what)
-        desc = json.loads(bytes(blob.cpu().numpy().tobytes()).decode())
+        self._wait(self.group.irecv(hdr, src, tag * STRIDE), what)
+        n = int(hdr.item())
+        if not 0 < n <= wire.MAX_HEADER_BYTES:
+            raise DistributedFailure(f"{bad} with a header of {n} bytes (at most {wire.MAX_HEADER_BYTES})",
+                                     hint="check that every rank runs the same artifact")
+        blob = torch.empty(n, dtype=torch.uint8, device=self.comm)
+        self._wait(self.group.irecv(blob, src, tag * STRIDE + 1), what)
+        desc = self.sealer.open(bytes(blob.cpu().numpy().tobytes()), src, self.rank, tag, bad)
+        specs = wire.tensor_specs(desc["v"], [])
+        wire.check_leaves(specs, self.s.values[self.transfers[tag].value].bytes, self.max_scale, bad)
         leaves = []
-        for k, (shape, dtype) in enumerate(_tensor_specs(desc, [])):
+        for k, (shape, dtype) in enumerate(specs):
             buf = torch.empty(shape, dtype=dtype, device=self.comm)
-            self._wait(self.dist.irecv(buf, src, tag=tag * STRIDE + 2 + k), what)
+            self._wait(self.group.irecv(buf, src, tag * STRIDE + 2 + k), what)
             leaves.append(buf)
-        return _rebuild(desc, leaves)
+        if desc.get("digest") is not None and wire.digest(leaves) != desc["digest"]:
+            raise DistributedFailure(f"{bad}: its tensors differ from the ones it was sent with (digest)",
+                                     hint="the connection between the servers changed the data; check the network")
+        return wire.rebuild(desc["v"], leaves)
 
     # -- the program
     def run(self, inputs: tuple | None) -> Any:
@@ -323,6 +291,10 @@ class _Rank:
             st = store[d]
             if a.op == "compute":
                 seg = self.segs[a.segment]
+                if os.environ.get(STUCK_ENV, "") == str(self.rank):
+                    log.warning("rank %d is stuck in its compute on purpose (%s)", self.rank, STUCK_ENV)
+                    while True:
+                        time.sleep(3600)
                 outs = self.modules[a.segment](*[st[v] for v in seg.inputs])
                 if not isinstance(outs, (tuple, list)) or len(outs) != len(seg.outputs):
                     raise ArtifactError(f"segment {seg.id!r} returned {type(outs).__name__}, expected a tuple of "
@@ -365,23 +337,28 @@ def _to(value: Any, dev: torch.device) -> Any:
 
 def run_rank(art, *, rank: int, world_size: int, inputs: tuple | None = None, backend: str = "gloo",
              map_devices: Any = None, timeout_s: float = 120.0, device_hosts: dict | None = None,
-             init: bool = True, deadline_epoch: float | None = None, init_timeout_s: float = 60.0) -> Any:
+             init: bool = True, deadline_epoch: float | None = None, init_timeout_s: float = 60.0,
+             max_scale: float = wire.DEFAULT_MAX_SCALE, watchdog: bool = False) -> Any:
     """Run this process's share of ``art`` (an :class:`~partitioner.emit.artifact.Artifact`).
 
-    Joins the process group (``env://``: MASTER_ADDR, MASTER_PORT) unless ``init`` is
-    False, runs the devices of server ``layout(...).hosts[rank]`` and returns the outputs
+    Joins the run (MASTER_ADDR, MASTER_PORT; the store bound to that address, every rank
+    checked against the shared secret: :mod:`partitioner.runtime.wire`) unless ``init``
+    is False (the caller made the default process group; the secret is checked all the
+    same), runs the devices of server ``layout(...).hosts[rank]`` and returns the outputs
     on rank 0 (None elsewhere). ``deadline_epoch`` (``time.time()`` seconds) caps the
     run's deadline. ``init_timeout_s`` bounds the rendezvous (ranks start at different
-    times), ``timeout_s`` the run from this rank's start (every recv and send).
+    times), ``timeout_s`` the run from this rank's start (every recv and send);
+    ``max_scale`` bounds a received value at that many times its declared bytes. With
+    ``watchdog`` (the command line), a rank still busy :data:`WATCHDOG_GRACE_S` after its
+    deadline, e.g. inside a segment's compute, prints its error line and exits the
+    process with code 2.
 
     Raises
     ------
     DistributedFailure
-        Wrong world size, a peer that died or timed out (naming rank, server and
-        transfer), or a value that cannot cross servers.
+        Wrong world size, no shared secret, a peer that died, timed out or failed a check
+        (naming rank, server and transfer), or a value that cannot cross servers.
     """
-    import torch.distributed as dist
-
     from .local import resolve_devices
 
     if backend not in ("gloo", "nccl"):
@@ -401,26 +378,43 @@ def run_rank(art, *, rank: int, world_size: int, inputs: tuple | None = None, ba
         deadline = time.perf_counter() + (deadline_epoch - time.time())
         timeout_s = max(0.5, min(timeout_s, deadline_epoch - time.time()))
     me = f"rank {rank} (host {lay.hosts[rank] if 0 <= rank < len(lay.hosts) else '?'})"
-    if init:
-        try:
-            dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=max(init_timeout_s, timeout_s)))
-        except Exception as err:  # noqa: BLE001 - DistStoreError, DistNetworkError...
-            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-            raise DistributedFailure(f"{me} could not join the process group at {where} within "
-                                     f"{max(init_timeout_s, timeout_s):.0f} s: "
-                                     f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}",
-                                     hint="start every rank (one per server) with the same MASTER_ADDR/PORT; "
-                                          "a rank that died before joining is named in its own log") from None
+    top = max((t.tag for t in art.schedule.transfers), default=0)
+    if (top + 1) * STRIDE > wire.HELLO_TAG:
+        raise DistributedFailure(f"transfer tag {top} is too large for the wire", hint="emit the plan again")
+    secret = wire.read_secret() if world_size > 1 else b""
+    join_s = max(init_timeout_s, timeout_s)
+    try:
+        group = wire.Group(backend, rank, world_size, join_s, init=init)
+        nonce = wire.handshake(group, rank, world_size, secret, comm, join_s) if world_size > 1 else b""
+    except DistributedFailure as err:
+        raise DistributedFailure(f"{me}: {err.message}", hint=err.hint) from None
+    except Exception as err:  # noqa: BLE001 - DistStoreError, DistNetworkError...
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DistributedFailure(f"{me} could not join the process group at {where} within {join_s:.0f} s: "
+                                 f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}",
+                                 hint="start every rank (one per server) with the same MASTER_ADDR/PORT; "
+                                      "a rank that died before joining is named in its own log") from None
     if os.environ.get(DIE_ENV, "") == str(rank):
         log.warning("rank %d exits on purpose (%s)", rank, DIE_ENV)
         os._exit(17)
     if os.environ.get(HANG_ENV, "") == str(rank):
         log.warning("rank %d hangs on purpose (%s)", rank, HANG_ENV)
         time.sleep(10 * timeout_s)
-    r = _Rank(art, lay, rank, devices, comm, timeout_s, deadline)
+    r = _Rank(art, lay, rank, devices, comm, timeout_s, deadline, group, wire.Sealer(secret, nonce), max_scale)
+    timer = None
+    if watchdog:
+        timer = threading.Timer(max(0.0, r.deadline - time.perf_counter()) + WATCHDOG_GRACE_S, _stuck, (me, r))
+        timer.daemon = True
+        timer.start()
     try:
         out = r.run(inputs)
+        # On failure there is no destroy_process_group (it may wait for the failed peer): the caller exits.
+        r.current = "the final barrier"
+        try:
+            group.barrier()
+        except RuntimeError as err:
+            raise DistributedFailure(f"{me} failed at the final barrier: {str(err).strip().splitlines()[0]}",
+                                     hint="a peer rank died after its last transfer") from None
     except DistributedFailure:
         raise
     except PartitionerError as err:
@@ -428,16 +422,25 @@ def run_rank(art, *, rank: int, world_size: int, inputs: tuple | None = None, ba
     except Exception as err:  # noqa: BLE001 - a segment raised
         raise DistributedFailure(f"{me} failed at {r.current}: {type(err).__name__}: {err}",
                                  hint="the segment's code raised: check the inputs") from err
-    # On failure there is no destroy_process_group (it may wait for the failed peer): the caller exits.
-    r.current = "the final barrier"
-    try:
-        dist.barrier()
-    except RuntimeError as err:
-        raise DistributedFailure(f"{me} failed at the final barrier: {str(err).strip().splitlines()[0]}",
-                                 hint="a peer rank died after its last transfer") from None
-    if init and dist.is_initialized():
-        dist.destroy_process_group()
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+    group.close()
     return out
+
+
+def _stuck(me: str, r: "_Rank") -> None:
+    """The watchdog's end of a rank still busy after its deadline: one error line, exit code 2."""
+    _report(f"{me} timed out ({r.timeout_s:.1f} s) at {r.current}: the watchdog ended it",
+            "a segment computes far longer than planned, or hangs; raise --timeout if it is only slow")
+    _exit_now(2)
+
+
+def _report(message: str, hint: str | None) -> None:
+    sys.stderr.write(ERROR_PREFIX + json.dumps(message) + "\n")
+    if hint:
+        sys.stderr.write(f"Hint: {hint}\n")
 
 
 # ---- command line (one rank) ----------------------------------------------------------------
@@ -456,19 +459,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="rank 0: compare with DIR/expected_outputs.pt")
     ap.add_argument("--deadline", type=float, default=None, help="absolute deadline (time.time() seconds; "
                     "set by the launcher)")
+    ap.add_argument("--max-scale", type=float, default=wire.DEFAULT_MAX_SCALE,
+                    help="a received value may be at most this many times the bytes the schedule declares for it")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         from ..emit.artifact import load_artifact
+        from ..emit.outdir import check_out_file
         from .io import parse_device_map, read_inputs
 
+        if ns.max_scale <= 0 or not ns.max_scale < float("inf"):
+            raise UsageError(f"--max-scale must be a finite number > 0, got {ns.max_scale}", hint="e.g. --max-scale 64")
         if ns.threads:
             torch.set_num_threads(ns.threads)
         art = load_artifact(ns.artifact)
         args = None
         if layout(art.schedule).rank_of[art.schedule.host] == rank:
+            check_out_file(ns.out, "--out")  # before the run, which would be lost
             if ns.inputs is not None:
                 args = read_inputs(ns.inputs, art.schedule.inputs)
             elif art.example_inputs is not None:
@@ -478,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = run_rank(art, rank=rank, world_size=world, inputs=args, backend=ns.backend,
-                           map_devices=parse_device_map(ns.map) or None, timeout_s=ns.timeout, deadline_epoch=ns.deadline,
-                           init_timeout_s=ns.init_timeout)
+                           map_devices=parse_device_map(ns.map) or None, timeout_s=ns.timeout,
+                           deadline_epoch=ns.deadline, init_timeout_s=ns.init_timeout, max_scale=ns.max_scale,
+                           watchdog=True)
         wall = time.perf_counter() - t0
         if out is not None:
             if ns.out is not None:
@@ -491,17 +501,14 @@ def main(argv: list[str] | None = None) -> int:
                 if bad is not None:
                     raise AssertionError(bad)
     except PartitionerError as err:
-        sys.stderr.write(ERROR_PREFIX + json.dumps(str(err.message)) + "\n")
-        if err.hint:
-            sys.stderr.write(f"Hint: {err.hint}\n")
+        _report(str(err.message), err.hint)
         _exit_now(2)
     except AssertionError as err:
-        sys.stderr.write(ERROR_PREFIX + json.dumps("outputs differ: " + str(err).splitlines()[0]) + "\n")
+        _report("outputs differ: " + str(err).splitlines()[0], None)
         _exit_now(1)
     except Exception as err:  # noqa: BLE001 - e.g. the rendezvous timed out
-        sys.stderr.write(ERROR_PREFIX + json.dumps(f"rank {rank}: {type(err).__name__}: "
-                                                   f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
-                         + "\n")
+        _report(f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                None)
         _exit_now(2)
     return 0
 

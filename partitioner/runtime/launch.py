@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError
+from ..ir import jsonio
 from ..ir.schedule import Schedule
-from .distributed import ERROR_PREFIX, DistributedFailure, layout
+from .distributed import ERROR_PREFIX, layout
+from .wire import SECRET_ENV, DistributedFailure, new_secret
 
 __all__ = ["launch"]
 
@@ -48,14 +50,16 @@ def _rank_error(path: Path) -> str:
 
 def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: int | None = None,
            backend: str = "gloo", timeout_s: float = 120.0, grace_s: float = 3.0, startup_s: float = 60.0,
-           threads: int = 1,
-           env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> Any:
+           threads: int = 1, env: dict[str, str] | None = None, rank_env: dict[int, dict[str, str]] | None = None,
+           extra_args: tuple[str, ...] = ()) -> Any:
     """Run an artifact directory as ``nprocs`` local processes (one per server of the plan).
 
     Each process is ``python -m partitioner.runtime.distributed DIR ...`` with
-    MASTER_ADDR=127.0.0.1, a free MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK set, and
-    ``threads`` intra-op threads. Each rank bounds its rendezvous by ``startup_s`` and its
-    run by ``timeout_s`` (from its own start, after joining the process group).
+    MASTER_ADDR=127.0.0.1, a free MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK set, a
+    fresh shared secret (``PARTITIONER_SECRET``, unless ``env`` gives one), ``threads``
+    intra-op threads, and ``env`` (then ``rank_env[rank]``) on top. Each rank bounds its
+    rendezvous by ``startup_s`` and its run by ``timeout_s`` (from its own start, after
+    joining the process group).
     A watchdog ends the run when a process exits non-zero (the others get ``grace_s`` to
     report their own error, then are killed) or when ``startup_s + timeout_s + grace_s``
     have passed (all killed).
@@ -70,21 +74,23 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
         With the error of every rank that reported one (rank, server, transfer).
     """
     root = Path(artifact)
-    try:
-        sched = Schedule.from_json(json.loads((root / "schedule.json").read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"cannot read {root / 'schedule.json'}: {err}",
-                            hint="pass the directory written by emit/save") from None
+    sched = Schedule.from_json(jsonio.read(root / "schedule.json", error=ArtifactError,
+                                           hint="pass the directory written by emit/save"))
     lay = layout(sched)
     k = nprocs or len(lay.hosts)
     port = _free_port()
+    secret = new_secret()
     with tempfile.TemporaryDirectory(prefix="partitioner-dist-") as tmp:
         out = Path(tmp) / "outputs.pt"
         procs, logs = [], []
         for r in range(k):
-            e = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                     WORLD_SIZE=str(k), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(k),
-                     OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            e = dict(os.environ)
+            e[SECRET_ENV] = secret
+            e.update(env or {})
+            e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(k),
+                     LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(k), OMP_NUM_THREADS=str(threads),
+                     MKL_NUM_THREADS=str(threads))
+            e.update((rank_env or {}).get(r, {}))
             cmd = [sys.executable, "-m", "partitioner.runtime.distributed", str(root), "--backend", backend,
                    "--timeout", str(timeout_s), "--init-timeout", str(startup_s), "--threads", str(threads),
                    *extra_args]

@@ -63,7 +63,8 @@ def test_evaluate_given_placement(tiny, tmp_path):
     (lambda d: d["nodes"][1].update(time_s={"gpu0": -1.0}), "time"),
     (lambda d: d["nodes"].append(dict(d["nodes"][0])), "duplicate"),
     (lambda d: d.pop("nodes"), "nodes"),
-    (lambda d: d["nodes"][1].update(time_s={"gpu0": 0.0}), "is 0"),
+    (lambda d: d["nodes"][1].update(time_s={"gpu0": 1e12}), "above the largest value the solvers handle"),
+    (lambda d: d["edges"].append(dict(d["edges"][0])), "both connect"),
     (lambda d: d["nodes"][0].update(id=None), "an id is a non-empty string"),
     (lambda d: d["nodes"][1].update(supported_on="gpu"), "supported_on must be a list"),
     (lambda d: d.update(edges={}), "`edges` must be a list"),
@@ -235,8 +236,9 @@ def test_compare_defaults_and_bad_input(tiny, tmp_path):
     assert r.exit_code == 2 and "--solvers is empty" in r.output
     r = run("compare", tiny, "--time-limit", "0")
     assert r.exit_code == 2 and "time-limit" in r.output
-    r = run("compare", tiny, "--json", tmp_path / "nodir" / "x.json")
-    assert r.exit_code == 2 and "writable" in r.output
+    (tmp_path / "file.txt").write_text("x")
+    r = run("compare", tiny, "--json", tmp_path / "file.txt" / "x.json")
+    assert r.exit_code == 2 and "is not a directory" in r.output
 
 
 def test_malformed_json_and_untraceable_model(tmp_path):

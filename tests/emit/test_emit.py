@@ -485,6 +485,27 @@ def test_cli_run_reports_a_broken_artifact(saved, tmp_path):
     assert r.exit_code == 2 and "SPEC_DEVICE=TORCH_DEVICE" in r.output
 
 
+def test_a_constant_output_is_compared_not_an_internal_error(saved, tmp_path):
+    """A schedule whose output is ``{"const": 42}`` where the model returns a tensor: --check
+    reports the difference (exit 1), it no longer raises TypeError inside the comparison."""
+    from typer.testing import CliRunner
+
+    from partitioner.cli import main as cli
+    from partitioner.emit.artifact import outputs_mismatch
+
+    root = _copy(saved, tmp_path)
+    d = json.loads((root / "schedule.json").read_text())
+    assert list(d["outputs"]) == ["tuple"]  # Branchy returns three tensors
+    d["outputs"]["tuple"][0] = {"const": 42}
+    (root / "schedule.json").write_text(json.dumps(d))
+    r = CliRunner().invoke(cli.app, ["run", str(root), "--check"])
+    assert r.exit_code == 1 and "internal error" not in r.output, r.output
+    assert "outputs differ" in r.output and "output 0: the constant 42, expected a float32 tensor" in r.output
+    assert outputs_mismatch((42, "a", None, 1.5), (42, "a", None, 1.5 + 1e-9)) is None
+    assert outputs_mismatch(("a",), ("b",)) == "output: the constant 'a', expected the constant 'b'"
+    assert outputs_mismatch((True, 2), (1, 2)) == "output 0: the constant True, expected the constant 1"
+
+
 def test_outputs_mismatch_tolerates_reordered_sums_but_not_wrong_values():
     """The output check scales atol with each output's magnitude (thread counts reorder float
     sums: ResNet-50's logits near 100 differ by ~3e-5 between 1 and 2 threads) and still

@@ -279,6 +279,35 @@ def test_cli_failure_leaves_nothing(small_export, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
 
 
+def test_a_crafted_segment_id_writes_nothing_outside_out(small_export, tmp_path):
+    """A segment id such as ``../../evil`` once named a file outside --out, which stayed there
+    after the export failed. Such ids are refused before any file is written: when the
+    artifact is loaded, and by the exporter itself for an artifact built in memory."""
+    import shutil
+    from dataclasses import replace
+
+    from partitioner.emit.artifact import load_artifact
+
+    _, _, src, _ = small_export
+    art_dir = tmp_path / "work" / "art"
+    shutil.copytree(src, art_dir)
+    text = (art_dir / "schedule.json").read_text()
+    (art_dir / "schedule.json").write_text(text.replace('"s2"', '"../../evil"'))
+    out = tmp_path / "work" / "exp"
+    r = CliRunner().invoke(_app(), ["export", str(art_dir), "--out", str(out), "--exporter", "torchscript"])
+    assert r.exit_code == 2 and "segment id '../../evil'" in r.output, r.output
+    assert not out.exists() and not list(tmp_path.rglob("evil*"))
+    art = load_artifact(src)
+    sched = art.schedule
+    seg = next(x for x in sched.segments if x.id == "s2")
+    bad = replace(sched, segments=tuple(replace(x, id="../../evil") if x is seg else x for x in sched.segments))
+    crafted = replace(art, schedule=bad, modules=dict(art.modules, **{"../../evil": art.modules["s2"]}))
+    dest = tmp_path / "dest" / "a" / "b"
+    with pytest.raises(ArtifactError, match="cannot name a file"):
+        export_artifact(crafted, dest, exporter="torchscript")
+    assert not (tmp_path / "dest").exists() and not list(tmp_path.rglob("evil*"))
+
+
 def test_export_needs_example_inputs(small_export, tmp_path):
     import shutil
 

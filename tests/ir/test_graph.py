@@ -57,7 +57,14 @@ def test_shared_input_is_one_tensor():
     ({"edges": [{"src": "a", "dst": "b", "bytes": -3}]}, "must be finite and >= 0"),
     ({"nodes": [{"id": "a", "flops": math.nan}, {"id": "b"}]}, "must be finite"),
     ({"nodes": [{"id": "a"}, {"id": "a"}]}, "duplicate node id"),
-    ({"nodes": [{"id": "a", "time_s": {"cpu": 0}}, {"id": "b"}]}, "is 0"),
+    ({"nodes": [{"id": "a", "time_s": {"cpu": -1e-6}}, {"id": "b"}]}, "must be finite and >= 0"),
+    ({"nodes": [{"id": "a", "time_s": {"cpu": math.nan}}, {"id": "b"}]}, "must be finite and >= 0"),
+    ({"nodes": [{"id": "a", "time_s": {"cpu": 1e12}}, {"id": "b"}]}, "above the largest value"),
+    ({"nodes": [{"id": "a", "flops": 1e300}, {"id": "b"}]}, "flops is 1e+300, above the largest value"),
+    ({"edges": [{"src": "a", "dst": "b", "bytes": 1e200}]}, "above the largest value"),
+    ({"edges": [{"src": "a", "dst": "b", "bytes": 8}, {"src": "a", "dst": "b", "bytes": 4}]},
+     "edges[0] and edges[1] both connect 'a' -> 'b'"),
+    ({"edges": [{"src": "a", "dst": "b", "bytes": 8}, {"src": "a", "dst": "b", "bytes": 8}]}, "both connect"),
     ({"nodes": [{"id": "a", "colour": 1}, {"id": "b"}]}, "unknown keys"),
     ({"format": "other/2"}, "unknown format"),
     ({"nodes": []}, "non-empty list"),
@@ -67,6 +74,25 @@ def test_bad_graphs(change, needle):
     with pytest.raises(GraphError) as e:
         G.from_json(doc(**change))
     assert needle in str(e.value)
+
+
+def test_zero_measured_times_are_accepted():
+    """Profilers report 0 s for free ops (views, reshapes): a measurement, not an error."""
+    g = G.from_json(doc(nodes=[{"id": "a", "time_s": {"cpu": 0}}, {"id": "b", "time_s": {"cpu": 0.0}}]))
+    assert g.node("a").time_s == {"cpu": 0} and g.node("b").time_s == {"cpu": 0.0}
+
+
+def test_duplicate_edges_hint_names_the_rule():
+    with pytest.raises(GraphError) as e:
+        G.from_json(doc(edges=[{"src": "a", "dst": "b", "bytes": 8}, {"src": "a", "dst": "b", "bytes": 4}]))
+    assert "list each (src, dst) pair once" in e.value.hint and "largest bytes" in e.value.hint
+
+
+def test_deeply_nested_json_is_a_clean_error(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text('{"format": "partitioner.costgraph/1", "nodes": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(GraphError, match="nested too deeply"):
+        G.load(p)
 
 
 def test_malformed_file(tmp_path):

@@ -69,6 +69,16 @@ def test_fit_recovers_known_factors():
     assert error_stats(predict(new, s), s) == fit.after
 
 
+def test_ops_measured_at_zero_seconds_are_left_out_of_the_fit():
+    """A profiler reports 0 s for views and reshapes: accepted, and no log(0) in the fit."""
+    prof = _synthetic_profile(0.3, 0.45, 4e-6)
+    prof.ops["k0"]["times"]["cpu-1t"]["median_s"] = 0.0
+    s = samples_for(prof, "cpu-1t")
+    assert "k0" not in s.keys and len(s.keys) == 59 and np.all(s.times > 0)
+    _, fit = fit_device(_spec().devices[0], s)
+    assert fit.factor_compute == pytest.approx(0.3, rel=0.1) and math.isfinite(fit.after.median)
+
+
 def test_factor_above_one_scales_the_peak():
     prof = _synthetic_profile(2.0, 0.5, 1e-6, noise=0.02)
     new, fit = fit_device(_spec().devices[0], samples_for(prof, "cpu-1t"))

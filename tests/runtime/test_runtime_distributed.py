@@ -16,6 +16,7 @@ from partitioner.ir.plan import Plan
 from partitioner.ir.spec import load_spec, parse_spec
 from partitioner.machine.problem import Problem
 from partitioner.runtime import distributed as D
+from partitioner.runtime import wire as W
 from partitioner.runtime.launch import launch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -93,7 +94,7 @@ def test_three_ranks_equal_the_model(saved, tmp_path):
 def test_a_dead_rank_ends_the_run_with_a_clear_error(saved):
     _, _, _, root, _ = saved
     t0 = time.perf_counter()
-    with pytest.raises(D.DistributedFailure) as e:
+    with pytest.raises(W.DistributedFailure) as e:
         launch(root, timeout_s=20, env={D.DIE_ENV: "2"})
     msg = str(e.value)
     assert "rank 2 (host h2) exited with code 17" in msg
@@ -109,7 +110,7 @@ def test_a_rank_killed_mid_run_ends_the_run_with_a_clear_error(saved):
     mine = [(d, k) for d, k in lay.order if lay.rank_of[d] == 1]
     assert len(mine) >= 3
     t0 = time.perf_counter()
-    with pytest.raises(D.DistributedFailure) as e:
+    with pytest.raises(W.DistributedFailure) as e:
         launch(root, timeout_s=20, env={D.KILL_ENV: f"1:{len(mine) // 2}"})
     msg = str(e.value)
     assert "rank 1 (host h1) was killed by signal SIGKILL" in msg
@@ -117,31 +118,35 @@ def test_a_rank_killed_mid_run_ends_the_run_with_a_clear_error(saved):
     assert time.perf_counter() - t0 < 20
 
 
-def test_a_silent_rank_times_out_and_is_killed(saved):
-    _, _, _, root, _ = saved
+def failed_launch(root, **kw) -> tuple[str, float]:
+    """The message of a launch that must fail, and how long it took."""
     t0 = time.perf_counter()
-    with pytest.raises(D.DistributedFailure) as e:
-        launch(root, timeout_s=3, grace_s=1.5, env={D.HANG_ENV: "1"})
-    msg = str(e.value)
+    with pytest.raises(W.DistributedFailure) as e:
+        launch(root, **kw)
+    return str(e.value), time.perf_counter() - t0
+
+
+def test_a_silent_rank_times_out_and_is_killed(saved):
+    msg, seconds = failed_launch(saved[3], timeout_s=3, grace_s=1.5, env={D.HANG_ENV: "1"})
     assert "rank 1 (host h1) killed by the watchdog" in msg
     assert "timed out after 6.0 s waiting for transfer" in msg or "failed waiting for transfer" in msg
-    assert time.perf_counter() - t0 < 25
+    assert seconds < 25
 
 
 def test_wrong_world_size_is_refused(saved):
     _, x, art, _, _ = saved
-    with pytest.raises(D.DistributedFailure, match="spans 3 server.*world size is 2"):
+    with pytest.raises(W.DistributedFailure, match="spans 3 server.*world size is 2"):
         D.run_rank(art, rank=0, world_size=2, inputs=(x,), init=False)
 
 
 def test_values_that_cannot_cross_servers_are_refused():
-    with pytest.raises(D.DistributedFailure, match="cannot send a value of type object"):
-        D._describe((torch.zeros(2), object()), [])
+    with pytest.raises(W.DistributedFailure, match="cannot send a value of type object"):
+        W.describe((torch.zeros(2), object()), [])
     leaves = []
     v = (torch.arange(3), [1, 2.5, None, "a"], torch.Size([2, 3]), {"k": torch.ones(1, 2)})
-    desc = json.loads(json.dumps(D._describe(v, leaves)))
-    assert [s for s, _ in D._tensor_specs(desc, [])] == [(3,), (1, 2)]
-    back = D._rebuild(desc, list(leaves))
+    desc = json.loads(json.dumps(W.describe(v, leaves)))
+    assert [s for s, _ in W.tensor_specs(desc, [])] == [(3,), (1, 2)]
+    back = W.rebuild(desc, list(leaves))
     assert back[1] == [1, 2.5, None, "a"] and back[2] == torch.Size([2, 3])
     torch.testing.assert_close(back[3]["k"], v[3]["k"])
 
@@ -173,3 +178,42 @@ def test_two_server_cluster_spec(tmp_path):
     assert D.layout(art.schedule).hosts == ("node0", "node1")
     with torch.no_grad():
         torch.testing.assert_close(launch(root, timeout_s=60), model(x))
+
+
+def test_a_rank_stuck_inside_a_compute_ends_with_its_own_timeout(saved):
+    """The deadline used to be checked only while waiting for transfers: a rank stuck in a
+    segment's compute ran until the launcher killed it. Its watchdog ends it now, naming the action."""
+    msg, seconds = failed_launch(saved[3], timeout_s=2, grace_s=2, env={D.STUCK_ENV: "1"})
+    assert "rank 1 (host h1) exited with code 2: rank 1 (host h1) timed out (2.0 s) at cpu1 action #" in msg
+    assert "(compute s" in msg and "the watchdog ended it" in msg
+    assert "rank 1 (host h1) killed by the watchdog" not in msg  # not the launcher's: its own
+    assert seconds < 25
+
+
+def test_a_rank_without_the_secret_cannot_join(saved):
+    msg, _ = failed_launch(saved[3], timeout_s=10, startup_s=10, grace_s=1,
+                           rank_env={2: {W.SECRET_ENV: "another secret, 32 characters.."}})
+    assert "rank 2 (host h2): rank 0 greeted with another shared secret" in msg, msg
+
+
+def test_no_secret_is_refused_before_joining(saved, monkeypatch):
+    _, x, art, _, _ = saved
+    monkeypatch.delenv(W.SECRET_ENV, raising=False)
+    monkeypatch.delenv(W.SECRET_FILE_ENV, raising=False)
+    with pytest.raises(W.DistributedFailure, match="no shared secret"):
+        D.run_rank(art, rank=0, world_size=3, inputs=(x,))
+
+
+def test_an_unwritable_out_is_refused_before_the_run(saved, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, _, root, _ = saved
+    (tmp_path / "file").write_text("x")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    p = subprocess.run([sys.executable, "-m", "partitioner.runtime.distributed", str(root), "--out",
+                        str(tmp_path / "file" / "o.pt")], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "cannot create --out" in p.stderr and "is not a directory" in p.stderr, p.stderr
