@@ -10,7 +10,10 @@ Files (``Artifact.save(DIR)``)
 ``meta.files``), ``DIR/segments/<id>/module.py`` + ``weights.safetensors`` (see
 :mod:`partitioner.segcode`), and, when example inputs are known,
 ``DIR/example_inputs.pt`` and ``DIR/expected_outputs.pt`` (the original model's outputs;
-both ``torch.save`` of tensors, read with ``weights_only=True``).
+both ``torch.save`` of tensors, read with ``weights_only=True``). The expected outputs are
+saved as ``{"format": "partitioner.outputs/1", "tree": JSON, "tensors": [...]}``: the output
+structure as an output tree (:mod:`partitioner.output_tree`, so a Hugging Face ``ModelOutput``
+comes back as its class) and the tensors it names; older artifacts hold the outputs as is.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from torch import nn
 
 from . import segcode
 from .errors import ArtifactError
+from .output_tree import tree_encode
 from .schedule import Schedule, tree_unflatten
+from .schedule_inputs import check_shapes, with_keywords
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Artifact", "bind_inputs", "save_artifact", "load_artifact"]
+__all__ = ["Artifact", "bind_inputs", "save_artifact", "load_artifact", "pack_outputs", "unpack_outputs"]
 
 
 # ---- the artifact ------------------------------------------------------------------------
@@ -105,8 +110,19 @@ class Artifact:
         return tree_unflatten(self.schedule.outputs, env.__getitem__)
 
 
-def bind_inputs(schedule: Schedule, args: tuple) -> dict[str, Any]:
-    """Map call arguments to the schedule's input values (flattening them if required)."""
+def bind_inputs(schedule: Schedule, args: tuple, kwargs: dict | None = None) -> dict[str, Any]:
+    """Map call arguments (positional, and keyword ones by the model's parameter names) to
+    the schedule's input values (flattening them if required).
+
+    Raises
+    ------
+    ArtifactError
+        Too many, unknown or missing inputs; or, for a graph specialised to its example
+        shapes (``meta["shape_specialised"]``: the export and dynamo frontends), inputs of
+        other shapes.
+    """
+    if kwargs:
+        args = with_keywords(schedule, tuple(args), kwargs)
     flat = pytree.tree_leaves(list(args)) if schedule.flatten_inputs else list(args)
     names = schedule.inputs
     defaults = schedule.meta.get("input_defaults", {})
@@ -116,6 +132,8 @@ def bind_inputs(schedule: Schedule, args: tuple) -> dict[str, Any]:
     env = dict(zip(names, flat))
     for n in names[len(flat):]:
         env[n] = defaults[n]
+    if schedule.meta.get("shape_specialised"):
+        check_shapes(schedule, env)
     return env
 
 
@@ -256,7 +274,7 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
         torch.save(tuple(ex), root / "example_inputs.pt")
         written.append(root / "example_inputs.pt")
         if expected is not None:
-            torch.save(expected, root / "expected_outputs.pt")
+            torch.save(pack_outputs(expected), root / "expected_outputs.pt")
             written.append(root / "expected_outputs.pt")
     files = {p.relative_to(root).as_posix(): sha256_file(p) for p in written}
     out = replace(sched, segments=tuple(segments), meta=dict(sched.meta, files=files))
@@ -268,9 +286,11 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
 def _verify(sid: str, ref: nn.Module, new: nn.Module, args: list) -> None:
     outs = []
     for mod in (ref, new):  # same random stream for both (dropout in training mode)
+        # each side on its own copy: a segment may change its arguments in place
+        mine = pytree.tree_map_only(torch.Tensor, torch.clone, list(args))
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            outs.append(mod(*args))
+            outs.append(mod(*mine))
     a, b = outs
     bad = outputs_mismatch(tuple(b), tuple(a))
     if bad is not None:
@@ -316,5 +336,36 @@ def load_artifact(path: str | Path) -> Artifact:
     if (root / "example_inputs.pt").is_file():
         ex = tuple(torch.load(root / "example_inputs.pt", weights_only=True))
     if (root / "expected_outputs.pt").is_file():
-        exp = torch.load(root / "expected_outputs.pt", weights_only=True)
+        exp = unpack_outputs(torch.load(root / "expected_outputs.pt", weights_only=True))
     return Artifact(sched, modules, ex, exp, path=root)
+
+
+# ---- expected outputs --------------------------------------------------------------------
+OUTPUTS_FORMAT = "partitioner.outputs/1"
+
+
+def pack_outputs(outputs: Any) -> dict:
+    """Model outputs in a form ``torch.load(weights_only=True)`` reads: the structure as an
+    output tree (JSON) and the list of its tensors (see the module docstring)."""
+    tensors: list[torch.Tensor] = []
+
+    def leaf(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach())
+            return {"value": str(len(tensors) - 1)}
+        return None
+
+    def fail(x):
+        raise ArtifactError(f"model output of type {type(x).__name__} cannot be saved",
+                            hint="return tensors, or tuples/lists/dicts of them")
+
+    tree = tree_encode(outputs, leaf, fail)
+    return {"format": OUTPUTS_FORMAT, "tree": json.dumps(tree), "tensors": tensors}
+
+
+def unpack_outputs(obj: Any) -> Any:
+    """Inverse of :func:`pack_outputs` (anything else is returned as is)."""
+    if not (isinstance(obj, dict) and obj.get("format") == OUTPUTS_FORMAT):
+        return obj
+    tensors = obj["tensors"]
+    return tree_unflatten(json.loads(obj["tree"]), lambda k: tensors[int(k)])
