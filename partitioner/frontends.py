@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import PartitionerError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,11 @@ class PartitionedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.plans is not None:
-            res, art, rt = self.plans.get(args, kwargs)
+            from .plan_cache import shape_key
+            from .schedule_inputs import with_keywords
+
+            bound = with_keywords(self.artifact.schedule, args, kwargs) if kwargs else args
+            res, art, rt = self.plans.get(args, kwargs, key=shape_key(bound))
             object.__setattr__(self, "result", res)
             object.__setattr__(self, "artifact", art)
             object.__setattr__(self, "runtime", rt)
@@ -135,11 +139,25 @@ def _plan_and_run(model, example_inputs, o: dict[str, Any], frontend: str, examp
 
     settings = o["settings"] or Settings(seed=o["seed"], time_limit=o["time_limit"])
     cons = Constraints(throughput_floor=o["throughput_floor"], latency_ceiling=o["latency_ceiling"])
-    loaded = api.load_model(model, example_inputs, frontend=frontend, example_kwargs=example_kwargs)
-    res = api.compile_plan(loaded, o["hw"], o["objective"], o["solver"], settings, cons, coarsen_to=o["coarsen_to"])
-    art = emit(res, segmentation=o["segmentation"])
-    rt = LocalRuntime(art, o["map_devices"], threads=o["threads"], timeout_s=o["timeout_s"],
-                      copy_same_device=o["copy_same_device"], profile=o["profile"])
+    stage = "tracing"
+    try:
+        loaded = api.load_model(model, example_inputs, frontend=frontend, example_kwargs=example_kwargs)
+        stage = "planning"
+        res = api.compile_plan(loaded, o["hw"], o["objective"], o["solver"], settings, cons,
+                               coarsen_to=o["coarsen_to"])
+        stage = "emitting the plan of"
+        art = emit(res, segmentation=o["segmentation"])
+        stage = "starting the runtime of"
+        rt = LocalRuntime(art, o["map_devices"], threads=o["threads"], timeout_s=o["timeout_s"],
+                          copy_same_device=o["copy_same_device"], profile=o["profile"])
+    except PartitionerError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an error from inside torch: say where, and what to do
+        raise PartitionerError(f"{stage} {type(model).__name__} failed inside torch: {type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                               hint="check that the model runs eagerly on these inputs; then try another frontend "
+                               "(frontend='export' or 'fx'), or report the error with its traceback "
+                               "(logging at DEBUG level)") from err
     return res, art, rt
 
 
@@ -184,7 +202,7 @@ def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objec
             return _plan_and_run(model, a, o, art.schedule.meta.get("frontend") or o["frontend"], kw)
 
         plans = PlanCache(build, o["max_plans"], type(model).__name__)
-        plans.put(shape_key(args, kwargs), (res, art, rt))
+        plans.put(shape_key(art.example_inputs), (res, art, rt))
     return PartitionedModule(art, rt, res, plans)
 
 
@@ -217,7 +235,7 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: d
 
     o = _options({**(options or {}), **kw})
     if o["frontend"] not in ("auto", "fx"):
-        raise UsageError("the torch.compile backend traces dynamo's graph with the fx frontend",
+        raise UsageError("the torch.compile backend traces dynamo's graph itself (fx, else torch.export)",
                          hint="leave out the `frontend` option")
     if mode not in (None, "default"):
         log.info("partitioner backend ignores torch.compile mode=%r", mode)
@@ -227,7 +245,9 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: d
                    for x in example_inputs)
     lifted_gm, keep, lifted = _lift_params(gm, list(example_inputs))
     keep_idx = [i for i, _ in keep]
-    plans = PlanCache(lambda args, _kw: _plan_and_run(lifted_gm, list(args), o, "fx"), o["max_plans"],
+    # fx re-traces dynamo's graph; one it cannot follow (functorch vmap calls in Hugging Face's
+    # attention masks) is exported and functionalised instead (frontend auto)
+    plans = PlanCache(lambda args, _kw: _plan_and_run(lifted_gm, list(args), o, "auto"), o["max_plans"],
                       "a torch.compile graph")
     if symbolic:  # planned per concrete shape on first use
         entry = None

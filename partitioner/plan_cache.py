@@ -85,9 +85,11 @@ class PlanCache:
                 close()
         return entry
 
-    def get(self, args: tuple, kwargs: dict | None = None) -> Any:
-        """The entry for this call's shapes, planned now if there is none."""
-        key = shape_key(args, kwargs)
+    def get(self, args: tuple, kwargs: dict | None = None, key: tuple | None = None) -> Any:
+        """The entry for this call's shapes, planned now if there is none (``key``: the
+        call's :func:`shape_key` when the caller computed it, e.g. on the inputs bound
+        positionally, so that ``f(x, mask=m)`` and ``f(x=x, mask=m)`` share a plan)."""
+        key = key if key is not None else shape_key(args, kwargs)
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)

@@ -89,8 +89,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import TraceError
 from .trace_flops import _FallbackFlops, _tensor_leaves  # the FLOP fallback, moved unchanged
-from .trace_frontends import (FRONTENDS, call_inputs, describe_values, dynamo_graph, export_graph, first_line,
-                              materialise_constant_outputs, no_cache, split_inputs, user_frame)
+from .trace_frontends import (CACHE_HINT, FRONTENDS, call_inputs, describe_values, dynamo_graph, export_graph, first_line,
+                              functorch_restored, materialise_constant_outputs, no_cache, split_inputs,
+                              user_frame)
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,8 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
     with no_cache(model, kwargs) as cache_note:
         for fe in (("fx", "export", "dynamo") if frontend == "auto" else (frontend,)):
             try:
-                gm = _capture(fe, model, name, args, kwargs, leaf_modules)
+                with functorch_restored():
+                    gm = _capture(fe, model, name, args, kwargs, leaf_modules)
                 inputs = call_inputs(gm, args, kwargs, name)
                 materialise_constant_outputs(gm)
                 _propagate(gm, name, inputs, fe)
@@ -245,8 +247,10 @@ def trace(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
             return gm
     first = tried[0][1]
     detail = "\n".join(f"  {fe}: {err.message}" for fe, err in tried)
+    hints = [err.hint for _, err in tried]
+    hint = CACHE_HINT if CACHE_HINT in hints else first.hint if first.hint == _SHAPE_HINT else _AUTO_HINT
     raise TraceError(f"no frontend could trace {name} (tried {', '.join(fe for fe, _ in tried)}):\n{detail}",
-                     hint=first.hint if first.hint == _SHAPE_HINT else _AUTO_HINT) from first
+                     hint=hint) from first
 
 
 def _capture(fe: str, model: nn.Module, name: str, args: tuple, kwargs: dict,

@@ -35,7 +35,7 @@ from .errors import TraceError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FRONTENDS", "split_inputs", "no_cache", "export_graph", "dynamo_graph", "call_inputs",
+__all__ = ["FRONTENDS", "CACHE_HINT", "split_inputs", "no_cache", "functorch_restored", "export_graph", "dynamo_graph", "call_inputs",
            "input_names", "materialise_constant_outputs", "first_line", "user_frame", "describe_values"]
 
 #: the frontends of :func:`partitioner.trace.trace`; ``"auto"`` tries fx, export, dynamo in turn
@@ -44,7 +44,7 @@ FRONTENDS = ("auto", "fx", "export", "dynamo")
 _EXPORT_HINT = ("check that example_inputs match the forward's signature and shapes; rewrite "
                 "data-dependent branches with torch.cond or torch.where; or try `--frontend fx` "
                 "(with leaf modules for the untraceable parts)")
-_CACHE_HINT = ("the model returns a cache object (past_key_values): call it with use_cache=False, or leave "
+CACHE_HINT = ("the model returns a cache object (past_key_values): call it with use_cache=False, or leave "
                "use_cache out of the example inputs (the trace then turns it off by itself)")
 _DYNAMO_HINT = ("dynamo could not capture the model as one graph (a graph break); use the torch.compile "
                 "backend (torch.compile(model, backend='partitioner')), which plans each captured graph")
@@ -105,6 +105,21 @@ def no_cache(model: nn.Module, kwargs: Mapping):
             cfg.use_cache = True
 
 
+@contextlib.contextmanager
+def functorch_restored():
+    """Undo functorch layers a failed trace left pushed: fx runs the ``vmap`` nesting calls of
+    Hugging Face's attention masks for real, and a trace that fails between the increment
+    and the decrement would leave every later torch call inside a vmap."""
+    fc = getattr(torch._C, "_functorch", None)
+    depth = fc.get_dynamic_layer_stack_depth() if fc is not None else 0
+    try:
+        yield
+    finally:
+        if fc is not None and fc.get_dynamic_layer_stack_depth() > depth:
+            log.debug("undoing %d functorch layer(s) left by a failed trace", fc.get_dynamic_layer_stack_depth() - depth)
+            fc.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+
+
 def export_graph(model: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, functionalised
     where needed, without its guard node and input-check hook (see the module docstring).
@@ -139,7 +154,7 @@ def dynamo_graph(model: nn.Module, name: str, args: tuple, kwargs: dict) -> torc
 def _capture_error(what: str, name: str, args: tuple, kwargs: dict, err: Exception, hint: str = _EXPORT_HINT):
     text = f"{type(err).__name__}: {first_line(err)}"
     if "Cache" in text and "output" in text:
-        hint = _CACHE_HINT
+        hint = CACHE_HINT
     msg = f"{what} {name} with example inputs {describe_values(args, kwargs)}: {text}"
     loc = user_frame(err)
     if loc:
