@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import sysconfig
@@ -129,15 +130,22 @@ def export_graph(model: nn.Module, name: str, args: tuple, kwargs: dict) -> torc
     TraceError
         Naming the model, the example inputs and the user line that failed.
     """
+    noise = io.StringIO()
     try:
-        ep = torch.export.export(model, args, kwargs or None, strict=False)
+        # a failed export prints its partial graph to stderr: kept for the debug log only
+        with contextlib.redirect_stderr(noise):
+            ep = torch.export.export(model, args, kwargs or None, strict=False)
         why = _impure(ep.graph_module)
         if why:
             log.info("functionalising the exported graph of %s (%s)", name, why)
             ep = ep.run_decompositions({})
         gm = ep.module()
     except Exception as err:  # noqa: BLE001 - every export failure becomes a TraceError
+        if noise.getvalue():
+            log.debug("torch.export printed:\n%s", noise.getvalue())
         raise _capture_error("torch.export could not export", name, args, kwargs, err) from err
+    if noise.getvalue():
+        log.info("torch.export printed while exporting %s:\n%s", name, noise.getvalue().rstrip())
     return _clean(gm, name, "exported")
 
 
