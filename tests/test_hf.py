@@ -20,11 +20,13 @@ transformers = pytest.importorskip("transformers")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from partitioner import api, frontends  # noqa: E402
-from partitioner.cli import app  # noqa: E402
-from partitioner.emit import emit, load_artifact  # noqa: E402
-from partitioner.problem import Settings  # noqa: E402
-from partitioner.trace_frontends import no_cache  # noqa: E402
+from partitioner import api, dropin  # noqa: E402
+from partitioner.cli.main import app  # noqa: E402
+from partitioner.emit.artifact import load_artifact  # noqa: E402
+from partitioner.emit.build import emit  # noqa: E402
+from partitioner.frontend.capture import no_cache  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.runtime.local import LocalRuntime  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +73,7 @@ def test_api(name):
     assert res.model.gm.meta["partitioner_frontend"] == "export"  # fx cannot trace HF code: auto moved on
     art = emit(res)
     assert len({s.device for s in art.schedule.segments}) >= 2
-    with art.runtime(threads=T) as rt:
+    with LocalRuntime(art, threads=T) as rt:
         with torch.no_grad():
             out = rt.run(**inputs)
     assert_same(out, eager(model, inputs))
@@ -96,7 +98,7 @@ def test_cli_compile_and_run_check(name, tmp_path):
 @pytest.mark.parametrize("name", _matrix(fast=("distilbert",)))
 def test_dropin_keywords_output_class_and_new_shapes(name):
     model, inputs = hf_models.build(name)
-    fast = frontends.compile(model, inputs, **OPTS)
+    fast = dropin.compile(model, inputs, **OPTS)
     with torch.no_grad():
         assert_same(fast(**inputs), eager(model, inputs))
         first, *rest = inputs.values()
