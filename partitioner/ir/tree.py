@@ -22,11 +22,13 @@ from ..errors import ArtifactError
 log = logging.getLogger(__name__)
 
 __all__ = ["json_scalar", "tree_encode", "tree_leaves", "tree_unflatten", "resolve_type", "type_name",
-           "IMPORTABLE_PACKAGES"]
+           "IMPORTABLE_PACKAGES", "PLAIN_MAPPINGS"]
 
 #: packages whose modules :func:`resolve_type` may import to find an output class; a class of
 #: any other package is found only when its module is already imported
 IMPORTABLE_PACKAGES = ("collections", "transformers")
+#: mapping classes written as a plain ``{"dict"}`` node (torch.fx returns dict literals as these)
+PLAIN_MAPPINGS = frozenset({"torch.fx.immutable_collections:immutable_dict"})
 
 HINT = "the schedule is corrupted or was edited by hand: emit the plan again (partitioner compile ... --out DIR)"
 
@@ -52,7 +54,7 @@ def tree_encode(obj: Any, leaf, fail, sequences: tuple = (tuple,)) -> dict:
             return {"list": [enc(y) for y in x]}
         if isinstance(x, dict) and all(isinstance(k, (str, int)) for k in x):
             items = [[k, enc(y)] for k, y in x.items()]
-            if type(x) is dict:
+            if type(x) is dict or type_name(type(x)) in PLAIN_MAPPINGS:
                 return {"dict": items}
             return {"object": {"type": type_name(type(x)), "dict": items}}
         if json_scalar(x):
