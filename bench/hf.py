@@ -79,9 +79,9 @@ def check(out, ref, skip=("past_key_values",)) -> tuple[bool, str]:
     for k in keys:
         a, b = getattr(out, k), getattr(ref, k)
         if not torch.allclose(a, b, **TOL):
-            return False, f"{k}: max |diff| {float((a - b).abs().max()):.3g}"
+            return False, f"{k}: max abs diff {float((a - b).abs().max()):.3g}"
         worst = max(worst, float((a - b).abs().max()))
-    return True, f"max |diff| {worst:.2g}"
+    return True, f"max abs diff {worst:.2g}"
 
 
 def plan_row(res) -> dict[str, Any]:
@@ -217,8 +217,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Hugging Face models through every entry point ({meta['solver']}, {meta['hw']})", "",
              f"transformers {meta['transformers']}, torch {meta['torch']}, {meta['machine']}, {meta['cpus']} CPUs; "
              f"load average before {meta['load_before']}, after {meta['load_after']}. Random weights; every spec "
-             "device mapped onto the CPU; check: same output class, allclose rtol 1e-4 atol 1e-4.", "",
-             "| model | params | path | frontend | nodes | segments | solver | predicted latency | bound | gap "
+             "device mapped onto the CPU; check: same output class, allclose rtol 1e-4 atol 1e-4. torch.compile rows: "
+             "the graphs dynamo captured (one each here), traced by frontend auto; wall times include tracing and, "
+             "for the CLI, writing, verifying and re-running the artifact (machine shared, see the load).", "",
+             "| model | params | path | frontend | nodes | segments (graphs) | solver | predicted latency | bound | gap "
              "| check | wall |", "|" + "---|" * 12]
     for r in rows:
         gap = f"{100 * r['gap']:.1f}%" if isinstance(r.get("gap"), (int, float)) else ""
