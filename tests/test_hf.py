@@ -35,12 +35,14 @@ sys.path.insert(0, str(EXAMPLES.parent))
 import hf_models  # noqa: E402
 
 T = torch.get_num_threads()
-FAST = ("bert", "gpt2", "t5", "vit", "whisper")  # one per family: encoder, decoder, enc-dec, vision, speech
-SLOW = tuple(n for n in hf_models.NAMES if n not in FAST)
+# the default run: one model per family (encoder, decoder, encoder-decoder, vision, speech) through
+# the API and through the CLI; T5 (in-place ops, the CLI failure of issue 20) through the CLI
+FAST_API = ("bert", "gpt2", "bart", "vit", "whisper")
+FAST_CLI = ("distilbert", "gpt2", "t5", "vit", "whisper")
 OPTS = {"solver": "heft", "time_limit": 5.0, "threads": T}
 
 
-def _matrix(fast=FAST):
+def _matrix(fast):
     return [pytest.param(n, id=n) if n in fast else pytest.param(n, id=n, marks=pytest.mark.slow)
             for n in hf_models.NAMES]
 
@@ -65,7 +67,7 @@ def assert_same(out, ref, skip=()):
 
 
 # ---- the Python API ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", _matrix())
+@pytest.mark.parametrize("name", _matrix(FAST_API))
 def test_api(name):
     model, inputs = hf_models.build(name)
     res = api.compile_plan(model, "server-cpu-2gpu", solver="heft", settings=Settings(time_limit=5),
@@ -80,7 +82,7 @@ def test_api(name):
 
 
 # ---- the CLI: compile file.py:factory, then run --check (a saved and reloaded artifact) -----
-@pytest.mark.parametrize("name", _matrix())
+@pytest.mark.parametrize("name", _matrix(FAST_CLI))
 def test_cli_compile_and_run_check(name, tmp_path):
     runner = CliRunner()
     out = tmp_path / name
@@ -95,7 +97,7 @@ def test_cli_compile_and_run_check(name, tmp_path):
 
 
 # ---- the drop-in module ------------------------------------------------------------------
-@pytest.mark.parametrize("name", _matrix(fast=("distilbert",)))
+@pytest.mark.parametrize("name", _matrix(("distilbert",)))
 def test_dropin_keywords_output_class_and_new_shapes(name):
     model, inputs = hf_models.build(name)
     fast = dropin.compile(model, inputs, **OPTS)
@@ -109,7 +111,7 @@ def test_dropin_keywords_output_class_and_new_shapes(name):
 
 
 # ---- the torch.compile backend -----------------------------------------------------------
-@pytest.mark.parametrize("name", _matrix(fast=("bert",)))
+@pytest.mark.parametrize("name", _matrix(("bert",)))
 def test_torch_compile_backend(name):
     """BERT was the stride-0 constant buffer crash; Mistral the constant-attribute output."""
     torch._dynamo.reset()
