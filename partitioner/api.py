@@ -164,8 +164,8 @@ def apply_measured(loaded: LoadedModel, spec: Spec, profile: Any,
 
 def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
                  solver: str = "split", settings: Settings | None = None,
-                 constraints: Constraints | None = None, example_inputs: tuple | None = None,
-                 frontend: str = "fx", model_kwargs: dict | None = None,
+                 constraints: Constraints | None = None, example_inputs: Any = None,
+                 frontend: str = "auto", model_kwargs: dict | None = None,
                  coarsen_to: int | None = None, profile: Any = None,
                  device_map: dict[str, str] | None = None) -> Result:
     """Trace (or load) a model, build the problem for a spec, solve it and grade the plan.

@@ -3,14 +3,21 @@
 ``partitioner.dropin.compile(model, example_inputs, hw=..., objective=..., solver=...)``
 traces the model, plans it for the spec, emits the plan and returns a
 :class:`PartitionedModule`: an ``nn.Module`` whose ``forward`` runs the plan on the local
-runtime (:mod:`partitioner.runtime.local`) and returns what the model returns.
+runtime (:mod:`partitioner.runtime.local`) and returns what the model returns (a Hugging
+Face ``ModelOutput`` as its class). ``example_inputs`` may be keyword inputs (a dict, as
+``model(**inputs)``); the module then takes them as keywords too. A call with other input
+shapes than the example's gets its own plan when the graph is specialised to its shapes
+(the export and dynamo frontends; ``replan=True`` for every graph), kept in a plan cache
+(:mod:`partitioner.plan_cache`); an fx graph runs its plan at any shape.
 
 ``dynamo_backend`` is a ``torch.compile`` backend: ``torch.compile(model,
 backend=dynamo_backend, options={...})``, or ``backend="partitioner"`` once the package's
 ``torch_dynamo_backends`` entry point is installed. ``torch.compile`` hands a custom
 backend its ``options`` dict as the keyword argument ``options`` (and ``mode`` as
 ``mode``); the same keys may also be bound with ``functools.partial``. Each graph dynamo
-captures is planned and emitted separately (graph breaks give several plans). Recent
+captures is planned and emitted separately (graph breaks give several plans); a graph with
+symbolic shapes (dynamo's automatic dynamic shapes, after a call with new shapes) is planned
+for each concrete shape on first use (plan cache). Recent
 torch versions (``inline_inbuilt_nn_modules``, default since 2.5) pass parameters and
 buffers as graph inputs: the backend lifts every input that is a parameter or buffer
 (an ``nn.Parameter``, or a dynamo source under a module's ``_parameters``/``_buffers``)
@@ -18,7 +25,7 @@ back into a constant of the graph, so that it is placed with the operators that 
 instead of being sent from the host on every call. The compiled function checks on every
 call that the lifted tensors are the same objects (a recompiled model or another
 instance of the same class would pass others) and otherwise runs the graph eagerly, with
-a warning. Graphs with symbolic shapes or without operators run eagerly too.
+a warning. Graphs without operators run eagerly too.
 
 Options (both entry points)
 ---------------------------
@@ -27,7 +34,9 @@ Options (both entry points)
 (CPU intra-op budget per worker), ``map_devices`` (spec device -> torch device, default
 all cpu), ``segmentation`` (``"faithful"`` | ``"minimal"``), ``timeout_s``,
 ``throughput_floor``, ``latency_ceiling``, ``coarsen_to``, ``frontend`` (``compile``
-only: ``"fx"`` | ``"export"``), ``settings`` (a :class:`~partitioner.ir.settings.Settings`),
+only: ``"auto"`` | ``"fx"`` | ``"export"`` | ``"dynamo"``), ``replan`` (None: re-plan new
+shapes when the graph is specialised to its shapes; True / False), ``max_plans`` (plans
+kept per model, 8), ``settings`` (a :class:`~partitioner.ir.settings.Settings`),
 and any solver's own option as a dotted key ``"SOLVER.KEY"``, as on the command line
 (``--option split.restarts=8``): ``options={"solver": "split", "split.restarts": 8}``
 (``partitioner solvers --options split`` lists them). Unknown keys, unknown solver
@@ -43,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import PartitionerError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,8 @@ __all__ = ["compile", "dynamo_backend", "PartitionedModule", "OPTIONS"]
 OPTIONS: dict[str, Any] = {
     "hw": "server-cpu-2gpu", "objective": "latency", "solver": "split", "time_limit": 60.0, "seed": 0,
     "settings": None, "threads": None, "map_devices": None, "segmentation": "faithful", "timeout_s": 300.0,
-    "throughput_floor": None, "latency_ceiling": None, "coarsen_to": None, "frontend": "fx",
-    "copy_same_device": False, "profile": False,
+    "throughput_floor": None, "latency_ceiling": None, "coarsen_to": None, "frontend": "auto",
+    "copy_same_device": False, "profile": False, "replan": None, "max_plans": 8,
 }
 
 
@@ -92,6 +101,9 @@ class PartitionedModule(nn.Module):
     runtime : LocalRuntime
     result : api.Result or None
         The graded plan (predicted latency, bound, gap).
+    plans : PlanCache or None
+        Plans per input shape, when the module re-plans for new shapes; ``artifact``,
+        ``runtime`` and ``result`` are those of the plan the last call used.
 
     Notes
     -----
@@ -100,15 +112,25 @@ class PartitionedModule(nn.Module):
     for ``partitioner run DIR``.
     """
 
-    def __init__(self, artifact, runtime, result=None):
+    def __init__(self, artifact, runtime, result=None, plans=None):
         super().__init__()
         self.segments = nn.ModuleDict(runtime.modules)
         object.__setattr__(self, "artifact", artifact)
         object.__setattr__(self, "runtime", runtime)
         object.__setattr__(self, "result", result)
+        object.__setattr__(self, "plans", plans)
 
-    def forward(self, *args):
-        return self.runtime.run(*args)
+    def forward(self, *args, **kwargs):
+        if self.plans is not None:
+            from .ir.inputs import with_keywords
+            from .plan_cache import shape_key
+
+            bound = with_keywords(self.artifact.schedule, args, kwargs) if kwargs else args
+            res, art, rt = self.plans.get(args, kwargs, key=shape_key(bound))
+            object.__setattr__(self, "result", res)
+            object.__setattr__(self, "artifact", art)
+            object.__setattr__(self, "runtime", rt)
+        return self.runtime.run(*args, **kwargs)
 
     @property
     def last_stats(self):
@@ -126,7 +148,7 @@ class PartitionedModule(nn.Module):
                 f"{s.meta.get('solver')}, predicted latency {s.meta.get('predicted_latency_s', float('nan')):.3g} s)")
 
 
-def _plan_and_run(model, example_inputs, o: dict[str, Any], frontend: str):
+def _plan_and_run(model, example_inputs, o: dict[str, Any], frontend: str, example_kwargs: dict | None = None):
     from . import api
     from .emit.build import emit
     from .ir.plan import Constraints
@@ -135,11 +157,25 @@ def _plan_and_run(model, example_inputs, o: dict[str, Any], frontend: str):
 
     settings = o["settings"] or Settings(seed=o["seed"], time_limit=o["time_limit"])
     cons = Constraints(throughput_floor=o["throughput_floor"], latency_ceiling=o["latency_ceiling"])
-    loaded = api.load_model(model, tuple(example_inputs), frontend=frontend)
-    res = api.compile_plan(loaded, o["hw"], o["objective"], o["solver"], settings, cons, coarsen_to=o["coarsen_to"])
-    art = emit(res, segmentation=o["segmentation"])
-    rt = LocalRuntime(art, o["map_devices"], threads=o["threads"], timeout_s=o["timeout_s"],
-                      copy_same_device=o["copy_same_device"], profile=o["profile"])
+    stage = "tracing"
+    try:
+        loaded = api.load_model(model, example_inputs, frontend=frontend, example_kwargs=example_kwargs)
+        stage = "planning"
+        res = api.compile_plan(loaded, o["hw"], o["objective"], o["solver"], settings, cons,
+                               coarsen_to=o["coarsen_to"])
+        stage = "emitting the plan of"
+        art = emit(res, segmentation=o["segmentation"])
+        stage = "starting the runtime of"
+        rt = LocalRuntime(art, o["map_devices"], threads=o["threads"], timeout_s=o["timeout_s"],
+                          copy_same_device=o["copy_same_device"], profile=o["profile"])
+    except PartitionerError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an error from inside torch: say where, and what to do
+        raise PartitionerError(f"{stage} {type(model).__name__} failed inside torch: {type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                               hint="check that the model runs eagerly on these inputs; then try another frontend "
+                               "(frontend='export' or 'fx'), or report the error with its traceback "
+                               "(logging at DEBUG level)") from err
     return res, art, rt
 
 
@@ -150,8 +186,9 @@ def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objec
     Parameters
     ----------
     model : nn.Module
-    example_inputs : tuple
-        Positional inputs of ``model.forward`` (a single tensor is accepted).
+    example_inputs : tuple or dict
+        Positional inputs of ``model.forward`` (a single tensor is accepted), or keyword
+        inputs (a dict: ``{"input_ids": ..., "attention_mask": ...}``).
     hw, objective, solver : str
         Spec name or YAML path; ``"latency"`` or ``"throughput"``; a registered solver.
     **opts
@@ -161,19 +198,31 @@ def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objec
     Returns
     -------
     PartitionedModule
-        ``module(*inputs)`` equals ``model(*inputs)``; ``module.result`` holds the
-        predicted figures and ``module.last_stats`` the measured ones.
+        ``module(*inputs)`` (or ``module(**inputs)``) equals ``model(...)``, with the same
+        output type; ``module.result`` holds the predicted figures and
+        ``module.last_stats`` the measured ones. A model whose config has ``use_cache`` on
+        is compiled with it off (no ``past_key_values`` in the outputs; said in the log).
 
     Raises
     ------
     PartitionerError
         Tracing, planning or emitting failed (the message names the stage and the node).
     """
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    from .frontend.capture import split_inputs
+    from .plan_cache import PlanCache, shape_key
+
     o = _options(dict(opts, hw=hw, objective=objective, solver=solver))
-    res, art, rt = _plan_and_run(model, example_inputs, o, o["frontend"])
-    return PartitionedModule(art, rt, res)
+    args, kwargs = split_inputs(example_inputs)
+    res, art, rt = _plan_and_run(model, args, o, o["frontend"], kwargs)
+    replan = o["replan"] if o["replan"] is not None else bool(art.schedule.meta.get("shape_specialised"))
+    plans = None
+    if replan:
+        def build(a, kw):
+            return _plan_and_run(model, a, o, art.schedule.meta.get("frontend") or o["frontend"], kw)
+
+        plans = PlanCache(build, o["max_plans"], type(model).__name__)
+        plans.put(shape_key(art.example_inputs), (res, art, rt))
+    return PartitionedModule(art, rt, res, plans)
 
 
 # ---- torch.compile backend ---------------------------------------------------------------
@@ -198,24 +247,35 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: d
     -------
     callable
         Takes the graph's inputs and returns its outputs; ``fn.partitioner`` holds the
-        ``(result, artifact, runtime)`` it runs.
+        ``(result, artifact, runtime)`` it runs (None for a graph with dynamic shapes),
+        ``fn.plans`` the plan cache.
     """
+    from .plan_cache import PlanCache
+
     o = _options({**(options or {}), **kw})
-    if o["frontend"] != "fx":
-        raise UsageError("the torch.compile backend traces dynamo's graph with the fx frontend",
+    if o["frontend"] not in ("auto", "fx"):
+        raise UsageError("the torch.compile backend traces dynamo's graph itself (fx, else torch.export)",
                          hint="leave out the `frontend` option")
     if mode not in (None, "default"):
         log.info("partitioner backend ignores torch.compile mode=%r", mode)
     if not any(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes):
         return gm.forward
-    if any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and _symbolic(x)) for x in example_inputs):
-        warnings.warn("partitioner backend: dynamic shapes are not supported, running this graph eagerly "
-                      "(use torch.compile(..., dynamic=False))", stacklevel=2)
-        return gm.forward
+    symbolic = any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and _symbolic(x))
+                   for x in example_inputs)
     lifted_gm, keep, lifted = _lift_params(gm, list(example_inputs))
-    real = [_real(example_inputs[i], n) for i, n in keep]
-    res, art, rt = _plan_and_run(lifted_gm, real, o, "fx")
     keep_idx = [i for i, _ in keep]
+    # fx re-traces dynamo's graph; one it cannot follow (functorch vmap calls in Hugging Face's
+    # attention masks) is exported and functionalised instead (frontend auto)
+    plans = PlanCache(lambda args, _kw: _plan_and_run(lifted_gm, list(args), o, "auto"), o["max_plans"],
+                      "a torch.compile graph")
+    if symbolic:  # planned per concrete shape on first use
+        entry = None
+        log.info("partitioner backend: a graph with dynamic shapes; each input shape is planned on first use")
+    else:
+        entry = plans.get(tuple(_real(example_inputs[i], n) for i, n in keep))
+        res, art, rt = entry
+        log.info("partitioner backend: %d segments, predicted latency %.3g s, %d parameters lifted",
+                 len(art.schedule.segments), res.evaluation.latency, len(lifted))
     warned = []
 
     def compiled(*args):
@@ -226,11 +286,12 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: d
                     warnings.warn("partitioner backend: the graph was called with other parameters than it was "
                                   "compiled with; running it eagerly", stacklevel=2)
                 return gm(*args)
-        return rt.run(*[args[i] for i in keep_idx])
+        ins = [args[i] for i in keep_idx]
+        rt = (entry if entry is not None else plans.get(tuple(ins)))[2]
+        return rt.run(*ins)
 
-    compiled.partitioner = (res, art, rt)
-    log.info("partitioner backend: %d segments, predicted latency %.3g s, %d parameters lifted",
-             len(art.schedule.segments), res.evaluation.latency, len(lifted))
+    compiled.partitioner = entry
+    compiled.plans = plans
     return compiled
 
 

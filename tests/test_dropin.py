@@ -190,3 +190,24 @@ def test_backend_solver_options_reach_the_solver():
     assert res.plan.solver == "split" and res.plan.info["starts"] == 2
     assert "exact" not in res.plan.info  # split.exact_nodes=0: no whole-problem CP-SAT solve
     torch._dynamo.reset()
+
+
+def test_dynamic_shapes_are_planned_per_shape():
+    """dynamo marks a graph dynamic after a call with new shapes: each shape gets its own plan."""
+    model, (x,) = _net()
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, example_inputs, **kw):
+        fn = frontends.dynamo_backend(gm, example_inputs, solver="heft", threads=T, **kw)
+        seen.append(fn)
+        return fn
+
+    cm = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for b in (2, 3, 5):
+            xb = torch.randn(b, 3, 8, 8)
+            torch.testing.assert_close(cm(xb), model(xb))
+    torch._dynamo.reset()
+    dynamic = [fn for fn in seen if getattr(fn, "partitioner", 1) is None]  # planned on first use, per shape
+    assert dynamic and len(dynamic[-1].plans) == 2  # batch 3 and batch 5

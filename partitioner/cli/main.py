@@ -110,7 +110,8 @@ def compile(
     threads: int = typer.Option(1, help="Solver threads"),
     backend: str = typer.Option("highs", help="MILP backend: highs | cbc"),
     option: Optional[list[str]] = typer.Option(None, "--option", help=OPTION_HELP),
-    frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
+    frontend: str = typer.Option("auto", help="Tracing frontend: auto (fx, else export, else dynamo) | fx | "
+                                 "export | dynamo"),
     throughput_floor: Optional[float] = typer.Option(None, help="Latency objective: minimum samples/s"),
     latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),

@@ -36,7 +36,8 @@ def profile(
     handoff: bool = typer.Option(True, "--handoff/--no-handoff", help="Measure what a hand-off between two logical "
                                  "CPUs costs on the model's own segments, run by the local runtime (context mode)"),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore the existing --out file (no cache)"),
-    frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
+    frontend: str = typer.Option("auto", help="Tracing frontend: auto (fx, else export, else dynamo) | fx | "
+                                 "export | dynamo"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),

@@ -10,12 +10,16 @@ Files (``Artifact.save(DIR)``)
 ``meta.files``), ``DIR/segments/<id>/module.py`` + ``weights.safetensors`` (see
 :mod:`partitioner.emit.segcode`), and, when example inputs are known,
 ``DIR/example_inputs.pt`` and ``DIR/expected_outputs.pt`` (the original model's outputs;
-both ``torch.save`` of tensors, read with ``weights_only=True``).
+both ``torch.save`` of tensors, read with ``weights_only=True``). The expected outputs are
+saved as ``{"format": "partitioner.outputs/1", "tree": JSON, "tensors": [...]}``: the output
+structure as an output tree (:mod:`partitioner.ir.tree`, so a Hugging Face ``ModelOutput``
+comes back as its class) and the tensors it names; older artifacts hold the outputs as is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
@@ -28,13 +32,14 @@ from torch import nn
 
 from ..errors import ArtifactError
 from ..ir import jsonio
-from ..ir.schedule import Schedule, bind_inputs
-from ..ir.tree import tree_unflatten
+from ..ir.inputs import bind_inputs
+from ..ir.schedule import Schedule
+from ..ir.tree import tree_encode, tree_unflatten
 from . import segcode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Artifact", "save_artifact", "load_artifact"]
+__all__ = ["Artifact", "save_artifact", "load_artifact", "pack_outputs", "unpack_outputs"]
 
 
 # ---- the artifact ------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
         torch.save(tuple(ex), root / "example_inputs.pt")
         written.append(root / "example_inputs.pt")
         if expected is not None:
-            torch.save(expected, root / "expected_outputs.pt")
+            torch.save(pack_outputs(expected), root / "expected_outputs.pt")
             written.append(root / "expected_outputs.pt")
     files = {p.relative_to(root).as_posix(): sha256_file(p) for p in written}
     out = replace(sched, segments=tuple(segments), meta=dict(sched.meta, files=files))
@@ -265,9 +270,11 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
 def _verify(sid: str, ref: nn.Module, new: nn.Module, args: list) -> None:
     outs = []
     for mod in (ref, new):  # same random stream for both (dropout in training mode)
+        # each side on its own copy: a segment may change its arguments in place
+        mine = pytree.tree_map_only(torch.Tensor, torch.clone, list(args))
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            outs.append(mod(*args))
+            outs.append(mod(*mine))
     a, b = outs
     bad = outputs_mismatch(tuple(b), tuple(a))
     if bad is not None:
@@ -313,5 +320,36 @@ def load_artifact(path: str | Path) -> Artifact:
     if (root / "example_inputs.pt").is_file():
         ex = tuple(torch.load(root / "example_inputs.pt", weights_only=True))
     if (root / "expected_outputs.pt").is_file():
-        exp = torch.load(root / "expected_outputs.pt", weights_only=True)
+        exp = unpack_outputs(torch.load(root / "expected_outputs.pt", weights_only=True))
     return Artifact(sched, modules, ex, exp, path=root)
+
+
+# ---- expected outputs --------------------------------------------------------------------
+OUTPUTS_FORMAT = "partitioner.outputs/1"
+
+
+def pack_outputs(outputs: Any) -> dict:
+    """Model outputs in a form ``torch.load(weights_only=True)`` reads: the structure as an
+    output tree (JSON) and the list of its tensors (see the module docstring)."""
+    tensors: list[torch.Tensor] = []
+
+    def leaf(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach())
+            return {"value": str(len(tensors) - 1)}
+        return None
+
+    def fail(x):
+        raise ArtifactError(f"model output of type {type(x).__name__} cannot be saved",
+                            hint="return tensors, or tuples/lists/dicts of them")
+
+    tree = tree_encode(outputs, leaf, fail)
+    return {"format": OUTPUTS_FORMAT, "tree": json.dumps(tree), "tensors": tensors}
+
+
+def unpack_outputs(obj: Any) -> Any:
+    """Inverse of :func:`pack_outputs` (anything else is returned as is)."""
+    if not (isinstance(obj, dict) and obj.get("format") == OUTPUTS_FORMAT):
+        return obj
+    tensors = obj["tensors"]
+    return tree_unflatten(json.loads(obj["tree"]), lambda k: tensors[int(k)])

@@ -410,7 +410,8 @@ def _build(gm, problem, plan, ev, idx, seg_of, segs, example_inputs, meta) -> Ar
                                 hint="return computed tensors from forward")
     transfers, actions = _program(problem, ev, segments, values, out_values, devices, host)
     meta = dict(meta, predicted_latency_s=float(ev.latency), predicted_period_s=float(ev.period),
-                input_defaults={p.name: p.args[0] for p in placeholders if p.args and json_scalar(p.args[0])})
+                input_defaults={p.name: p.args[0] for p in placeholders if p.args and json_scalar(p.args[0])},
+                **_call_meta(gm, placeholders))
     sched = Schedule(tuple(devices), host, tuple(p.name for p in placeholders), outputs, values, tuple(segments),
                      tuple(transfers), actions, flatten_inputs=_is_pytree(gm), meta=meta)
     sched.validate()
@@ -465,6 +466,19 @@ def _value(n, producer: str | None) -> Value:
     if isinstance(c, NodeCost):
         return Value(n.name, producer, float(c.output_bytes), tuple(tuple(s) for s in c.shapes), c.dtype)
     return Value(n.name, producer)
+
+
+def _call_meta(gm, placeholders) -> dict[str, Any]:
+    """How the plan is called: the frontend that traced it, whether its graph is specialised
+    to the example shapes, and the model's parameter names (for keyword inputs)."""
+    from ..frontend.capture import input_names
+
+    frontend = gm.meta.get("partitioner_frontend", "")
+    out: dict[str, Any] = {"frontend": frontend, "shape_specialised": frontend in ("export", "dynamo")}
+    names = input_names(gm)
+    if len(names) == len(placeholders):
+        out["input_names"] = names
+    return out
 
 
 def _is_pytree(gm) -> bool:

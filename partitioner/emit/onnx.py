@@ -242,7 +242,7 @@ def _probe_inputs(example: tuple, seed: int = 1234) -> tuple:
 
 def _trace_values(art, inputs: tuple) -> tuple[dict[str, Any], dict[str, list]]:
     """Run the artifact sequentially; return every value and every segment's arguments."""
-    from ..ir.schedule import bind_inputs
+    from ..ir.inputs import bind_inputs
 
     env = bind_inputs(art.schedule, inputs)
     args_of: dict[str, list] = {}

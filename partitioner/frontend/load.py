@@ -43,22 +43,30 @@ def _load_factory(ref: str):
     if not (isinstance(out, tuple) and len(out) == 2):
         raise UsageError(f"{ref}() must return (model, example_inputs_tuple)", hint="return a 2-tuple")
     model, inputs = out
+    if isinstance(inputs, dict):  # keyword inputs, as model(**inputs)
+        return model, inputs
     return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str = "fx",
-               model_kwargs: dict | None = None) -> LoadedModel:
+def load_model(ref: Any, example_inputs: Any = None, *, frontend: str = "auto",
+               model_kwargs: dict | None = None, example_kwargs: dict | None = None) -> LoadedModel:
     """Load a model from a zoo name, ``file.py:factory``, a cost-graph JSON, an ONNX file, or an
     nn.Module.
 
     Parameters
     ----------
     ref : str or nn.Module or CostGraph
-    example_inputs : tuple, optional
-        Required when ``ref`` is an nn.Module.
-    frontend : {"fx", "export"}
+    example_inputs : tuple or dict, optional
+        Required when ``ref`` is an nn.Module: positional inputs (a tuple, or one tensor) or
+        keyword inputs (a dict, as ``model(**inputs)``). A ``file.py:factory`` may return
+        either too.
+    frontend : {"auto", "fx", "export", "dynamo"}
+        See :func:`partitioner.frontend.trace.trace`. ``LoadedModel.example_inputs`` holds
+        the inputs as the traced graph takes them (positionally).
     model_kwargs : dict, optional
         Keyword arguments of a zoo factory (e.g. ``{"nodes": 200}`` for RandWire).
+    example_kwargs : dict, optional
+        Keyword inputs of an nn.Module besides positional ``example_inputs``.
     """
     if isinstance(ref, graphmod.CostGraph):
         return LoadedModel(ref, source="cost graph")
@@ -86,12 +94,12 @@ def load_model(ref: Any, example_inputs: tuple | None = None, *, frontend: str =
             model, inputs = _zoo_model(models, ref, dict(model_kwargs or {}))
             name = ref
     else:
-        if example_inputs is None:
+        if example_inputs is None and not example_kwargs:
             raise UsageError("an nn.Module needs example_inputs", hint="pass example_inputs=(tensor, ...)")
-        model, inputs, name = ref, tuple(example_inputs), type(ref).__name__
+        model, inputs, name = ref, example_inputs, type(ref).__name__
     progress.step(f"tracing {name} ({frontend})")
-    gm = trace(model, inputs, frontend=frontend)
-    return LoadedModel(graphmod.from_fx(gm, name), gm, inputs, source=str(name))
+    gm = trace(model, inputs, frontend=frontend, example_kwargs=example_kwargs)
+    return LoadedModel(graphmod.from_fx(gm, name), gm, tuple(gm.meta["partitioner_inputs"]), source=str(name))
 
 
 def _zoo_model(models, name: str, kwargs: dict):

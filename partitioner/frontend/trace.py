@@ -1,17 +1,31 @@
 """Trace an ``nn.Module`` into a ``torch.fx.GraphModule`` whose nodes carry shapes and costs.
 
-Two frontends turn the model into a graph:
+Frontends turn the model into a graph:
 
 ``"fx"``
     :func:`torch.fx.symbolic_trace` semantics (a :class:`torch.fx.Tracer` that also treats
     the classes in ``leaf_modules`` as leaves). Nodes are Python-level: ``call_module``
     for ``nn.Conv2d``, ``call_function`` for ``torch.cat``, ``call_method`` for
-    ``x.view``...
+    ``x.view``... With keyword inputs, the parameters not given are fixed to their defaults.
 ``"export"``
-    :func:`torch.export.export` then ``.module()``: an ATen-level graph whose parameters
-    are ``get_attr`` nodes and whose operators are ``call_function`` nodes on ATen
-    overloads (named by their overload packet: ``aten.conv2d.default`` -> ``"conv2d"``).
-    The guard node that ``.module()`` inserts (``_guards_fn``) is removed.
+    :func:`torch.export.export` (``strict=False``) then ``.module()``: an ATen-level graph
+    whose parameters are ``get_attr`` nodes and whose operators are ``call_function`` nodes
+    on ATen overloads (named by their overload packet: ``aten.conv2d.default`` ->
+    ``"conv2d"``); see :mod:`partitioner.frontend.capture`.
+``"dynamo"``
+    :func:`torch._dynamo.export`: one graph of torch-level ops.
+``"auto"`` (the default)
+    fx when it traces (and its graph runs on the example inputs), else export, else
+    dynamo; the reason each one was passed over is logged, and the frontend used is
+    ``gm.meta["partitioner_frontend"]``.
+
+Example inputs are positional (a tuple, or one tensor) or keyword (a dict:
+``{"input_ids": ..., "attention_mask": ...}``, as ``model(**inputs)``). The graph takes
+all of them positionally, in the order of its ``forward`` signature;
+``gm.meta["partitioner_inputs"]`` holds them in that order. A model whose config has
+``use_cache`` on is traced with it off (:func:`partitioner.frontend.capture.no_cache`), and
+an output that is a constant attribute is returned through a clone (so a plan computes
+every output).
 
 Shapes and costs then come from running the graph once on the example inputs (a
 :class:`torch.fx.Interpreter`, under ``torch.no_grad()``; buffers are restored
@@ -64,9 +78,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
-import sysconfig
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,21 +88,33 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import TraceError
+from .capture import (
+    CACHE_HINT,
+    FRONTENDS,
+    call_inputs,
+    describe_values,
+    dynamo_graph,
+    export_graph,
+    first_line,
+    functorch_restored,
+    materialise_constant_outputs,
+    no_cache,
+    split_inputs,
+    user_frame,
+)
 from .flops import _FallbackFlops, _tensor_leaves  # the FLOP fallback, moved unchanged
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NodeCost", "trace", "node_cost", "FRONTENDS"]
 
-FRONTENDS = ("fx", "export")
-
 _CONTROL_FLOW_HINT = ("the forward has data-dependent control flow; try `--frontend export`, or rewrite "
                       "the branch with torch.where / torch.cond, or mark the module as a leaf")
 _FX_HINT = ("torch.fx symbolic tracing cannot follow this code; try `--frontend export`, or mark "
             "the module as a leaf (leaf_modules=...)")
-_EXPORT_HINT = ("check that example_inputs match the forward's signature and shapes; rewrite "
-                "data-dependent branches with torch.cond or torch.where; or try `--frontend fx` "
-                "(with leaf modules for the untraceable parts)")
+_AUTO_HINT = ("rewrite the data-dependent branch with torch.where / torch.cond (then fx or export can follow "
+              "it), mark the untraceable module as a leaf (leaf_modules=..., `--frontend fx`), or compile the "
+              "model with torch.compile(model, backend='partitioner'), which plans around graph breaks")
 _SHAPE_HINT = ("check that example_inputs have the shapes and dtypes the model expects "
                "(one tensor per forward argument, batch dimension included)")
 
@@ -165,8 +188,8 @@ def node_cost(node: torch.fx.Node) -> NodeCost:
     return cost
 
 
-def trace(model: nn.Module, example_inputs: tuple, *, frontend: str = "fx",
-          leaf_modules: tuple[type, ...] = ()) -> torch.fx.GraphModule:
+def trace(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
+          leaf_modules: tuple[type, ...] = (), example_kwargs: dict | None = None) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule whose nodes carry :class:`NodeCost` annotations.
 
     Parameters
@@ -174,20 +197,24 @@ def trace(model: nn.Module, example_inputs: tuple, *, frontend: str = "fx",
     model : nn.Module
         The model to trace. It is not modified (buffers changed by the shape-propagation
         run, e.g. batch-norm statistics in training mode, are restored).
-    example_inputs : tuple
-        Positional inputs of ``model.forward`` (a single tensor is accepted too).
-    frontend : {"fx", "export"}
-        ``"fx"``: ``torch.fx`` symbolic tracing; ``"export"``: ``torch.export.export``
-        then ``.module()`` (ATen-level graph).
+    example_inputs : tuple or dict or Tensor
+        Positional inputs of ``model.forward`` (a tuple, or a single tensor), or keyword
+        inputs (a dict, as in ``model(**inputs)``).
+    frontend : {"auto", "fx", "export", "dynamo"}
+        See the module docstring.
     leaf_modules : tuple of type
         Module classes the fx tracer keeps as single ``call_module`` nodes (ignored by
-        ``"export"``).
+        the other frontends).
+    example_kwargs : dict, optional
+        Keyword inputs besides positional ``example_inputs``.
 
     Returns
     -------
     torch.fx.GraphModule
         Computes the same outputs as ``model``; every node but ``output`` has
-        ``node.meta["partitioner"]`` (see :func:`node_cost`).
+        ``node.meta["partitioner"]`` (see :func:`node_cost`). ``gm.meta`` holds
+        ``"partitioner_frontend"`` and ``"partitioner_inputs"`` (the example inputs as the
+        graph takes them, positionally).
 
     Raises
     ------
@@ -198,23 +225,68 @@ def trace(model: nn.Module, example_inputs: tuple, *, frontend: str = "fx",
     if not isinstance(model, nn.Module):
         raise TraceError(f"can only trace an nn.Module, got {type(model).__name__}",
                          hint="pass the model object (an nn.Module instance)")
-    inputs = _as_tuple(example_inputs)
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
     leaf_modules = tuple(leaf_modules or ())
     bad = [t for t in leaf_modules if not (isinstance(t, type) and issubclass(t, nn.Module))]
     if bad:
         raise TraceError(f"leaf_modules must be nn.Module classes, got {bad!r}",
                          hint="pass classes, e.g. leaf_modules=(MyBlock,)")
-    name = type(model).__name__
-    if frontend == "fx":
-        gm = _trace_fx(model, name, leaf_modules)
-    elif frontend == "export":
-        if leaf_modules:
-            logger.warning("leaf_modules is ignored by the export frontend")
-        gm = _trace_export(model, name, inputs)
-    else:
+    if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}", hint=f"use one of {', '.join(FRONTENDS)}")
-    _propagate(gm, name, inputs, frontend)
-    return gm
+    if leaf_modules and frontend in ("export", "dynamo"):
+        logger.warning("leaf_modules is ignored by the %s frontend", frontend)
+    name = type(model).__name__
+    tried: list[tuple[str, TraceError]] = []
+    with no_cache(model, kwargs) as cache_note:
+        for fe in (("fx", "export", "dynamo") if frontend == "auto" else (frontend,)):
+            try:
+                with functorch_restored():
+                    gm = _capture(fe, model, name, args, kwargs, leaf_modules)
+                inputs = call_inputs(gm, args, kwargs, name)
+                materialise_constant_outputs(gm)
+                _propagate(gm, name, inputs, fe)
+            except TraceError as err:
+                if frontend != "auto":
+                    raise
+                logger.info("frontend auto: %s cannot trace %s (%s)", fe, name, err.message.splitlines()[0])
+                tried.append((fe, err))
+                continue
+            if tried:
+                logger.info("frontend auto: traced %s with %s (%s)", name, fe,
+                            "; ".join(f"{f} failed: {e.message.splitlines()[0]}" for f, e in tried))
+            gm.meta.update(partitioner_frontend=fe, partitioner_inputs=inputs, partitioner_cache_note=cache_note)
+            return gm
+    first = tried[0][1]
+    detail = "\n".join(f"  {fe}: {err.message}" for fe, err in tried)
+    hints = [err.hint for _, err in tried]
+    hint = CACHE_HINT if CACHE_HINT in hints else first.hint if first.hint == _SHAPE_HINT else _AUTO_HINT
+    raise TraceError(f"no frontend could trace {name} (tried {', '.join(fe for fe, _ in tried)}):\n{detail}",
+                     hint=hint) from first
+
+
+def _capture(fe: str, model: nn.Module, name: str, args: tuple, kwargs: dict,
+             leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+    if fe == "fx":
+        return _trace_fx(model, name, leaf_modules, _concrete_args(model, args, kwargs))
+    if fe == "export":
+        return export_graph(model, name, args, kwargs)
+    return dynamo_graph(model, name, args, kwargs)
+
+
+def _concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """With keyword inputs: the forward's other parameters fixed to their defaults."""
+    if not kwargs:
+        return None
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())
+    out = {}
+    for k, p in enumerate(params):
+        if k < len(args) or p.name in kwargs or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not p.empty:
+            out[p.name] = p.default
+    return out or None
 
 
 # ---- frontends ---------------------------------------------------------------------------
@@ -231,14 +303,15 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace_fx(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+def _trace_fx(model: nn.Module, name: str, leaf_modules: tuple[type, ...],
+              concrete_args: dict | None = None) -> torch.fx.GraphModule:
     tracer = _LeafTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
         gm = torch.fx.GraphModule(tracer.root, graph, name)
     except Exception as err:  # noqa: BLE001 - every tracing failure becomes a TraceError
-        reason = _first_line(err)
-        loc = _user_frame(err)
+        reason = first_line(err)
+        loc = user_frame(err)
         control = isinstance(err, torch.fx.proxy.TraceError) or "control flow" in str(err)
         msg = f"torch.fx cannot trace {name}: {reason}"
         if loc:
@@ -248,41 +321,17 @@ def _trace_fx(model: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> to
     return gm
 
 
-def _trace_export(model: nn.Module, name: str, inputs: tuple) -> torch.fx.GraphModule:
-    try:
-        ep = torch.export.export(model, inputs)
-        gm = ep.module()
-    except Exception as err:  # noqa: BLE001
-        loc = _user_frame(err)
-        msg = (f"torch.export could not export {name} with example inputs {_describe_values(inputs)}: "
-               f"{type(err).__name__}: {_first_line(err)}")
-        if loc:
-            msg += f"\n  at {loc}"
-        raise TraceError(msg, hint=_EXPORT_HINT) from err
-    if not isinstance(gm, torch.fx.GraphModule):  # pragma: no cover - torch always returns one today
-        raise TraceError(f"torch.export returned a {type(gm).__name__} for {name}, not a GraphModule",
-                         hint="use --frontend fx")
-    removed = [n for n in gm.graph.nodes
-               if n.op == "call_module" and n.target == "_guards_fn" and not n.users]
-    for n in removed:
-        gm.graph.erase_node(n)
-    if removed:
-        gm.recompile()
-    logger.debug("exported %s: %d nodes", name, len(gm.graph.nodes))
-    return gm
-
-
 # ---- shape and cost propagation ----------------------------------------------------------
 def _propagate(gm: torch.fx.GraphModule, name: str, inputs: tuple, frontend: str) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = list(inputs)
-    if frontend == "export":
+    if frontend in ("export", "dynamo"):
         flat = pytree.tree_leaves(inputs)
     varargs = any(str(n.target).startswith("*") for n in placeholders)
     if len(flat) > len(placeholders) and not varargs:
         raise TraceError(f"{name} takes {len(placeholders)} input(s) "
                          f"({', '.join(n.name for n in placeholders)}), got {len(flat)} example inputs "
-                         f"{_describe_values(inputs)}", hint=_SHAPE_HINT)
+                         f"{describe_values(inputs)}", hint=_SHAPE_HINT)
     flat = [a.detach() if isinstance(a, torch.Tensor) else a for a in flat]
     saved = [(b, b.detach().clone()) for b in gm.buffers()]
     # Under no_grad nothing is recorded anyway; parameters that require grad only make
@@ -305,22 +354,36 @@ def _propagate(gm: torch.fx.GraphModule, name: str, inputs: tuple, frontend: str
     except TraceError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise TraceError(f"shape propagation of {name} failed: {type(err).__name__}: {_first_line(err)}",
+        raise TraceError(f"shape propagation of {name} failed: {type(err).__name__}: {first_line(err)}",
                          hint=_SHAPE_HINT) from err
     finally:
         if mha is not None:
             mha.set_fastpath_enabled(fastpath)
         for p in frozen:
             p.requires_grad_(True)
-        with torch.no_grad():
-            for buf, copy in saved:
-                if buf.shape == copy.shape:
-                    buf.copy_(copy)
+        _restore_buffers(saved, name)
     annotated = [n.meta["partitioner"] for n in gm.graph.nodes if "partitioner" in n.meta]
     logger.info("traced %s (%s): %d nodes, %.4g FLOPs, %d bytes of parameters, %d nodes priced by the "
                 "FLOP fallback", name, frontend, len(annotated), sum(c.flops for c in annotated),
                 sum(c.param_bytes for c in annotated),
                 sum(c.flops_source == "fallback" for c in annotated))
+
+
+def _restore_buffers(saved: list, name: str) -> None:
+    """Put back the buffers the run changed (batch-norm statistics in training mode).
+
+    Only changed buffers are written: a buffer may be a broadcast view (stride 0, e.g. a
+    constant dynamo lifted), which ``copy_`` cannot write and the run cannot have changed.
+    """
+    with torch.no_grad():
+        for buf, copy in saved:
+            try:
+                if buf.is_meta or buf.shape != copy.shape or torch.equal(buf, copy):
+                    continue
+                buf.copy_(copy)
+            except Exception as err:  # noqa: BLE001 - never mask the run's own error
+                logger.warning("tracing %s: could not restore a buffer of shape %s changed by the shape-propagation "
+                               "run (%s); its values may differ from before", name, tuple(buf.shape), first_line(err))
 
 
 class _CostInterpreter(torch.fx.Interpreter):
@@ -402,7 +465,7 @@ class _CostInterpreter(torch.fx.Interpreter):
 
     # -- failures
     def _failure(self, n: torch.fx.Node, err: Exception) -> TraceError:
-        reason = f"{type(err).__name__}: {_first_line(err)}"
+        reason = f"{type(err).__name__}: {first_line(err)}"
         if n.op == "placeholder":
             n_inputs = sum(1 for p in self.graph.nodes if p.op == "placeholder")
             return TraceError(f"shape propagation of {self.model_name} failed at input {n.name!r} "
@@ -467,14 +530,6 @@ def _module_path(n: torch.fx.Node) -> str:
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
 def _nbytes(t: torch.Tensor) -> int:
     try:
         return int(t.numel()) * int(t.element_size())
@@ -517,36 +572,3 @@ def _describe_shapes(a: torch.fx.Node) -> str:
     if len(c.shapes) == 1:
         return str(c.shapes[0])
     return "[" + ", ".join(str(s) for s in c.shapes) + "]"
-
-
-def _describe_values(values: tuple) -> str:
-    parts = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            parts.append(f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}")
-        else:
-            parts.append(type(v).__name__)
-    return "[" + ", ".join(parts) + "]"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
-
-
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-_STDLIB_DIR = os.path.abspath(sysconfig.get_paths().get("stdlib", "/nonexistent")) + os.sep
-
-
-def _user_frame(err: BaseException) -> str:
-    """``"file:line: code"`` of the last traceback frame outside torch, the stdlib and this file."""
-    here = os.path.abspath(__file__)
-    best = ""
-    for fr in traceback.extract_tb(err.__traceback__):
-        fn = os.path.abspath(fr.filename) if not fr.filename.startswith("<") else fr.filename
-        if fn.startswith("<") or fn == here or fn.startswith(_TORCH_DIR):
-            continue
-        if fn.startswith(_STDLIB_DIR) and "-packages" + os.sep not in fn:
-            continue
-        best = f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
-    return best

@@ -62,7 +62,7 @@ from . import jsonio
 from .tree import HINT as _HINT
 from .tree import tree_leaves
 
-__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "bind_inputs", "sequential_order",
+__all__ = ["FORMAT", "Value", "Segment", "Transfer", "Action", "Schedule", "sequential_order",
            "valid_segment_id"]
 
 FORMAT = "partitioner.schedule/1"
@@ -575,20 +575,3 @@ def sequential_order(s: "Schedule") -> list[tuple[str, int]]:
     return out
 
 
-def bind_inputs(schedule: Schedule, args: tuple) -> dict[str, Any]:
-    """Map call arguments to the schedule's input values (flattening them if required)."""
-    if schedule.flatten_inputs:
-        import torch.utils._pytree as pytree
-
-        flat = pytree.tree_leaves(list(args))
-    else:
-        flat = list(args)
-    names = schedule.inputs
-    defaults = schedule.meta.get("input_defaults", {})
-    if len(flat) > len(names) or any(n not in defaults for n in names[len(flat):]):
-        raise ArtifactError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(flat)}",
-                            hint="pass the same inputs as the example inputs the plan was compiled with")
-    env = dict(zip(names, flat))
-    for n in names[len(flat):]:
-        env[n] = defaults[n]
-    return env

@@ -446,7 +446,7 @@ def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str 
 
 
 def profile_model(ref: Any, devices: str | list = "cpu", *, example_inputs: tuple | None = None,
-                  model_kwargs: dict | None = None, frontend: str = "fx", **kw) -> tuple[Profile, Any]:
+                  model_kwargs: dict | None = None, frontend: str = "auto", **kw) -> tuple[Profile, Any]:
     """Load (trace) a model with :func:`partitioner.api.load_model` and profile it.
 
     Returns ``(profile, loaded_model)``; ``kw`` as for :func:`profile_graph`.

@@ -265,7 +265,7 @@ class _Rank:
 
     # -- the program
     def run(self, inputs: tuple | None) -> Any:
-        from ..ir.schedule import bind_inputs
+        from ..ir.inputs import bind_inputs
 
         s, lay = self.s, self.lay
         mine = lay.devices_of(self.rank)

@@ -465,19 +465,20 @@ class LocalRuntime:
         raise UsageError(f"threads must be an int or a dict, got {type(threads).__name__}", hint="e.g. threads=1")
 
     # -- running
-    def run(self, *inputs) -> Any:
-        """Run the schedule once; return the outputs (structured like the model's)."""
-        return self.run_with_stats(*inputs)[0]
+    def run(self, *inputs, **kw_inputs) -> Any:
+        """Run the schedule once; return the outputs (structured like the model's). Keyword
+        inputs are bound by the model's parameter names."""
+        return self.run_with_stats(*inputs, **kw_inputs)[0]
 
-    def run_with_stats(self, *inputs) -> tuple[Any, RunStats]:
+    def run_with_stats(self, *inputs, **kw_inputs) -> tuple[Any, RunStats]:
         """Run once; return ``(outputs, RunStats)`` (also kept in ``last_stats``)."""
-        from ..ir.schedule import bind_inputs
+        from ..ir.inputs import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
         if not self._finalizer.alive:
             raise RuntimeFailure("this runtime is closed", hint="create a new LocalRuntime")
-        env = bind_inputs(self.schedule, inputs)
+        env = bind_inputs(self.schedule, inputs, kw_inputs)
         with self._lock:
             run = _Run(self.schedule, env, len(self._workers), self.timeout_s)
             for w in self._workers:
@@ -522,7 +523,7 @@ class LocalRuntime:
         inputs_list : list
             One entry per sample: a tuple of call arguments (or a single tensor).
         """
-        from ..ir.schedule import bind_inputs
+        from ..ir.inputs import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")

@@ -174,7 +174,7 @@ class OnnxRuntime:
         import torch
 
         from ..emit.onnx import encode
-        from ..ir.schedule import bind_inputs
+        from ..ir.inputs import bind_inputs
 
         env = bind_inputs(self.schedule, inputs)
         out: dict[str, list] = {}

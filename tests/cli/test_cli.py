@@ -257,7 +257,9 @@ def test_malformed_json_and_untraceable_model(tmp_path):
                    "    return M(), (torch.ones(2, 2),)\n")
     r = run("compile", f"{src}:factory", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    assert "--frontend export" in r.output and not (tmp_path / "o").exists()
+    # frontend auto tried fx, then export, then dynamo, and says why each failed
+    assert "fx:" in r.output and "export:" in r.output and "torch.where" in r.output
+    assert "def forward" not in r.output and not (tmp_path / "o").exists()  # no partial graph printed
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -3,8 +3,6 @@ lies above them (issue 3's property test, across MILP/CBC, MILP/HiGHS and CP-SAT
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import partitioner.solvers.milp.latency as milp_lat
 import partitioner.solvers.milp.solver as milp
-import partitioner.solvers.milp.throughput as milp_thr
 from partitioner.bounds.lower import lower_bound
 from partitioner.errors import InfeasibleError, SolverError
 from partitioner.grade import grade

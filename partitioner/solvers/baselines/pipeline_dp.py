@@ -313,7 +313,7 @@ class _Tables:
 
     def latency_costs(self) -> tuple[np.ndarray, np.ndarray]:
         """``first[d][k]`` and ``C[e, d][i, k]`` for the latency DP (additive)."""
-        p, D, M1, n = self.p, self.p.D, self.M1, self.p.n
+        p, D, M1 = self.p, self.p.D, self.M1
         host = p.host
         first = np.full((D, M1), np.inf)
         C = np.full((D, D, M1, M1), np.inf)
