@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..emit.manifest import verify
 from ..errors import ArtifactError
 from ..ir.schedule import Schedule
 from .distributed import ERROR_PREFIX, DistributedFailure, layout
@@ -48,7 +49,7 @@ def _rank_error(path: Path) -> str:
 
 def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: int | None = None,
            backend: str = "gloo", timeout_s: float = 120.0, grace_s: float = 3.0, startup_s: float = 60.0,
-           threads: int = 1,
+           threads: int = 1, expect: str | None = None,
            env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> Any:
     """Run an artifact directory as ``nprocs`` local processes (one per server of the plan).
 
@@ -58,7 +59,9 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
     run by ``timeout_s`` (from its own start, after joining the process group).
     A watchdog ends the run when a process exits non-zero (the others get ``grace_s`` to
     report their own error, then are killed) or when ``startup_s + timeout_s + grace_s``
-    have passed (all killed).
+    have passed (all killed). The launcher checks the artifact's files against its manifest
+    (and ``expect``, a content hash, if given) and every rank loads it only with the same
+    content hash.
 
     Returns
     -------
@@ -70,6 +73,7 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
         With the error of every rank that reported one (rank, server, transfer).
     """
     root = Path(artifact)
+    content, _ = verify(root, expect)
     try:
         sched = Schedule.from_json(json.loads((root / "schedule.json").read_text()))
     except (OSError, json.JSONDecodeError) as err:
@@ -87,7 +91,7 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
                      OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             cmd = [sys.executable, "-m", "partitioner.runtime.distributed", str(root), "--backend", backend,
                    "--timeout", str(timeout_s), "--init-timeout", str(startup_s), "--threads", str(threads),
-                   *extra_args]
+                   "--expect", content, *extra_args]
             if inputs is not None:
                 cmd += ["--inputs", str(inputs)]
             if r == 0:
