@@ -16,10 +16,11 @@ names in the file are checked to be identifiers first, so the generated code hol
 nothing the file chose but allow-listed objects and literals.
 
 Excluded on purpose: functions that read files or raw memory (``torch.from_file``,
-``frombuffer``, ``aten::set_``), indexing ops that skip bounds checks
-(``aten::_unsafe_index*``), tensor methods that take callables or expose storage
-(``apply_``, ``map_``, ``register_hook``, ``storage``, ``data_ptr``), and every private
-``torch._name`` other than ``torch._assert`` and the ``torch._C._nn`` kernels.
+``frombuffer``, ``aten::set_``), sparse tensors (built without index checks), private
+ATen operators other than the few exported graphs use (``aten::_softmax``...), tensor
+methods that take callables or expose storage (``apply_``, ``map_``, ``register_hook``,
+``storage``, ``data_ptr``), and every private ``torch._name`` other than ``torch._assert``
+and the ``torch._C._nn`` kernels.
 """
 
 from __future__ import annotations
@@ -54,7 +55,23 @@ _DENIED = frozenset({"from_file", "from_numpy", "frombuffer", "set_", "_print", 
                      "_nested_view_from_buffer", "_nested_view_from_buffer_copy"})
 _DENIED_METHODS = frozenset({"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook",
                              "retain_grad", "storage", "untyped_storage", "share_memory_", "numpy", "backward",
-                             "data_ptr", "set_", "record_stream", "as_subclass", "module_load", "storage_type"})
+                             "data_ptr", "const_data_ptr", "set_", "record_stream", "as_subclass", "module_load",
+                             "storage_type"})
+#: private ATen operators that exported graphs and decompositions use (every other ``aten::_name`` is refused)
+_PRIVATE_ATEN = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_to_copy", "_softmax",
+                           "_log_softmax", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                           "_native_batch_norm_legit_functional", "_scaled_dot_product_flash_attention_for_cpu",
+                           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                           "_scaled_dot_product_cudnn_attention", "_unsafe_view", "_adaptive_avg_pool2d",
+                           "_adaptive_avg_pool3d", "_embedding_bag", "_cdist_forward", "_pdist_forward",
+                           "_weight_norm_interface", "_fft_r2c", "_fft_c2r", "_fft_c2c", "_local_scalar_dense",
+                           "_convolution"})
+
+
+def _denied(name: str) -> bool:
+    """Names excluded wherever they appear: file or raw-memory access, and sparse tensors
+    (built without index checks by default, so a later op could write out of bounds)."""
+    return name in _DENIED or "sparse" in name
 _EXTRA_ATTRS = frozenset({"is_floating_point", "is_complex", "is_signed", "type", "index"})  # of dtypes, devices
 _CONTAINERS = frozenset({"Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
                          "Container"})
@@ -100,14 +117,14 @@ def _functions() -> dict[str, Any]:
     table: dict[str, Any] = {}
     vf = torch._C._VariableFunctions
     for name in dir(vf):
-        if not name.startswith("_") and name not in _DENIED and getattr(torch, name, None) is getattr(vf, name):
+        if not name.startswith("_") and not _denied(name) and getattr(torch, name, None) is getattr(vf, name):
             table[f"torch.{name}"] = getattr(vf, name)
     for name in tfunc.__all__:
         table.setdefault(f"torch.{name}", getattr(torch, name))
     table["torch._assert"] = torch._assert
     for name in dir(torch._C._nn):
         obj = getattr(torch._C._nn, name)
-        if not name.startswith("_") and name not in _DENIED and inspect.isbuiltin(obj):
+        if not name.startswith("_") and not _denied(name) and inspect.isbuiltin(obj):
             table[f"torch._C._nn.{name}"] = obj
     for name in dir(F):
         obj = getattr(F, name)
@@ -139,7 +156,8 @@ def _tensor_members() -> tuple[frozenset, frozenset]:
         if name.startswith("_"):
             continue
         (methods if callable(getattr(torch.Tensor, name)) else attrs).add(name)
-    return frozenset(methods - _DENIED_METHODS), frozenset((attrs - {"grad_fn", "volatile"}) | _EXTRA_ATTRS)
+    methods = {m for m in methods if m not in _DENIED_METHODS and not _denied(m)}
+    return frozenset(methods), frozenset((attrs - {"grad_fn", "volatile"}) | _EXTRA_ATTRS)
 
 
 def method_allowed(name: str) -> bool:
@@ -184,8 +202,8 @@ def _resolve(name: str) -> Any:
         parts = name.split(".")
         if len(parts) not in (4, 5) or parts[2] != "aten" or not all(p.isidentifier() for p in parts[3:]):
             raise NotAllowed(f"operator {name!r} is not allowed (only torch.ops.aten.OP[.OVERLOAD])")
-        if parts[3] in _DENIED or parts[3].startswith("__"):
-            raise NotAllowed(f"operator {name!r} is excluded (it reads files or memory unchecked)")
+        if _denied(parts[3]) or (parts[3].startswith("_") and parts[3] not in _PRIVATE_ATEN):
+            raise NotAllowed(f"operator {name!r} is excluded (private, or it reads files or memory unchecked)")
         try:
             obj = getattr(torch.ops.aten, parts[3])
             if len(parts) == 5:

@@ -254,11 +254,13 @@ def test_values_and_allow_lists():
                torch.ops.aten.convolution.default, getattr, len, torch.flatten, torch.split):
         assert program._resolve(program.function_name(fn)) is fn
     for fn in (torch.load, torch.save, exec, eval, open, print, torch.from_file, torch.ops.aten.set_.source_Tensor,
-               torch.hub.load, torch.compile, shutil.rmtree):
+               torch.hub.load, torch.compile, shutil.rmtree, torch.sparse_coo_tensor, torch.ops.aten._reshape_alias,
+               torch.ops.aten._unsafe_index.Tensor, torch.ops.aten.sparse_coo_tensor.size):
         with pytest.raises(program.NotAllowed):
             program.function_name(fn)
     assert program.method_allowed("view") and program.method_allowed("add_")
-    assert not any(program.method_allowed(m) for m in ("register_hook", "apply_", "__class__", "storage"))
+    assert not any(program.method_allowed(m) for m in ("register_hook", "apply_", "__class__", "storage",
+                                                       "const_data_ptr", "sparse_resize_"))
     assert program.attribute_allowed("shape") and not program.attribute_allowed("grad_fn")
     assert not program.attribute_allowed("__class__")
 
