@@ -84,11 +84,11 @@ def _trace(name: str, factory) -> tuple:
     return g, time.perf_counter() - t0
 
 
-def _run(problem: Problem, solver: str, **extra) -> dict:
+def _run(problem: Problem, solver: str, **options) -> dict:
     gc.collect()  # the benchmark's own heap (traced models) is not collected inside a timed solve
     t0 = time.perf_counter()
     try:
-        plan = solve(problem, solver, Settings(time_limit=120, seed=0, extra=extra))
+        plan = solve(problem, solver, Settings(time_limit=120, seed=0, options={solver: options} if options else {}))
     except PartitionerError as err:
         return {"solver": solver, "status": "error", "error": err.message, "time_s": time.perf_counter() - t0}
     dt = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from .ir.plan import Constraints, Objective, Plan
 from .ir.settings import Settings
 from .ir.spec import Spec, load_spec
 from .machine.problem import Problem
-from .solvers.registry import solve
+from .solvers.registry import check_options, get_solver, solve
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def apply_measured(loaded: LoadedModel, spec: Spec, profile: Any,
 
 
 def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str = "latency",
-                 solver: str = "heft", settings: Settings | None = None,
+                 solver: str = "split", settings: Settings | None = None,
                  constraints: Constraints | None = None, example_inputs: tuple | None = None,
                  frontend: str = "fx", model_kwargs: dict | None = None,
                  coarsen_to: int | None = None, profile: Any = None,
@@ -134,7 +134,12 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     ------
     InfeasibleError
         When the solver's plan violates a constraint (names every violation).
+    UsageError
+        An unknown solver, or an unknown or ill-typed option in ``settings.options`` (before
+        any tracing).
     """
+    get_solver(solver)
+    check_options(settings or Settings())
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, example_inputs, frontend=frontend, model_kwargs=model_kwargs)
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
@@ -193,8 +198,7 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
         ``value_over_bound``, ``status``, ``gap``, ``solve_time_s``, ...). A solver that fails on
         bad input or finds no feasible plan becomes a row with its status and ``error``.
     """
-    from .solvers.registry import get_solver
-
+    check_options(settings or Settings())
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kw)
     spec = hw if isinstance(hw, Spec) else load_spec(hw)
     if profile is not None:

@@ -23,12 +23,15 @@ a warning. Graphs with symbolic shapes or without operators run eagerly too.
 Options (both entry points)
 ---------------------------
 ``hw`` (spec name or path, default ``"server-cpu-2gpu"``), ``objective``
-(``"latency"``), ``solver`` (``"heft"``), ``time_limit`` (s), ``seed``, ``threads``
+(``"latency"``), ``solver`` (``"split"``), ``time_limit`` (s), ``seed``, ``threads``
 (CPU intra-op budget per worker), ``map_devices`` (spec device -> torch device, default
 all cpu), ``segmentation`` (``"faithful"`` | ``"minimal"``), ``timeout_s``,
 ``throughput_floor``, ``latency_ceiling``, ``coarsen_to``, ``frontend`` (``compile``
-only: ``"fx"`` | ``"export"``), ``settings`` (a :class:`~partitioner.machine.problem.Settings`).
-Unknown keys raise :class:`~partitioner.errors.UsageError`.
+only: ``"fx"`` | ``"export"``), ``settings`` (a :class:`~partitioner.ir.settings.Settings`),
+and any solver's own option as a dotted key ``"SOLVER.KEY"``, as on the command line
+(``--option split.restarts=8``): ``options={"solver": "split", "split.restarts": 8}``
+(``partitioner solvers --options split`` lists them). Unknown keys, unknown solver
+options and ill-typed values raise :class:`~partitioner.errors.UsageError` before tracing.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ __all__ = ["compile", "dynamo_backend", "PartitionedModule", "OPTIONS"]
 
 #: every option accepted by :func:`compile` and :func:`dynamo_backend`, with its default
 OPTIONS: dict[str, Any] = {
-    "hw": "server-cpu-2gpu", "objective": "latency", "solver": "heft", "time_limit": 60.0, "seed": 0,
+    "hw": "server-cpu-2gpu", "objective": "latency", "solver": "split", "time_limit": 60.0, "seed": 0,
     "settings": None, "threads": None, "map_devices": None, "segmentation": "faithful", "timeout_s": 300.0,
     "throughput_floor": None, "latency_ceiling": None, "coarsen_to": None, "frontend": "fx",
     "copy_same_device": False, "profile": False,
@@ -56,10 +59,25 @@ OPTIONS: dict[str, Any] = {
 
 
 def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(opts) - set(OPTIONS))
+    """The options with their defaults; ``o["settings"]`` carries the solver options given
+    as ``"SOLVER.KEY"`` keys (checked, as the solver name is)."""
+    from dataclasses import replace
+
+    from .ir.settings import Settings, nest_options
+    from .solvers.registry import check_options, get_solver
+
+    unknown = sorted(k for k in opts if k not in OPTIONS and "." not in k)
     if unknown:
-        raise UsageError(f"unknown partitioner option(s) {unknown}", hint=f"valid options: {', '.join(OPTIONS)}")
-    return {**OPTIONS, **opts}
+        raise UsageError(f"unknown partitioner option(s) {unknown}",
+                         hint=f"valid options: {', '.join(OPTIONS)}, and SOLVER.KEY for a solver's own options")
+    o = {**OPTIONS, **{k: v for k, v in opts.items() if k in OPTIONS}}
+    settings = o["settings"] or Settings(seed=o["seed"], time_limit=o["time_limit"])
+    given = nest_options({k: v for k, v in opts.items() if "." in k})
+    merged = {**settings.options, **{s: {**settings.options.get(s, {}), **kv} for s, kv in given.items()}}
+    o["settings"] = replace(settings, options=merged)
+    get_solver(o["solver"])
+    check_options(o["settings"])
+    return o
 
 
 class PartitionedModule(nn.Module):
@@ -126,7 +144,7 @@ def _plan_and_run(model, example_inputs, o: dict[str, Any], frontend: str):
 
 
 def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objective: str = "latency",
-            solver: str = "heft", **opts) -> PartitionedModule:
+            solver: str = "split", **opts) -> PartitionedModule:
     """Plan ``model`` for a hardware spec and return a drop-in module that runs the plan.
 
     Parameters
@@ -137,7 +155,8 @@ def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objec
     hw, objective, solver : str
         Spec name or YAML path; ``"latency"`` or ``"throughput"``; a registered solver.
     **opts
-        See the module docstring (``map_devices``, ``threads``, ``time_limit``...).
+        See the module docstring (``map_devices``, ``threads``, ``time_limit``...); a
+        solver's own options as ``**{"split.restarts": 8}``.
 
     Returns
     -------

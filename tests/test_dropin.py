@@ -52,7 +52,8 @@ def test_compile_drop_in_equals_model():
 
 def test_compile_resnet18_on_the_default_spec():
     model, inputs = models.get_model("resnet18", image=32)
-    pm = frontends.compile(model, inputs, threads=T)  # server-cpu-2gpu, latency, heft; all on cpu
+    pm = frontends.compile(model, inputs, threads=T)  # server-cpu-2gpu, latency, split; all on cpu
+    assert pm.result.plan.solver == "split"
     with torch.no_grad():
         torch.testing.assert_close(pm(*inputs), model(*inputs))
     assert len({s.device for s in pm.artifact.schedule.segments}) >= 2  # the plan really splits the model
@@ -62,6 +63,11 @@ def test_compile_options_are_checked():
     model, inputs = _net()
     with pytest.raises(UsageError, match="unknown partitioner option"):
         frontends.compile(model, inputs, warp=9)
+    with pytest.raises(UsageError, match="did you mean split.restarts") as err:
+        frontends.compile(model, inputs, **{"split.restarst": 2})
+    assert "restarts=null" in str(err.value) and "exact_nodes=60" in str(err.value)  # valid ones, defaults
+    with pytest.raises(UsageError, match="split.restarts must be int"):
+        frontends.compile(model, inputs, **{"split.restarts": "two"})
 
 
 def _capture(**opts):
@@ -165,4 +171,22 @@ def test_backend_rejects_unknown_options():
     cm = torch.compile(model, backend=frontends.dynamo_backend, options={"nonsense": 1})
     with pytest.raises(Exception, match="unknown partitioner option"):
         cm(x)
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=frontends.dynamo_backend, options={"split.restarst": 2})
+    with pytest.raises(Exception, match="unknown option split.restarst; did you mean split.restarts"):
+        cm(x)
+    torch._dynamo.reset()
+
+
+def test_backend_solver_options_reach_the_solver():
+    torch._dynamo.reset()
+    model, (x,) = _net()
+    backend, seen = _capture(hw=two_gpu_spec())
+    opts = {"solver": "split", "split.restarts": 2, "split.effort": 0.1, "split.exact_nodes": 0}
+    cm = torch.compile(model, backend=backend, options=opts)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x))
+    res, _, _ = seen[0][2].partitioner
+    assert res.plan.solver == "split" and res.plan.info["starts"] == 2
+    assert "exact" not in res.plan.info  # split.exact_nodes=0: no whole-problem CP-SAT solve
     torch._dynamo.reset()

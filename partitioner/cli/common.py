@@ -52,17 +52,25 @@ def guard(fn):
     return wrapper
 
 
-def parse_kv(items: list[str] | None) -> dict:
+def parse_kv(items: list[str] | None, flag: str = "--model-arg", example: str = "nodes=200") -> dict:
+    """``KEY=VALUE`` strings as a dict; each VALUE read as JSON, else kept as a string."""
     out = {}
     for it in items or []:
         k, sep, v = it.partition("=")
         if not sep:
-            raise UsageError(f"--model-arg {it!r} is not key=value", hint="e.g. --model-arg nodes=200")
+            raise UsageError(f"{flag} {it!r} is not KEY=VALUE", hint=f"e.g. {flag} {example}")
         try:
-            out[k] = json.loads(v)
+            out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
-            out[k] = v
+            out[k.strip()] = v
     return out
+
+
+def parse_options(items: list[str] | None) -> dict[str, dict]:
+    """``--option SOLVER.KEY=VALUE`` (repeatable) as ``Settings.options``, unchecked."""
+    from ..ir.settings import nest_options
+
+    return nest_options(parse_kv(items, "--option", "split.restarts=8"), "--option")
 
 
 def progress_bar(disable: bool):

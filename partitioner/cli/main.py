@@ -27,6 +27,7 @@ from .common import (
     guard,
     json_default,
     parse_kv,
+    parse_options,
     progress_bar,
     progress_sink,
     state,
@@ -53,8 +54,11 @@ def _profile_kw(profile: Optional[Path], profile_map: Optional[list[str]]) -> di
     return {"profile": profile, "device_map": parse_device_map(profile_map, "--profile-map", "PROFILED_DEVICE", "cpu0=cpu:1t") or None}
 
 
-def _settings(seed, time_limit, threads, backend):
+def _settings(seed, time_limit, threads, backend, option=None):
+    """Settings from the command's flags; ``option``: the ``--option SOLVER.KEY=VALUE`` strings,
+    checked against each solver's options here (before any tracing)."""
     from ..ir.settings import Settings
+    from ..solvers.registry import check_options
 
     if time_limit is not None and not time_limit > 0:
         raise UsageError(f"--time-limit must be > 0 seconds, got {time_limit}", hint="pass e.g. --time-limit 60")
@@ -62,7 +66,14 @@ def _settings(seed, time_limit, threads, backend):
         raise UsageError(f"--backend must be highs or cbc, got {backend!r}", hint="use --backend highs")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}", hint="e.g. --threads 2")
-    return Settings(seed=seed, time_limit=time_limit, threads=threads, milp_backend=backend)
+    settings = Settings(seed=seed, time_limit=time_limit, threads=threads, milp_backend=backend,
+                        options=parse_options(option))
+    check_options(settings)
+    return settings
+
+
+OPTION_HELP = ("A solver's own option, SOLVER.KEY=VALUE (VALUE as JSON, else a string; repeatable), "
+               "e.g. split.restarts=8; `partitioner solvers --options SOLVER` lists them")
 
 
 def _objective(objective: str) -> str:
@@ -91,13 +102,14 @@ def compile(
     model: str = typer.Argument(..., help="Zoo name, path/to/file.py:factory, a cost-graph .json or an .onnx file"),
     hw: str = typer.Option("server-cpu-2gpu", "--hw", help="Spec name or YAML path"),
     objective: str = typer.Option("latency", help="latency | throughput"),
-    solver: str = typer.Option("heft", help="Solver name (see `partitioner solvers`)"),
+    solver: str = typer.Option("split", help="Solver name (see `partitioner solvers`)"),
     out: Path = typer.Option(Path("out/plan"), "--out", help="Output directory"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory"),
     seed: int = typer.Option(0, help="Random seed"),
     time_limit: Optional[float] = typer.Option(60.0, "--time-limit", help="Solver time limit (s)"),
     threads: int = typer.Option(1, help="Solver threads"),
     backend: str = typer.Option("highs", help="MILP backend: highs | cbc"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     frontend: str = typer.Option("fx", help="Tracing frontend: fx | export"),
     throughput_floor: Optional[float] = typer.Option(None, help="Latency objective: minimum samples/s"),
     latency_ceiling: Optional[float] = typer.Option(None, help="Throughput objective: maximum latency (s)"),
@@ -119,7 +131,7 @@ def compile(
     from ..report import render as report
 
     check_out_dir(out, force)
-    settings = _settings(seed, time_limit, threads, backend)
+    settings = _settings(seed, time_limit, threads, backend, option)
     cons = Constraints(throughput_floor=throughput_floor, latency_ceiling=latency_ceiling)
     with progress_bar(quiet or json_out) as prog:
         task = prog.add_task(f"compiling {model} for {hw}", total=None)
@@ -214,6 +226,7 @@ def compare(
     seed: int = typer.Option(0, help="Random seed"),
     threads: int = typer.Option(1, help="Solver threads"),
     backend: str = typer.Option("highs", help="Backend of the `milp` solver: highs | cbc"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     coarsen: Optional[int] = typer.Option(None, "--coarsen", help="Solve on the graph coarsened to N nodes"),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Zoo factory argument key=value"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="Measured costs: a file from `partitioner profile`"),
@@ -227,7 +240,7 @@ def compare(
     from .. import api
     from ..report.render import fmt_time
 
-    settings = _settings(seed, time_limit, threads, backend)
+    settings = _settings(seed, time_limit, threads, backend, option)
     names = [x.strip() for x in solvers.split(",") if x.strip()] if solvers else None
     if solvers is not None and not names:
         raise UsageError("--solvers is empty", hint="e.g. --solvers split,heft,milp")
@@ -360,16 +373,31 @@ def models():
 
 @app.command()
 @guard
-def solvers():
-    """List the registered solvers."""
-    from ..solvers.registry import SOLVERS
+def solvers(options: Optional[str] = typer.Option(None, "--options", metavar="SOLVER",
+                                                  help="List SOLVER's own options (--option SOLVER.KEY=VALUE)")):
+    """List the registered solvers, or one solver's options with their types and defaults."""
+    from ..ir.settings import describe_options
+    from ..solvers.registry import SOLVERS, options_class
 
+    if options is not None:
+        cls = options_class(options)
+        shared = sorted(n for n, i in SOLVERS.items() if i.options is cls)
+        t = Table(title=f"options of {cls.solver}" + (f" (shared by {', '.join(shared)})" if len(shared) > 1 else "")
+                  + f": --option {cls.solver}.KEY=VALUE")
+        for c in ("option", "type", "default", "description"):
+            t.add_column(c)
+        for o in describe_options(cls):
+            t.add_row(o.name, o.type, json.dumps(o.default), o.doc)
+        console.print(t)
+        return
     t = Table(title="solvers")
     t.add_column("name")
     t.add_column("exact")
+    t.add_column("options")
     t.add_column("description")
     for name, info in sorted(SOLVERS.items()):
-        t.add_row(name, "yes" if info.exact else "no", info.description)
+        opts = f"{len(describe_options(info.options))} ({info.options.solver})" if info.options else "-"
+        t.add_row(name, "yes" if info.exact else "no", opts, info.description)
     console.print(t)
 
 

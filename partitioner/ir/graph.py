@@ -203,7 +203,7 @@ def _check_node(n: Node, graph: str) -> None:
 def from_json(data: Any, source: str = "<json>") -> CostGraph:
     """Build a :class:`CostGraph` from a parsed ``partitioner.costgraph/1`` document."""
     if not isinstance(data, dict):
-        raise GraphError(f"{source}: a cost graph must be a JSON object", hint="see the format in the README")
+        raise GraphError(f"{source}: a cost graph must be a JSON object", hint="see the format in docs/formats.md")
     fmt = data.get("format")
     if fmt != FORMAT:
         raise GraphError(f"{source}: unknown format {fmt!r}", hint=f'set "format": "{FORMAT}"')
@@ -247,10 +247,10 @@ def from_json(data: Any, source: str = "<json>") -> CostGraph:
         if items is None:
             items = []
         if not isinstance(items, list):
-            raise GraphError(f"{source}: `{key}` must be a list", hint="see the format in the README")
+            raise GraphError(f"{source}: `{key}` must be a list", hint="see the format in docs/formats.md")
         for i, it in enumerate(items):
             if not isinstance(it, dict) or any(f not in it for f in fields):
-                raise GraphError(f"{source}: {key}[{i}] must have keys {list(fields)}", hint="see the README")
+                raise GraphError(f"{source}: {key}[{i}] must have keys {list(fields)}", hint="see the format in docs/formats.md")
         return items
 
     edges = [(str(e["src"]), str(e["dst"]), e.get("bytes", 0)) for e in _items("edges", ("src", "dst"))]

@@ -226,12 +226,12 @@ def parse_spec(data: dict, source: str = "<spec>") -> Spec:
     """Validate a spec given as a dict; raise :class:`SpecError` naming every problem."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping, got {type(data).__name__}",
-                        hint="see the spec format in the README")
+                        hint="see the spec format in docs/formats.md")
     try:
         spec = Spec.model_validate(data)
     except ValidationError as err:
         raise SpecError(f"invalid hardware spec {source}: {_format_validation(err)}",
-                        hint="fix the spec; the format is documented in the README (Hardware spec YAML)") from None
+                        hint="fix the spec; the format is documented in docs/formats.md (Hardware spec YAML)") from None
     except ValueError as err:  # pragma: no cover - pydantic wraps these
         raise SpecError(f"invalid hardware spec {source}: {err}") from None
     spec.check_connected()

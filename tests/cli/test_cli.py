@@ -149,6 +149,47 @@ def test_listings():
         assert needle in r.output
 
 
+def test_solver_options(tiny, tmp_path):
+    r = run("solvers", "--options", "split")
+    assert r.exit_code == 0, r.output
+    for needle in ("restarts", "exact_nodes", "60", "module_solver", '"cpsat"', "--option split.KEY=VALUE"):
+        assert needle in r.output, needle
+    r = run("solvers", "--options", "milp-cbc")
+    assert r.exit_code == 0 and "nogood_rounds" in r.output and "shared by milp, milp-cbc, milp-highs" in r.output
+    assert "14 (split)" in run("solvers").output
+    # a set option reaches the solver (split reports how many starts it searched)
+    out = tmp_path / "o"
+    for restarts in (1, 2):
+        r = run("compile", tiny, "--solver", "split", "--option", f"split.restarts={restarts}",
+                "--option", "split.exact_nodes=0", "--out", out, "--force", "--no-emit", "--no-gantt", "-q")
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "plan.json").read_text())["solver_info"]["starts"] == restarts
+    # misspelt keys and bad values: exit 2, one message naming the valid options, nothing written
+    cases = [
+        (("compile", tiny, "--option", "split.restarst=2"), ["did you mean split.restarts", "restarts=null",
+                                                              "exact_nodes=60", "solvers --options split"]),
+        (("compile", tiny, "--option", "split.restarts=many"), ["split.restarts must be int | null, got 'many'"]),
+        (("compile", tiny, "--option", "restarts=2"), ["--option 'restarts' is not SOLVER.KEY"]),
+        (("compile", tiny, "--option", "split.restarts"), ["is not KEY=VALUE", "split.restarts=8"]),
+        (("compare", tiny, "--option", "cpsat.det_ratoi=0.1"), ["did you mean cpsat.det_ratio"]),
+        (("compare", tiny, "--option", "greedy.x=1"), ["solver 'greedy' has no options"]),
+        (("solvers", "--options", "nope"), ["unknown solver 'nope'"]),
+    ]
+    for k, (args, needles) in enumerate(cases):
+        if args[0] == "compile":
+            args = args + ("--out", tmp_path / f"bad{k}")
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert all(n in r.output for n in needles) and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / f"bad{k}").exists()
+
+
+def test_compile_defaults_to_split(tiny, tmp_path):
+    r = run("compile", tiny, "--out", tmp_path / "o", "--no-emit", "--no-gantt", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["solver"] == "split"
+
+
 def test_compare_table_json_and_plot(tiny, tmp_path):
     js, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
     r = run("compare", tiny, "--solvers", "heft,milp-highs,cpsat,single", "--time-limit", "5",

@@ -224,7 +224,7 @@ def test_dp_respects_memory_and_support():
 
 def test_dp_limits_cuts_on_long_graphs():
     p = Problem(sparse_dag(1, 600), random_spec(2, 3), "throughput")
-    plan = solve(p, "pipeline-dp", Settings(extra={"cuts": 40}))
+    plan = solve(p, "pipeline-dp", Settings(options={"pipeline-dp": {"cuts": 40}}))
     assert plan.info["cuts"] <= 40 and plan.info["valid_cuts_limited"]
     assert evaluate(p, plan).feasible
 
@@ -255,7 +255,7 @@ def gpus_spec(k: int) -> "Spec":  # noqa: F821
 def test_metis_balances_a_symmetric_graph(k, targets):
     size = 12
     p = Problem(clusters(k, size), gpus_spec(k), "throughput")
-    plan = solve(p, "metis", Settings(extra={"targets": targets, "metis_backend": "kl"}))
+    plan = solve(p, "metis", Settings(options={"metis": {"targets": targets, "backend": "kl"}}))
     ev = evaluate(p, plan)
     counts = np.bincount(plan.placement, minlength=k)
     assert counts.max() - counts.min() <= 1
@@ -276,7 +276,7 @@ def test_metis_fixes_support_and_memory():
                                    {"id": "g1", "host": "h", "kind": "gpu", "memory": {"capacity_bytes": 2.5e9}}],
                        "links": [{"a": "g0", "b": "g1", "bandwidth_Bps": 1e10}]})
     p = Problem(g, spec, "throughput")
-    plan = solve(p, "metis", Settings(extra={"targets": "equal", "metis_backend": "kl"}))
+    plan = solve(p, "metis", Settings(options={"metis": {"targets": "equal", "backend": "kl"}}))
     check_plan(p, plan, lower_bound(p).value)
     assert plan.placement[0] == 0
     assert plan.info["moved_memory"] >= 1
@@ -286,11 +286,11 @@ def test_metis_backend_choice():
     p = Problem(random_graph(2, 12), random_spec(2, 3))
     if metis._pymetis() is None:
         with pytest.raises(SolverError, match="pymetis is not installed"):
-            solve(p, "metis", Settings(extra={"metis_backend": "pymetis"}))
+            solve(p, "metis", Settings(options={"metis": {"backend": "pymetis"}}))
         assert solve(p, "metis").info["backend"] == "kl"
     else:
         assert solve(p, "metis").info["backend"] == "pymetis"
-    check_plan(p, solve(p, "metis", Settings(extra={"metis_backend": "kl"})), lower_bound(p).value)
+    check_plan(p, solve(p, "metis", Settings(options={"metis": {"backend": "kl"}})), lower_bound(p).value)
 
 
 # ---- scale -----------------------------------------------------------------------------------------

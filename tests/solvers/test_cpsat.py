@@ -28,8 +28,8 @@ HEURISTICS = ("heft", "greedy", "single")
 RTOL = 1e-6
 
 
-def solve(p: Problem, **kw) -> Plan:
-    s = Settings(seed=kw.pop("seed", 0), time_limit=kw.pop("time_limit", 20.0), extra=kw)
+def solve(p: Problem, seed: int = 0, time_limit: float = 20.0, **options) -> Plan:
+    s = Settings(seed=seed, time_limit=time_limit, options={"cpsat": options})
     return run_solver(p, "cpsat", s)
 
 
@@ -262,7 +262,7 @@ def test_time_limited_run_never_claims_a_false_optimum():
 
 def test_same_seed_same_plan():
     p = Problem(random_graph(5, 40, 0.3), random_spec(5, 4))
-    a = solve(p, seed=3, time_limit=10, cpsat_det_ratio=0.005)
-    b = solve(p, seed=3, time_limit=10, cpsat_det_ratio=0.005)
+    a = solve(p, seed=3, time_limit=10, det_ratio=0.005)
+    b = solve(p, seed=3, time_limit=10, det_ratio=0.005)
     assert all(ph["stopped_by"] != "wall_time" for ph in a.info["phases"] + b.info["phases"])
     assert a.placement == b.placement and a.order == b.order and a.claimed == b.claimed

@@ -127,6 +127,6 @@ def test_ctrl_c_returns_a_marked_fallback_plan():
         assert res.plan.info == {"interrupted": "_interrupt_me", "fallback": "heft",
                                  "interrupted_plan": "the HEFT plan it started from"}
         with pytest.raises(KeyboardInterrupt):
-            solve(p, "_interrupt_me", Settings(extra={"interrupt_fallback": False}))
+            solve(p, "_interrupt_me", Settings(interrupt_fallback=False))
     finally:
         SOLVERS.pop("_interrupt_me")

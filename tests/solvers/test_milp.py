@@ -195,8 +195,8 @@ def brute_period(problem: Problem) -> float:
     return best
 
 
-def run(problem: Problem, backend: str, time_limit: float = 30.0, **extra) -> Plan:
-    return milp.solve(problem, Settings(milp_backend=backend, time_limit=time_limit, extra=extra))
+def run(problem: Problem, backend: str, time_limit: float = 30.0, **options) -> Plan:
+    return milp.solve(problem, Settings(milp_backend=backend, time_limit=time_limit, options={"milp": options}))
 
 
 # ---- hand-made optima ----------------------------------------------------------------------

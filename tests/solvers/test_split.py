@@ -43,8 +43,8 @@ def value(problem: Problem, plan) -> float:
     return ev.value(problem.objective)
 
 
-def run_split(problem: Problem, **extra):
-    plan = split.solve(problem, Settings(seed=extra.pop("seed", 0), extra=dict(FAST, **extra)))
+def run_split(problem: Problem, seed: int = 0, **options):
+    plan = split.solve(problem, Settings(seed=seed, options={"split": dict(FAST, **options)}))
     ev = evaluate(problem, plan)
     return plan, ev
 
@@ -132,7 +132,7 @@ def test_split_respects_memory_limits(objective):
 
 def test_split_honours_a_throughput_floor():
     p = Problem(random_graph(7, 30, 0.15), random_spec(7, 3), "latency")
-    unconstrained = value(p, split.solve(p, Settings(extra=FAST)))
+    unconstrained = value(p, split.solve(p, Settings(options={"split": FAST})))
     per = evaluate(p, SOLVERS["greedy"].fn(p.with_objective("throughput"), Settings())).period
     q = p.with_objective("latency", Constraints(throughput_floor=1.0 / per))
     plan, ev = run_split(q)
@@ -244,7 +244,7 @@ def test_split_reports_progress_incumbents():
     p = Problem(dnn_graph(120, 3), two_gpu_spec(gpu_link=True))
     events = []
     with progress.listen(lambda kind, **data: events.append((kind, data))):
-        plan = split.solve(p, Settings(seed=0, time_limit=20, extra=FAST))
+        plan = split.solve(p, Settings(seed=0, time_limit=20, options={"split": FAST}))
     steps = [d["description"] for k, d in events if k == "step"]
     incs = [d["value"] for k, d in events if k == "incumbent"]
     assert any(s.startswith("split:") for s in steps)

@@ -29,6 +29,11 @@ NO_CUTS = {"cut_factor": 0.0, "groups": False}
 DP_ONLY = {**NO_CUTS, "polish": False}  # the reduced DP's own plan, as expanded
 
 
+def sym_settings(options: dict) -> Settings:
+    """Settings with these options of the symmetry solver."""
+    return Settings(options={"symmetry": options})
+
+
 def spec_dict(caps=(1e6, 1e6, 1e6), peaks=(2e12, 2e12, 1e12), gpu_links=True, host_cap=64e9):
     """cpu0 host + GPUs; GPUs with equal (peak, capacity) are one class; all GPU pairs linked."""
     devices = [{"id": "cpu0", "host": "h0", "kind": "cpu", "model": "c", "peak_flops": {"fp32": 1e11},
@@ -95,7 +100,7 @@ def test_tied_head_weight_runs_with_the_epilogue():
     bl, why = sym.find_blocks(p)
     assert bl is not None, why
     assert "wte_weight" in {p.node_name(v) for v in bl.epilogue}  # read only by the head
-    plan = solve(p, "symmetry", Settings(extra=NO_CUTS))
+    plan = solve(p, "symmetry", sym_settings(NO_CUTS))
     ev = evaluate(p, plan)
     assert ev.feasible and plan.info["dp_value_s"] >= ev.latency * (1 - 1e-9)
 
@@ -123,7 +128,7 @@ def test_latency_equals_brute_force_over_pipelines(tiny):
     when the stage ends (the evaluator sends each when its producer finishes), so it can only
     over-estimate; here that does not change the choice."""
     p = Problem(tiny, parse_spec(spec_dict(caps=(4.5e5, 4.5e5, 9e5), peaks=(4e11, 4e11, 1e11))), "latency")
-    plan = solve(p, "symmetry", Settings(extra=DP_ONLY))
+    plan = solve(p, "symmetry", sym_settings(DP_ONLY))
     ev = evaluate(p, plan)
     assert ev.feasible and len(set(plan.placement)) >= 2  # memory forces a split
     pl = np.asarray(plan.placement)
@@ -135,7 +140,7 @@ def test_latency_equals_brute_force_over_pipelines(tiny):
     assert plan.info["dp_value_s"] >= best * (1 - 1e-9)
     assert ev.latency <= best * (1 + 1e-9)  # the list-scheduling order may only help
     grade(p, plan)  # claimed == evaluator
-    polished = solve(p, "symmetry", Settings(extra=NO_CUTS))  # operator-level moves beyond pipelines
+    polished = solve(p, "symmetry", sym_settings(NO_CUTS))  # operator-level moves beyond pipelines
     evp = evaluate(p, polished)
     assert evp.feasible and evp.latency <= best * (1 + 1e-9)
     grade(p, polished)
@@ -144,19 +149,19 @@ def test_latency_equals_brute_force_over_pipelines(tiny):
 def test_throughput_close_to_brute_force_and_replicas(tiny):
     spec = parse_spec(spec_dict(caps=(2e6, 2e6, 2e6), peaks=(4e11, 4e11, 1e11)))
     p = Problem(tiny, spec, "throughput")
-    single = solve(p, "symmetry", Settings(extra={**DP_ONLY, "replicate": False}))
+    single = solve(p, "symmetry", sym_settings({**DP_ONLY, "replicate": False}))
     bl, _ = sym.find_blocks(p, 0.0)
     best = _brute_force(p, bl, list(range(p.D)))
     v = evaluate(p, single).period
     # the DP prices a stage's incoming transfers as one sum (routes may differ): a model, so 2% slack
     assert best <= v * (1 + 1e-9) and v <= best * 1.02
-    rep = solve(p, "symmetry", Settings(extra=DP_ONLY))
+    rep = solve(p, "symmetry", sym_settings(DP_ONLY))
     ev = evaluate(p, rep)
     assert ev.feasible and rep.replicas and len(rep.replicas) >= 2
     assert ev.period <= v * (1 + 1e-9)
     assert ev.period >= lower_bound(p).value * (1 - 1e-9)
     grade(p, rep)
-    polished = solve(p, "symmetry", Settings(extra=NO_CUTS))
+    polished = solve(p, "symmetry", sym_settings(NO_CUTS))
     evp = evaluate(p, polished)
     assert evp.feasible and evp.period <= ev.period * (1 + 1e-9)
     assert evp.period >= lower_bound(p).value * (1 - 1e-9)
@@ -166,7 +171,7 @@ def test_throughput_close_to_brute_force_and_replicas(tiny):
 def test_group_stages_help_latency_when_launches_dominate(tiny):
     spec = parse_spec(spec_dict(caps=(1e9,) * 4, peaks=(4e12,) * 4))
     p = Problem(tiny, spec, "latency")
-    solo = evaluate(p, solve(p, "symmetry", Settings(extra={"groups": False}))).latency
+    solo = evaluate(p, solve(p, "symmetry", sym_settings({"groups": False}))).latency
     plan = solve(p, "symmetry", Settings())
     ev = evaluate(p, plan)
     assert ev.feasible and plan.info["group_kinds"] > 0
@@ -223,9 +228,9 @@ def test_polish_never_worse_than_the_reduced_plan(tiny, objective, spec_name, re
     else:
         spec = load_spec(spec_name)
     p = Problem(tiny, spec, objective)
-    extra = {"replicate": replicate}
-    start = solve(p, "symmetry", Settings(extra={**extra, "polish_work": 0}))
-    plan = solve(p, "symmetry", Settings(extra=extra))
+    opts = {"replicate": replicate}
+    start = solve(p, "symmetry", sym_settings({**opts, "polish_work": 0}))
+    plan = solve(p, "symmetry", sym_settings(opts))
     ev0, ev = evaluate(p, start), evaluate(p, plan)
     assert ev0.feasible and ev.feasible and not ev.violations
     assert plan.info["polished"] and plan.info["polish_budget"] > 0
@@ -248,7 +253,7 @@ def test_polish_is_deterministic_and_budgeted(tiny):
         assert a.info["polish_budget"] < 0.2 * (1000 * p.n + 500_000)
         # the budget is checked between moves: it is exceeded by at most a few moves' work
         assert a.info["polish_work"] <= a.info["polish_budget"] + 10 * (p.n + len(p.edge_src))
-        small = solve(p, "symmetry", Settings(extra={"polish_work": 2000}))
+        small = solve(p, "symmetry", sym_settings({"polish_work": 2000}))
         assert small.info["polish_work"] <= 2000 + 10 * (p.n + len(p.edge_src))
 
 
@@ -257,9 +262,9 @@ def test_polish_goes_beyond_contiguous_pipelines(tiny):
     single operators to the devices that run them cheaply, so the polished pipeline is
     faster and some device runs operators of blocks that are not adjacent."""
     p = Problem(tiny, load_spec("hetero-2server"), "throughput")
-    extra = {"replicate": False}
-    start = solve(p, "symmetry", Settings(extra={**extra, "polish_work": 0}))
-    plan = solve(p, "symmetry", Settings(extra=extra))
+    opts = {"replicate": False}
+    start = solve(p, "symmetry", sym_settings({**opts, "polish_work": 0}))
+    plan = solve(p, "symmetry", sym_settings(opts))
     assert evaluate(p, plan).period < 0.95 * evaluate(p, start).period
     bl, _ = sym.find_blocks(p)
 
@@ -271,7 +276,7 @@ def test_polish_goes_beyond_contiguous_pipelines(tiny):
     assert any(b and b != list(range(b[0], b[-1] + 1)) for b in blocks_on(plan))
     # latency: the critical path is shortened too (the prologue's chains spread over devices)
     lat = Problem(tiny, parse_spec(spec_dict(**POLISH_SPECS["three-equal"])), "latency")
-    s0 = evaluate(lat, solve(lat, "symmetry", Settings(extra={"polish_work": 0}))).latency
+    s0 = evaluate(lat, solve(lat, "symmetry", sym_settings({"polish_work": 0}))).latency
     assert evaluate(lat, solve(lat, "symmetry", Settings())).latency < 0.98 * s0
 
 
@@ -290,11 +295,11 @@ def test_group_patterns_expand_in_their_own_order(tiny):
     DP's figure, and pruned group compositions are reported."""
     for spec in (parse_spec(spec_dict(caps=(1e9,) * 4, peaks=(4e12,) * 4)), load_spec("hetero-2server")):
         p = Problem(tiny, spec, "latency")
-        plan = solve(p, "symmetry", Settings(extra={"polish_work": 0}))
+        plan = solve(p, "symmetry", sym_settings({"polish_work": 0}))
         assert plan.info["group_kinds"] > 0 and any("+" in d for d, _ in plan.info["pipelines"][0])
         assert evaluate(p, plan).latency == pytest.approx(plan.info["dp_value_s"], rel=1e-9)
         assert plan.info["pattern_solves"] >= 1 and plan.info["pattern_solves_skipped"] >= 1
-        heft_only = solve(p, "symmetry", Settings(extra={"polish_work": 0, "pattern_solvers": ("heft",)}))
+        heft_only = solve(p, "symmetry", sym_settings({"polish_work": 0, "pattern_solvers": ("heft",)}))
         assert plan.info["dp_value_s"] <= heft_only.info["dp_value_s"] * (1 + 1e-9)  # more patterns, no worse
 
 
@@ -327,5 +332,5 @@ def test_chain_required_else_fallback():
     assert plan.info["symmetry_info"]["symmetry"] is False and plan.info["symmetry_info"]["fallback"] == "heft"
     assert plan.placement == solve(bad, "heft", Settings()).placement
     rnd = Problem(random_graph(3, 20), parse_spec(spec_dict(caps=(1e9,) * 3)), "throughput")
-    plan = solve(rnd, "symmetry", Settings(extra={"fallback": "greedy"}))
+    plan = solve(rnd, "symmetry", sym_settings({"fallback": "greedy"}))
     assert plan.info["symmetry_info"]["fallback"] == "greedy" and evaluate(rnd, plan).feasible

@@ -30,9 +30,9 @@ Comput. 20(1), 1998), and give every part a device.
    the allowed device with the most free memory that can take it.
 5. The order is left to the evaluator's list scheduling (``order=None``).
 
-Settings extras: ``metis_backend`` = ``"auto"`` (pymetis if installed, else the fallback),
-``"pymetis"`` (a :class:`SolverError` when it is not installed) or ``"kl"``;
-``targets`` = ``"speed"`` | ``"equal"``; ``kl_iter`` (default 10, 3 above 3,000 units).
+Options: :class:`MetisOptions` (``--option metis.KEY=VALUE``): ``backend`` = ``"auto"``
+(pymetis if installed, else the fallback), ``"pymetis"`` (a :class:`SolverError` when it is
+not installed) or ``"kl"``; ``targets`` = ``"speed"`` | ``"equal"``; ``kl_iter``.
 Status: ``"heuristic"``; ``claimed`` is the evaluator's figure.
 """
 
@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import networkx as nx
 import numpy as np
 
-from ...errors import SolverError, UsageError
+from ...errors import SolverError
 from ...ir.plan import Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
@@ -55,6 +57,27 @@ from .peft import allowed_mask
 log = logging.getLogger(__name__)
 
 BALANCE_TOL = 0.03
+
+
+@dataclass(frozen=True)
+class MetisOptions:
+    """Options of ``metis``.
+
+    Attributes
+    ----------
+    backend : {"auto", "pymetis", "kl"}
+        Bisection by pymetis, or by the Kernighan-Lin fallback (auto: pymetis if installed).
+    targets : {"speed", "equal"}
+        Each part's share of the weight: in proportion to its device's speed, or equal (METIS' own balance).
+    kl_iter : int or None
+        Kernighan-Lin passes per bisection (None: 10, or 3 above 3,000 units).
+    """
+
+    solver: ClassVar[str] = "metis"
+
+    backend: Literal["auto", "pymetis", "kl"] = "auto"
+    targets: Literal["speed", "equal"] = "speed"
+    kl_iter: int | None = None
 
 
 def _pymetis():
@@ -257,26 +280,23 @@ def _fixups(problem: Problem, U: _Units, unit_dev: np.ndarray, allowed: np.ndarr
 
 
 @register("metis", "balanced k-way partition (METIS if pymetis is installed, else recursive "
-                   "Kernighan-Lin bisection), parts matched to devices by speed")
+                   "Kernighan-Lin bisection), parts matched to devices by speed", options=MetisOptions)
 def solve(problem: Problem, settings: Settings) -> Plan:
-    backend = settings.get("metis_backend", "auto")
-    if backend not in ("auto", "pymetis", "kl"):
-        raise UsageError(f"unknown metis_backend {backend!r}", hint="use auto, pymetis or kl")
+    opts = settings.options_of(MetisOptions)
+    backend = opts.backend
     have = _pymetis() is not None
     if backend == "pymetis" and not have:
         raise SolverError("pymetis is not installed; pip install pymetis",
-                          hint="or use metis_backend='kl' (the Kernighan-Lin fallback)")
+                          hint="or use option metis.backend=kl (the Kernighan-Lin fallback)")
     if backend == "auto":
         backend = "pymetis" if have else "kl"
-    targets = settings.get("targets", "speed")
-    if targets not in ("speed", "equal"):
-        raise UsageError(f"unknown targets {targets!r}", hint="use speed or equal")
+    targets = opts.targets
     n = problem.n
     if n == 0:
         return Plan((), None, status="heuristic", claimed=0.0)
     allowed = allowed_mask(problem)
     U = _Units(problem, allowed)
-    kl_iter = int(settings.get("kl_iter", 10 if U.m <= 3000 else 3))
+    kl_iter = opts.kl_iter if opts.kl_iter is not None else 10 if U.m <= 3000 else 3
     usable = [d for d in range(problem.D) if allowed[:, d].any()]
     speed = _device_speed(problem, allowed, U.node_mean)
     usable.sort(key=lambda d: (-speed[d], d))

@@ -57,8 +57,7 @@ with at most ``K`` valid positions it is optimal among all contiguous splits of 
 
 Data-parallel replicas are not considered. Status: ``"heuristic"``.
 
-Settings extras: ``cuts`` (int), ``max_devices`` (int), ``dp_orders`` (tuple of
-``"index"``, ``"dfs"``).
+Options: :class:`PipelineDPOptions` (``--option pipeline-dp.KEY=VALUE``).
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -80,6 +80,27 @@ from .peft import allowed_mask
 log = logging.getLogger(__name__)
 
 WORK_BUDGET = 3e8
+
+
+@dataclass(frozen=True)
+class PipelineDPOptions:
+    """Options of ``pipeline-dp``.
+
+    Attributes
+    ----------
+    cuts : int
+        Most candidate cut positions (lowered for many devices to keep the DP's work near 3e8).
+    max_devices : int
+        Above this many devices, only this many are used (most supported nodes, then fastest).
+    orders : list of {"index", "dfs"}
+        Linear orders split by the DP: the graph's own and a depth-first one.
+    """
+
+    solver: ClassVar[str] = "pipeline-dp"
+
+    cuts: int = 200
+    max_devices: int = 10
+    orders: tuple[Literal["index", "dfs"], ...] = ("index", "dfs")
 
 
 # ---- linear orders ------------------------------------------------------------------------
@@ -410,7 +431,7 @@ def split_order(problem: Problem, order: np.ndarray, settings: Settings, allowed
     pos[order] = np.arange(n)
     cr = crossing(problem, pos)
     nd = len(devs)
-    K = int(settings.get("cuts", 200))
+    K = settings.options_of(PipelineDPOptions).cuts
     K = max(1, min(K, int(math.sqrt(WORK_BUDGET / max(1, (1 << nd) * nd * nd / 4)))))
     w = np.where(allowed, problem.T, np.nan)[order]
     w = np.nan_to_num(np.nanmean(w, axis=1), nan=0.0)
@@ -441,15 +462,16 @@ def split_order(problem: Problem, order: np.ndarray, settings: Settings, allowed
 
 
 @register("pipeline-dp", "contiguous pipeline split of a linear order by DP over (cut, used devices) "
-                         "(PipeDream SOSP'19; Tarnawski et al. NeurIPS'20)")
+                         "(PipeDream SOSP'19; Tarnawski et al. NeurIPS'20)", options=PipelineDPOptions)
 def solve(problem: Problem, settings: Settings) -> Plan:
     n = problem.n
     if n == 0:
         return Plan((), tuple(() for _ in range(problem.D)), status="heuristic", claimed=0.0)
     allowed = allowed_mask(problem)
-    devs = pick_devices(problem, allowed, int(settings.get("max_devices", 10)))
+    opts = settings.options_of(PipelineDPOptions)
+    devs = pick_devices(problem, allowed, opts.max_devices)
     orders = {"index": lambda: np.arange(n, dtype=np.int64), "dfs": lambda: dfs_order(problem)}
-    names = tuple(settings.get("dp_orders", ("index", "dfs")))
+    names = opts.orders
     best = None
     seen: set[bytes] = set()
     for name in names:

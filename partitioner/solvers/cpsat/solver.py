@@ -71,18 +71,19 @@ is returned, otherwise the conservative model is solved with the rest of the tim
 relaxed bound is kept. Without binding side constraints both coincide and one solve runs.
 
 Settings: ``time_limit`` -> ``max_time_in_seconds`` (per call, shared by the phases), ``seed``
--> ``random_seed``. Reproducible by default (``extra["cpsat_deterministic"] = True``): one
+-> ``random_seed``. Reproducible by default (option ``cpsat.deterministic``, True): one
 worker with ``interleave_search`` (CP-SAT's deterministic round-robin over its whole
 portfolio), also limited by ``max_deterministic_time = 0.05 * time_limit`` (CP-SAT's work
 clock; it advanced 0.03-0.2 units per wall second in our measurements), so a run stops on
 that clock and returns the same plan for the same seed; only if the wall clock stops it
 first (a slow or loaded machine; logged, ``info["phases"][k]["stopped_by"]``) can two runs
 differ. ``threads`` is not used in this mode: CP-SAT 9.15's interleaved loop with several
-workers was deterministic but up to 40x slower here. ``cpsat_deterministic = False`` runs
+workers was deterministic but up to 40x slower here. ``cpsat.deterministic=false`` runs
 the parallel portfolio with ``num_workers = threads`` on the wall clock only (faster, not
-reproducible). ``extra["cpsat_det_ratio"]`` changes the 0.05; ``extra["deterministic_time"]``
-sets the deterministic limit in CP-SAT units directly. ``extra["hint_plans"]`` adds starting
-plans (besides HEFT, greedy and single) for the hint and the time scale.
+reproducible). ``cpsat.det_ratio`` changes the 0.05; ``cpsat.deterministic_time`` sets the
+deterministic limit in CP-SAT units directly (:class:`.options.CpsatOptions`). The
+``hint_plans`` argument of :func:`solve` adds starting plans (besides HEFT, greedy and
+single) for the hint and the time scale.
 
 Ctrl-C: CP-SAT's own SIGINT catch is off (``catch_sigint_signal``: OR-Tools leaves SIGINT at
 SIG_DFL after a solve, so a later Ctrl-C would kill the process); instead a stop request
@@ -123,6 +124,7 @@ from .model import (
     serial_horizon,
     set_hint,
 )
+from .options import CpsatOptions
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,6 @@ log = logging.getLogger(__name__)
 OPT_RTOL = 1e-6
 #: CP-SAT's own stopping gap (leaves room for the rounding correction within OPT_RTOL)
 REL_GAP = 1e-7
-#: deterministic-time limit per second of time limit (CP-SAT's work clock ran at 0.03-0.2
-#: units per wall second in our measurements, so this clock usually stops the search first)
-DET_RATIO = 0.05
 
 _STATUS = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE", cp_model.INFEASIBLE: "INFEASIBLE",
            cp_model.UNKNOWN: "UNKNOWN", cp_model.MODEL_INVALID: "MODEL_INVALID"}
@@ -171,7 +170,8 @@ class _Run:
 def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any]:
     """Map Settings onto CP-SAT parameters (see "Settings" in the module docstring)."""
     threads = max(1, int(settings.threads or 1))
-    det = bool(settings.get("cpsat_deterministic", True))
+    opts = settings.options_of(CpsatOptions)
+    det = opts.deterministic
     params.random_seed = int(settings.seed) % (2 ** 31 - 1)
     params.relative_gap_limit = REL_GAP
     if det:
@@ -181,19 +181,19 @@ def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any
         params.interleave_search = True
         if threads > 1:
             log.info("cpsat: reproducible mode runs one interleaved worker (threads=%d ignored); "
-                     "set extra cpsat_deterministic=False for the parallel portfolio", threads)
+                     "set option cpsat.deterministic=false for the parallel portfolio", threads)
     else:
         params.num_workers = threads
     det_limit = None
     if limit is not None:
         params.max_time_in_seconds = max(float(limit), 1e-3)
         if det:
-            det_limit = max(float(limit), 1e-3) * float(settings.get("cpsat_det_ratio", DET_RATIO))
-    if det and settings.get("deterministic_time") is not None:
-        det_limit = float(settings.get("deterministic_time"))
+            det_limit = max(float(limit), 1e-3) * opts.det_ratio
+    if det and opts.deterministic_time is not None:
+        det_limit = opts.deterministic_time
     if det_limit is not None:
         params.max_deterministic_time = det_limit
-    params.log_search_progress = bool(settings.get("cpsat_log", False))
+    params.log_search_progress = opts.log
     params.catch_sigint_signal = False  # Ctrl-C goes through partitioner.progress (see the docstring)
     return {"deterministic": det, "det_limit": det_limit, "wall_limit": limit}
 
@@ -346,8 +346,8 @@ def _serial_period(problem: Problem) -> float:
     return tot + 2 * xfer
 
 
-def _heuristics(problem: Problem, settings: Settings):
-    """Starting plans, best first: HEFT, greedy, single, and the caller's ``extra["hint_plans"]``
+def _heuristics(problem: Problem, settings: Settings, hint_plans: tuple[Plan, ...] = ()):
+    """Starting plans, best first: HEFT, greedy, single, and the caller's ``hint_plans``
     (e.g. the split heuristic's best plan); the best one is the hint and sets the time scale."""
     from ..baselines import greedy, heft, single
 
@@ -359,7 +359,7 @@ def _heuristics(problem: Problem, settings: Settings):
             continue
         ev = evaluate(problem, plan)
         out.append((not ev.feasible, ev.value(problem.objective), k, name, plan, ev))
-    for k, plan in enumerate(settings.get("hint_plans", ())):
+    for k, plan in enumerate(hint_plans):
         if plan.replicas:
             continue
         ev = evaluate(problem, plan)
@@ -369,12 +369,13 @@ def _heuristics(problem: Problem, settings: Settings):
 
 
 @register("cpsat", "CP-SAT: exact placement + schedule (disjunctive model, rounding-corrected bound)",
-          exact=True, max_nodes=120, interruptible=True)
-def solve(problem: Problem, settings: Settings) -> Plan:
-    """Solve ``problem`` with CP-SAT (see the module docstring for the formulation)."""
+          exact=True, max_nodes=120, interruptible=True, options=CpsatOptions)
+def solve(problem: Problem, settings: Settings, hint_plans: tuple[Plan, ...] = ()) -> Plan:
+    """Solve ``problem`` with CP-SAT (see the module docstring for the formulation);
+    ``hint_plans`` (e.g. the split heuristic's best plan) join the starting plans."""
     lat = problem.objective is Objective.LATENCY
     cons = problem.constraints
-    heur = _heuristics(problem, settings)
+    heur = _heuristics(problem, settings, hint_plans)
     feas = [h for h in heur if not h[0]]
     bnd = Boundary.full(problem)
     who = "cpsat"

@@ -78,6 +78,7 @@ from .model import (
     memory_may_bind,
     restricted_allowed,
 )
+from .options import MilpOptions
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +279,19 @@ def _nogood_rounds(problem: Problem, settings: Settings, deadline, m: MilpModel,
                    what: str) -> bool:
     """The relaxed model's plan fails the evaluator's (order-dependent) memory check: try the
     list order, else cut the placement off (a no-good cut on ``x``) and re-solve, a few rounds
-    (``settings.get("milp_nogood_rounds", 8)``). The relaxed bound is kept from before the
+    (option ``milp.nogood_rounds``). The relaxed bound is kept from before the
     cuts. Returns True when an optimal re-solve gave a feasible plan in its own order: then
     no plan of the conservative model is better (its placements are never cut)."""
     obj = problem.objective
-    for r in range(int(settings.get("milp_nogood_rounds", 8)) + 1):
+    rounds = settings.options_of(MilpOptions).nogood_rounds
+    for r in range(rounds + 1):
         alt = Plan(plan.placement, list_order(problem, plan.placement))
         ev = evaluate(problem, alt)
         if ev.feasible:
             results.append((ev.value(obj), "milp-relaxed", alt.with_(order=ev.order), ev))
             return False
         tl = remaining(deadline)
-        if (r == int(settings.get("milp_nogood_rounds", 8)) or (tl is not None and tl <= 0.01)
+        if (r == rounds or (tl is not None and tl <= 0.01)
                 or progress.stop_requested()):
             return False
         m.nogood(plan.placement, f"nogood_{r}")

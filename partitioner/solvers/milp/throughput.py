@@ -23,8 +23,8 @@ by subset; a subset that cannot run the whole model scores 0), then a DP over su
 picks the set partition (devices may stay idle) maximising the summed throughput
 ``1 / period``. The same DP over each subset's proven upper bound on throughput gives a
 proven bound for the whole problem, so the status is "optimal" only when every subset
-that matters was proven. Enumeration is capped by ``settings.get("max_replica_devices",
-6)``: with more devices (or ``settings.get("replicate", True)`` false) only the single
+that matters was proven. Enumeration is capped by option ``milp.max_replica_devices``
+(6): with more devices (or ``milp.replicate=false``) only the single
 replica on all devices is solved, and the bound is the fractional load LP of
 :mod:`partitioner.bounds.lower` (valid for replicated plans too).
 
@@ -62,6 +62,7 @@ from .latency import (
     solve_flow,
 )
 from .model import CONSERVATIVE, NONE, SIDE_RTOL, TIME_UNITS, MilpModel, horizon
+from .options import MilpOptions
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,8 @@ def solve_throughput(problem: Problem, settings: Settings) -> Plan:
     """Maximum-throughput plan, with data-parallel replicas (see the module docstring)."""
     deadline = deadline_of(settings)
     D = problem.D
-    cap = int(settings.get("max_replica_devices", 6))
-    if not settings.get("replicate", True) or D == 1 or D > cap:
+    opts = settings.options_of(MilpOptions)
+    if not opts.replicate or D == 1 or D > opts.max_replica_devices:
         plan = solve_single_replica(problem, settings, deadline)
         if D == 1:
             return plan

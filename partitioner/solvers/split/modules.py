@@ -30,6 +30,8 @@ from ...errors import PartitionerError
 from ...ir.plan import Plan
 from ...ir.settings import Settings
 from ...machine.problem import Boundary, Problem
+from ..cpsat.options import CpsatOptions
+from .options import SplitOptions
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +129,29 @@ def _ordered_modules(problem: Problem, label: np.ndarray) -> list[list[int]]:
 
 # ---- exact subproblem solves ------------------------------------------------------------------
 def _sub_settings(settings: Settings, det_time: float, wall: float) -> Settings:
-    return replace(settings, time_limit=max(0.05, wall),
-                   extra=dict(settings.extra, deterministic_time=det_time, cpsat_deterministic=True))
+    return replace(settings.with_options(CpsatOptions, deterministic_time=det_time, deterministic=True),
+                   time_limit=max(0.05, wall))
 
 
 def solve_subproblem(problem: Problem, bnd: Boundary, settings: Settings, det_time: float, wall: float):
-    """Solve one Boundary exactly (``settings.extra["module_solver"]``: "cpsat" or "milp").
+    """Solve one Boundary exactly (option ``split.module_solver``: "cpsat" or "milp").
 
     CP-SAT stops at ``det_time`` units of its deterministic clock (reproducible); the
-    MILP (HiGHS/CBC have no deterministic clock) at ``settings.extra["module_time"]``
-    seconds (default 0.5), so MILP module solves are reproducible only when they finish.
+    MILP (HiGHS/CBC have no deterministic clock) at ``split.module_time`` seconds
+    (default 0.5), so MILP module solves are reproducible only when they finish.
     ``wall`` is a safety cap for both.
 
     Returns
     -------
     (placement dict, per-device orders, start dict) or None when no plan was found.
     """
-    solver = str(settings.get("module_solver", "cpsat"))
+    opts = settings.options_of(SplitOptions)
     sub = _sub_settings(settings, det_time, wall)
     try:
-        if solver == "milp":
+        if opts.module_solver == "milp":
             from ..milp import latency as milp
 
-            sub = replace(sub, time_limit=max(0.05, min(wall, float(settings.get("module_time", 0.5)))))
+            sub = replace(sub, time_limit=max(0.05, min(wall, opts.module_time)))
             pl, order, obj, status, _ = milp.solve_latency_subproblem(problem, bnd, sub)
             if pl is None:
                 return None

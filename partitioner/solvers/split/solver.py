@@ -51,10 +51,8 @@ or window, 4 windows of 16 nodes, 3 restarts. The returned plan is re-evaluated 
 evaluator (``claimed``) and is never worse than the best starting plan. Status
 "heuristic"; the API grades it against :func:`partitioner.bounds.lower.lower_bound`.
 
-Settings extras: ``module_size`` (24, 16 above 4 devices), ``module_solver`` ("cpsat" |
-"milp"), ``module_det_time``, ``module_time``, ``module_pass_nodes`` (200), ``windows``,
-``window_size``, ``effort`` (1.0), ``search_work``, ``restarts``, ``replicate`` (True),
-``baselines`` (solver names), ``exact_nodes``, ``exact_det_time``.
+Options: :class:`.options.SplitOptions` (``--option split.KEY=VALUE``; ``partitioner solvers
+--options split`` lists them with their defaults).
 
 Ctrl-C (:func:`partitioner.progress.stop_requested`): every budget ends at once, module and
 window solves return their hints, the remaining steps are skipped, and the best plan so far
@@ -77,9 +75,11 @@ from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate, list_order
 from ...machine.problem import Problem
+from ..cpsat.options import CpsatOptions
 from ..registry import register
 from .engine import State, Tables, positions_from_schedule
 from .modules import find_modules, module_pass, solve_window
+from .options import SplitOptions
 from .search import (
     Budget,
     Scorer,
@@ -93,10 +93,6 @@ from .search import (
 log = logging.getLogger(__name__)
 
 START_COUNT = 3
-#: graphs of at most this many nodes end with a whole-problem CP-SAT solve (step 6)
-EXACT_NODES = 60
-#: its budget, in CP-SAT deterministic time units
-EXACT_DET_TIME = 0.05
 
 
 def _score_ev(problem: Problem, ev) -> tuple:
@@ -111,7 +107,8 @@ def _baselines(problem: Problem, settings: Settings) -> list[Plan]:
     if problem.objective is Objective.THROUGHPUT:
         names += ("pipeline-dp", "single")
     out = []
-    for name in settings.get("baselines", names):
+    chosen = settings.options_of(SplitOptions).baselines
+    for name in chosen if chosen is not None else names:
         if name not in SOLVERS:
             continue
         try:
@@ -161,15 +158,15 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
     n = problem.n
     roomy = problem.memory_never_binds()
     score = Scorer(problem, check_memory=not roomy)
-    effort = float(settings.get("effort", 1.0))
-    work = float(settings.get("search_work", effort * (1000 * n + 500_000)))
+    opts = settings.options_of(SplitOptions)
+    work = _search_work(opts, n)
     track = not roomy or problem.constraints.throughput_floor is not None
     starts, seen = [], set()
     for _, plan, ev in cands:
         if plan.placement not in seen and not plan.replicas:
             seen.add(plan.placement)
             starts.append((plan, ev))
-    runs = max(1, int(settings.get("restarts", START_COUNT if n <= 500 else 1)))
+    runs = max(1, opts.restarts if opts.restarts is not None else START_COUNT if n <= 500 else 1)
     starts = [starts[k % len(starts)] for k in range(runs)] if n <= 500 else starts[:1]
     share = 0.75 * work / len(starts)
     best, best_s, spent, hit = None, None, 0.0, False
@@ -188,11 +185,10 @@ def _solve_latency(problem: Problem, settings: Settings, tab: Tables, cands, mod
                 progress.incumbent(best_s[1], phase=f"local search, start {k + 1}/{len(starts)}")
     st = best
     st.work = spent
-    size = min(int(settings.get("window_size", 16)), n)
-    count = int(settings.get("windows", 4 if 40 < n <= 500 else 0))
+    size = min(opts.window_size, n)
+    count = opts.windows if opts.windows is not None else 4 if 40 < n <= 500 else 0
     if count > 0 and n > 2 and not progress.stop_requested():
-        _windows(st, score, settings, count, size, float(settings.get("module_det_time", 0.01)), deadline,
-                 roomy, info)
+        _windows(st, score, settings, count, size, opts.module_det_time, deadline, roomy, info)
     b2 = Budget(work, deadline)
     if not progress.stop_requested():
         progress.step("split: final descent")
@@ -278,12 +274,12 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
     allowed = allowed_mask(problem)
     roomy = problem.memory_never_binds()
     sched = problem.constraints.latency_ceiling is not None
-    effort = float(settings.get("effort", 1.0))
-    work = float(settings.get("search_work", effort * (1000 * n + 500_000)))
+    opts = settings.options_of(SplitOptions)
+    work = _search_work(opts, n)
     feas = [(p, ev) for s, p, ev in cands if s[0] == 0 and not p.replicas] or \
         [(p, ev) for _, p, ev in cands if not p.replicas]
     starts = feas[:3]
-    replicate = bool(settings.get("replicate", True)) and 2 <= D <= 6
+    replicate = opts.replicate and 2 <= D <= 6
     full = (1 << D) - 1
     masks = [full]
     if replicate:
@@ -341,8 +337,13 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
 
 
 # ---- the solver ------------------------------------------------------------------------------------
+def _search_work(opts: SplitOptions, n: int) -> float:
+    """The local search's budget in work units (``search_work``, else ``effort * (1000 n + 5e5)``)."""
+    return float(opts.search_work if opts.search_work is not None else opts.effort * (1000 * n + 500_000))
+
+
 @register("split", "modularity-based splitting heuristic: exact module solves + incremental local search "
-                   "(DiviML-style, Ghannane and Abdelfattah 2023)", interruptible=True)
+                   "(DiviML-style, Ghannane and Abdelfattah 2023)", interruptible=True, options=SplitOptions)
 def solve(problem: Problem, settings: Settings) -> Plan:
     """Run the split heuristic (see the module docstring)."""
     t0 = time.perf_counter()
@@ -352,7 +353,8 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     if n == 0:
         return Plan((), tuple(() for _ in range(D)), status="heuristic", claimed=0.0)
     lat = problem.objective is Objective.LATENCY
-    size = int(settings.get("module_size", 24 if D <= 4 else 16))
+    opts = settings.options_of(SplitOptions)
+    size = opts.module_size if opts.module_size is not None else 24 if D <= 4 else 16
     mods = find_modules(problem, size, settings.seed)
     mod_of = [0] * n
     for k, m in enumerate(mods):
@@ -360,8 +362,8 @@ def solve(problem: Problem, settings: Settings) -> Plan:
             mod_of[v] = k
     info: dict = {"modules": len(mods), "module_size": size}
     plans = _baselines(problem, settings)
-    det = float(settings.get("module_det_time", 0.01))
-    if lat and n <= int(settings.get("module_pass_nodes", 200)) and not progress.stop_requested():
+    det = opts.module_det_time
+    if lat and n <= opts.module_pass_nodes and not progress.stop_requested():
         try:
             p = module_pass(problem, mods, settings, det, deadline)
         except PartitionerError as err:
@@ -397,7 +399,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         if best_s is None or s < best_s:
             best_s, best_p = s, p
     solver_bound = None
-    if (n <= int(settings.get("exact_nodes", EXACT_NODES)) and time.perf_counter() < deadline
+    if (n <= opts.exact_nodes and time.perf_counter() < deadline
             and not progress.stop_requested()):
         ex = _exact_whole(problem, settings, best_p.with_(solver="split"), deadline, info)
         if ex is not None:
@@ -420,14 +422,14 @@ def _exact_whole(problem: Problem, settings: Settings, hint: Plan, deadline: flo
     status stays "heuristic"."""
     from ..cpsat import solver as cpsat
 
-    det = float(settings.get("exact_det_time", EXACT_DET_TIME))
+    det = settings.options_of(SplitOptions).exact_det_time
     left = deadline - time.perf_counter()
-    sub = Settings(seed=settings.seed, time_limit=min(left, 60.0 * det), threads=1,
-                   extra={"deterministic_time": det, "hint_plans": (hint,)})
+    sub = Settings(seed=settings.seed, time_limit=min(left, 60.0 * det), threads=1).with_options(
+        CpsatOptions, deterministic_time=det)
     t0 = time.perf_counter()
     try:
         with progress.muted():
-            plan = cpsat.solve(problem, sub)
+            plan = cpsat.solve(problem, sub, hint_plans=(hint,))
     except PartitionerError as err:
         log.info("split: whole-problem CP-SAT gave no plan: %s", err.message)
         return None

@@ -23,6 +23,7 @@ from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
 from ...machine.problem import Problem
+from .options import SymmetryOptions
 
 if TYPE_CHECKING:  # annotations only: symmetry imports this module
     from .blocks import Blocks, DeviceClasses
@@ -96,7 +97,7 @@ def _build(problem: Problem, bl: Blocks, cls: DeviceClasses, additive: bool, set
         t = ST[c][None, :] - ST[c][:, None]
         ok = upper & (need <= cap[rep[c]] * (1 + 1e-12)) & ((SB[c][None, :] - SB[c][:, None]) == 0)
         kinds.append(_Kind(tuple(int(x == c) for x in range(K)), c, np.where(ok, t, np.inf)))
-    if additive and settings.get("groups", True):
+    if additive and settings.options_of(SymmetryOptions).groups:
         kinds += _group_kinds(problem, bl, cls, g, ut, mem, cap, settings, stats)
     last = set(bl.blocks[-1])
     for kd in kinds:  # a stage of only the prologue (epilogue) must hold something and take the inputs (outputs)
@@ -200,7 +201,8 @@ def _group_kinds(problem: Problem, bl: Blocks, cls: DeviceClasses, g: int, ut, m
 
     K, L = len(cls.members), len(bl.blocks)
     U, E = L * g, L * g + 2
-    fast = _main_classes(problem, bl, cls, float(settings.get("main_ratio", MAIN_RATIO)))
+    opts = settings.options_of(SymmetryOptions)
+    fast = _main_classes(problem, bl, cls, opts.main_ratio)
     per_block = ut[1:1 + g].sum(axis=0)
     by_host: dict[str, list[int]] = {}
     for d, dev in enumerate(problem.spec.devices):
@@ -211,9 +213,9 @@ def _group_kinds(problem: Problem, bl: Blocks, cls: DeviceClasses, g: int, ut, m
     nb = blocks_at[None, :] - blocks_at[:, None]
     extra_j = np.where(k == 0, mem["first"], 0.0)
     extra_k = np.where(k == E, mem["last"], 0.0)
-    max_group = int(settings.get("max_group", 8))
+    max_group = opts.max_group
     hop = [sum(problem.comm(m[0], m[1], b) for b in bl.boundary) if len(m) > 1 else 0.0 for m in cls.members]
-    solvers = tuple(settings.get("pattern_solvers", ("heft", "peft")))
+    solvers = opts.pattern_solvers
     pro_p = problem.param_bytes[list(bl.prologue)].sum()
     epi_p = problem.param_bytes[list(bl.epilogue)].sum()
     pb_block = problem.param_bytes[list(bl.blocks[0])].sum()
@@ -249,7 +251,7 @@ def _group_kinds(problem: Problem, bl: Blocks, cls: DeviceClasses, g: int, ut, m
 
     solved = skipped = 0
     out, seen = [], set()
-    for p in [int(x) for x in settings.get("pattern_blocks", (1,)) if 1 <= int(x) < L]:
+    for p in [x for x in opts.pattern_blocks if 1 <= x < L]:
         cg, blk = _block_problem(problem, bl, p)
         pb = problem.param_bytes[blk]
         blk_key, at = p, {int(v): i for i, v in enumerate(blk)}
@@ -266,7 +268,7 @@ def _group_kinds(problem: Problem, bl: Blocks, cls: DeviceClasses, g: int, ut, m
                 for a in [c for c in present if per_block[c] <= per_block[present].min() * (1 + 1e-9)]:
                     x = next(d for d in G if cls.of[d] == a)
                     fits = set()
-                    for m in _targets(settings.get("pattern_memory", ()), L, p):
+                    for m in _targets(opts.pattern_memory, L, p):
                         for solver in solvers:
                             if solver in fits:  # its unconstrained pattern already holds every block
                                 continue
@@ -571,7 +573,6 @@ def _memory_error(problem: Problem, bl: Blocks, cls: DeviceClasses) -> Infeasibl
                                      "or a smaller dtype")
 
 
-MAIN_RATIO = 2.0           # main classes: within this factor of the fastest class's time for a block
 PATTERN_TOL = 0.005        # groups grow while their pattern's latency improves, and is not within, this much
 
 

@@ -33,6 +33,7 @@ from ..split.search import (
     throughput_descent,
     try_moves,
 )
+from .options import SymmetryOptions
 
 if TYPE_CHECKING:  # annotations only: symmetry imports this module
     from .blocks import Blocks, DeviceClasses
@@ -231,7 +232,8 @@ def _polish_select(problem: Problem, settings: Settings, bl: Blocks, cls: Device
     figures gets the rest; the winner is graded by the evaluator. Never worse than the best
     unpolished candidate."""
     t0 = time.perf_counter()
-    work = float(settings.get("polish_work", POLISH_PER_NODE[problem.objective.value] * problem.n + POLISH_BASE))
+    given = settings.options_of(SymmetryOptions).polish_work
+    work = float(given if given is not None else POLISH_PER_NODE[problem.objective.value] * problem.n + POLISH_BASE)
     score = Scorer(problem, check_memory=not problem.memory_never_binds())
     mods, mod_of = _units_as_modules(problem, bl)
     full = Tables(problem)

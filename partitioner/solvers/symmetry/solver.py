@@ -90,15 +90,8 @@ result is graded by the evaluator and is never worse than the best unpolished ca
 reduction (nodes and devices before and after, DP size, pattern sub-solves, times) and the
 polish (candidates with their values before and after, work spent).
 
-Settings extras: ``fallback`` (solver when symmetry does not hold, default ``"heft"``),
-``replicate`` (default True), ``groups`` (latency group stages, default True),
-``pattern_blocks`` (default (1,)), ``pattern_memory`` (fractions f: also solve patterns
-for L/(p f) repetitions, default ()), ``pattern_solvers`` (default ("heft", "peft")),
-``max_group`` (default 8), ``main_ratio`` (default 2), ``cut_factor`` (default 8),
-``max_positions`` (default 4 per block; 480 for throughput without the polish),
-``max_lattice`` (default 20000), ``per_first_class`` (price shared tensors per first
-class; default False: the largest), ``polish`` (default True; False returns the best
-expanded DP plan, graded by the evaluator, as before), ``polish_work``.
+Options: :class:`.options.SymmetryOptions` (``--option symmetry.KEY=VALUE``; ``partitioner
+solvers --options symmetry`` lists them with their defaults).
 """
 
 from __future__ import annotations
@@ -116,7 +109,6 @@ from ..registry import register
 from ..registry import solve as run_solver
 from .blocks import Blocks, DeviceClasses, device_classes, find_blocks, servers
 from .dp import (
-    MAIN_RATIO,
     _backtrack,
     _block_peak,
     _build,
@@ -126,6 +118,7 @@ from .dp import (
     _memory_error,
     _replica_split,
 )
+from .options import SymmetryOptions
 from .polish import _plain_select, _polish_select
 
 log = logging.getLogger(__name__)
@@ -156,9 +149,10 @@ def reduce_and_solve(problem: Problem, settings: Settings) -> tuple[Plan | None,
     """
     t0 = time.perf_counter()
     thr = problem.objective is Objective.THROUGHPUT
-    polish = bool(settings.get("polish", True))
-    bl, why = find_blocks(problem, float(settings.get("cut_factor", 8.0)),
-                          settings.get("max_positions", 480 if thr and not polish else None))
+    opts = settings.options_of(SymmetryOptions)
+    polish = opts.polish
+    bl, why = find_blocks(problem, opts.cut_factor,
+                          opts.max_positions if opts.max_positions is not None else 480 if thr and not polish else None)
     if bl is None:
         return None, {"symmetry": False, "reason": why}
     sizes_b = (*bl.boundary, *bl.shared, *(x for c in bl.cut_cross for x in c),
@@ -172,12 +166,12 @@ def reduce_and_solve(problem: Problem, settings: Settings) -> tuple[Plan | None,
             "segments_per_block": len(bl.cuts) + 1, "dp_positions": len(bl.blocks) * (len(bl.cuts) + 1),
             "device_classes": [[problem.devices[d] for d in m] for m in cls.members],
             "devices_reduced": len(cls.members), "lattice": lattice, **servers(problem), **bl.info}
-    if lattice > int(settings.get("max_lattice", 20000)):
+    if lattice > opts.max_lattice:
         info.update(symmetry=False, reason=f"{len(cls.members)} device classes ({lattice} lattice points)")
         return None, info
     R = _build(problem, bl, cls, not thr, settings)
     t1 = time.perf_counter()
-    runs = {f: _dp(R, f) for f in (range(R.K) if settings.get("per_first_class", False) else [None])}
+    runs = {f: _dp(R, f) for f in (range(R.K) if opts.per_first_class else [None])}
     t_dp = time.perf_counter() - t1
     info.update(stage_kinds=len(R.kinds), group_kinds=sum(kd.pattern is not None for kd in R.kinds), **R.stats,
                 dp_states=int(lattice * R.K * (R.end + 1) * len(runs)), build_s=round(t1 - t0 - t_detect, 4))
@@ -204,7 +198,7 @@ def reduce_and_solve(problem: Problem, settings: Settings) -> tuple[Plan | None,
                 if np.isfinite(final[ui, c]) and (ui not in best_u or final[ui, c] < best_u[ui][0]):
                     best_u[ui] = (float(final[ui, c]), f, c)
         vecs = next(iter(runs.values()))[2]
-        main = _main_classes(problem, bl, cls, float(settings.get("main_ratio", MAIN_RATIO)))
+        main = _main_classes(problem, bl, cls, opts.main_ratio)
         if len(main) < R.K:  # the best pipeline on the fast classes only: the polish fills the others
             on_main = [ui for ui in best_u if not any(vecs[ui][c] for c in range(R.K) if c not in main)]
             if on_main:
@@ -213,7 +207,7 @@ def reduce_and_solve(problem: Problem, settings: Settings) -> tuple[Plan | None,
                     f_, c_ = best_u[ui][1], best_u[ui][2]
                     cands.append(("dp-main", _expand(problem, bl, cls, R, _backtrack(runs[f_][1], ui, c_, R.end), {}),
                                   best_u[ui][0]))
-        if settings.get("replicate", True):
+        if opts.replicate:
             rate, parts = _replica_split({u: 1.0 / v[0] for u, v in best_u.items() if v[0] > 0}, vecs)
             if len(parts) > 1:
                 used: dict[int, int] = {}
@@ -258,7 +252,7 @@ def _describe(problem: Problem, plan: Plan, bl: Blocks) -> list[list]:
 
 @register("symmetry", "repeated blocks x identical devices: pipeline DP over device classes and groups, "
                       "data-parallel replicas, polished on the full problem; falls back to a full solver "
-                      "(after DiviML, Ghannane and Abdelfattah 2023)")
+                      "(after DiviML, Ghannane and Abdelfattah 2023)", options=SymmetryOptions)
 def solve(problem: Problem, settings: Settings) -> Plan:
     """The ``symmetry`` solver: reduced DP, expansion and polish (see the module docstring).
 
@@ -267,7 +261,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     problem : Problem
     settings : Settings
         ``seed`` and ``time_limit`` (a safety cap; the polish is budgeted in work units) and
-        the extras listed in the module docstring.
+        the options of :class:`.options.SymmetryOptions`.
 
     Returns
     -------
@@ -279,7 +273,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     plan, info = reduce_and_solve(problem, settings)
     if plan is not None:
         return plan
-    name = str(settings.get("fallback", "heft"))
+    name = settings.options_of(SymmetryOptions).fallback
     log.info("symmetry does not hold (%s); solving the full problem with %s", info.get("reason"), name)
     full = run_solver(problem, name, settings)
     info.update(fallback=name, fallback_s=round(time.perf_counter() - t0, 4))
