@@ -79,6 +79,7 @@ def export(
     segs = {seg.id: seg for seg in s.segments}
     summary = {"artifact": str(src), "out": str(dest), "format": format, "segments": len(rep.segments),
                "exporters": rep.exporters(), "replicas": rep.replicas, "export_s": rep.seconds,
+               "content_sha256": rep.content_hash,
                "check": (mismatch is None) if check else None,
                "fallbacks": {r.segment: r.fallback_reason for r in rep.segments if r.fallback_reason}}
     if json_out:
@@ -95,7 +96,8 @@ def export(
         console.print(f"{sid}: TorchScript exporter used ({why})", highlight=False)
     console.print(f"wrote {dest} in {rep.seconds:.1f} s" + ("; outputs match expected_outputs.pt"
                                                               if check and mismatch is None else "")
-                  + f" (run it: partitioner run {dest})", highlight=False)
+                  + f"; content sha256 {rep.content_hash} (run it: partitioner run {dest} --expect {rep.content_hash})",
+                  highlight=False)
 
 
 def providers_from_map(map_device: list[str] | None) -> dict[str, list] | None:

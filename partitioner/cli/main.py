@@ -126,6 +126,7 @@ def compile(
 ):
     """Compile MODEL for a hardware spec: trace, solve, grade, and write DIR/plan.json + report.md."""
     from .. import api
+    from ..emit.manifest import recorded_hash
     from ..emit.outdir import OutDir
     from ..ir.plan import Constraints
     from ..report import render as report
@@ -142,6 +143,7 @@ def compile(
         with od.writing() as tmp:
             (tmp / "plan.json").write_text(jsonio.dumps(res.to_json(), indent=1))
             emit_note = None if no_emit else cli_run.write_artifact(res, tmp, display=str(out))
+            content = recorded_hash(tmp)
             (tmp / "report.md").write_text(report.markdown(res))
             res.problem.graph.save(tmp / "costgraph.json")
             (tmp / "trace.json").write_text(jsonio.dumps(report.chrome_trace(res)))
@@ -152,7 +154,7 @@ def compile(
         err_console.print(f"[yellow]interrupted:[/] solver {res.plan.info['interrupted']} was stopped; "
                           f"{out} holds {res.plan.info.get('interrupted_plan', 'the HEFT plan it started from')}, gap {100 * res.gap:.2f}%")
     if json_out:
-        console.print_json(jsonio.dumps(dict(s, out=str(out))))
+        console.print_json(jsonio.dumps(dict(s, out=str(out), artifact_sha256=content)))
         return
     if quiet:
         return
@@ -167,7 +169,7 @@ def compile(
     console.print(f"wrote {out}/plan.json, report.md, costgraph.json, trace.json (Perfetto)"
                   + ("" if no_gantt else ", gantt.png"))
     if emit_note:
-        console.print(emit_note)
+        console.print(emit_note, highlight=False)
 
 
 @app.command()

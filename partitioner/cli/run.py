@@ -38,6 +38,8 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary"),
     stream: int = typer.Option(0, "--stream", help="Pipeline N copies of the inputs through the plan (all "
                                "replicas of a data-parallel plan) and report measured vs predicted samples/s"),
+    expect: Optional[str] = typer.Option(None, "--expect", help="Refuse to run unless the artifact's content "
+                                         "hash (printed by compile) is HASH"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -55,8 +57,8 @@ def run(
     if is_onnx_export(artifact):  # `partitioner export DIR --format onnx` output: run it with onnxruntime
 
         return run_onnx(artifact, inputs=inputs, out=out, map_device=map_device, threads=threads,
-                        repeat=repeat, check=check, stats=stats, json_out=json_out, stream=stream)
-    art = load_artifact(artifact)
+                        repeat=repeat, check=check, stats=stats, json_out=json_out, stream=stream, expect=expect)
+    art = load_artifact(artifact, expect=expect)
     if inputs is None:
         if art.example_inputs is None:
             raise UsageError(f"{artifact} holds no example_inputs.pt", hint="pass --inputs FILE")
@@ -81,11 +83,11 @@ def run(
             raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
         mismatch = outputs_mismatch(outputs, art.expected_outputs)
     report_run(art.schedule, artifact, runs, outputs_file=out, check=check, mismatch=mismatch, stats=stats,
-               json_out=json_out)
+               json_out=json_out, content_hash=art.content_hash)
 
 
 def report_run(s, artifact: Path, runs: list, *, outputs_file: Path | None, check: bool, mismatch: str | None,
-               stats: Path | None, json_out: bool, engine: str = "") -> None:
+               stats: Path | None, json_out: bool, engine: str = "", content_hash: str | None = None) -> None:
     """Report measured runs of schedule ``s`` (the last one's times; the fidelity summary over
     all): ``--stats`` JSON, ``--json`` or a table, then exit 1 if ``--check`` failed."""
     from ..measure.fidelity import fidelity_summary, fidelity_table, from_profile
@@ -95,7 +97,7 @@ def report_run(s, artifact: Path, runs: list, *, outputs_file: Path | None, chec
                "segments": len(s.segments), "transfers": len(s.transfers), "measured_s": st.wall_s,
                "predicted_latency_s": s.meta.get("predicted_latency_s"), "busy_s": st.busy_s(),
                "check": None if not check else (mismatch is None),
-               "out": str(outputs_file) if outputs_file else None}
+               "out": str(outputs_file) if outputs_file else None, "content_sha256": content_hash}
     if engine:
         summary["format"] = engine
     fid = fidelity_summary(s, runs)
@@ -118,6 +120,8 @@ def report_run(s, artifact: Path, runs: list, *, outputs_file: Path | None, chec
                 t.add_row(d, str(len(segs)), _fmt(busy.get(d, 0.0)), _fmt(sum(x.predicted_compute_s for x in segs)))
         console.print(t)
         pl = s.meta.get("predicted_latency_s")
+        if content_hash:
+            console.print(f"artifact content sha256 {content_hash}", highlight=False)
         console.print(f"measured {_fmt(st.wall_s)} end to end (predicted latency "
                       f"{_fmt(pl) if pl is not None else 'n/a'})"
                       + (f"; wrote {outputs_file}" if outputs_file else ""))
@@ -169,6 +173,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
                 break
     s = art.schedule
     summary = {"artifact": str(artifact), "model": s.meta.get("model"), "spec": s.meta.get("spec"),
+               "content_sha256": art.content_hash,
                "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
                "steady_samples_per_s": st.steady_samples_per_s,
                "predicted_samples_per_s": st.predicted_samples_per_s,
@@ -181,7 +186,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
     else:
         pred = st.predicted_samples_per_s
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
-                      f"replica(s) in {_fmt(st.wall_s)}")
+                      f"replica(s) in {_fmt(st.wall_s)}; artifact content sha256 {art.content_hash}", highlight=False)
         console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
                       + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))
         if check and mismatch is None:
@@ -192,13 +197,16 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
 
 
 def write_artifact(result, directory: Path, *, segmentation: str = "faithful", display: str | None = None) -> str:
-    """Emit ``result`` and save the artifact into ``directory`` (next to ``plan.json``).
+    """Emit ``result`` and save the artifact into ``directory`` (next to ``plan.json``),
+    replicas of a data-parallel plan in ``directory/replicas/rK``, all sealed by one manifest.
 
     ``display`` is the directory name to show in the note (the final ``--out`` when
-    ``directory`` is a temporary one). Returns a one-line note for the console; a result
-    without a traced model (a cost-graph JSON) writes nothing and says so.
+    ``directory`` is a temporary one). Returns a one-line note for the console (with the
+    content hash); a result without a traced model (a cost-graph JSON) writes nothing and
+    says so.
     """
     from ..emit.build import emit_replicas
+    from ..emit.manifest import seal
 
     model = getattr(result, "model", None)
     if model is None or getattr(model, "gm", None) is None:
@@ -209,10 +217,11 @@ def write_artifact(result, directory: Path, *, segmentation: str = "faithful", d
     arts[0].save(directory)
     for k, a in enumerate(arts[1:], start=1):
         a.save(Path(directory) / "replicas" / f"r{k}")
+    h = seal(directory) if len(arts) > 1 else arts[0].content_hash
     s = arts[0].schedule
     more = f"; {len(arts)} data-parallel replicas (DIR, DIR/replicas/r1...)" if len(arts) > 1 else ""
-    return (f"artifact: schedule.json + {len(s.segments)} segments, {len(s.transfers)} transfers{more} "
-            f"(run it: partitioner run {display or directory})")
+    return (f"artifact: schedule.json + {len(s.segments)} segments, {len(s.transfers)} transfers{more}; content "
+            f"sha256 {h} (run it: partitioner run {display or directory} --expect {h})")
 
 
 def _write(path: Path, option: str, write) -> None:
@@ -233,7 +242,7 @@ def _fmt(x: float | None) -> str:
 def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Path] = None,
              map_device: Optional[list[str]] = None, threads: Optional[int] = None, repeat: int = 1,
              check: bool = False, stats: Optional[Path] = None, json_out: bool = False, stream: int = 0,
-             parallel: bool = False) -> None:
+             parallel: bool = False, expect: Optional[str] = None) -> None:
     """``partitioner run DIR`` for an ONNX export directory (same options and output as
     for a torch artifact; ``--map gpu0=cuda`` selects CUDAExecutionProvider)."""
     import torch
@@ -248,7 +257,7 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
 
     check_out_file(out, "--out")
     check_out_file(stats, "--stats")
-    rt = OnnxRuntime(artifact, providers_from_map(map_device), threads, parallel=parallel)
+    rt = OnnxRuntime(artifact, providers_from_map(map_device), threads, parallel=parallel, expect=expect)
     s = rt.schedule
     if inputs is None:
         ex = Path(artifact) / "example_inputs.pt"
@@ -270,4 +279,4 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
             raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
         mismatch = check_onnx_outputs(outputs, torch.load(exp, weights_only=True))
     report_run(s, artifact, runs, outputs_file=out, check=check, mismatch=mismatch, stats=stats, json_out=json_out,
-               engine="onnx")
+               engine="onnx", content_hash=rt.content_hash)

@@ -6,19 +6,20 @@ module per segment. :func:`partitioner.emit.build.emit` builds it in memory;
 
 Files (``Artifact.save(DIR)``)
 ------------------------------
-``DIR/schedule.json`` (the Schedule, with sha256 checksums of every file in
-``meta.files``), ``DIR/segments/<id>/module.py`` + ``weights.safetensors`` (see
+``DIR/schedule.json`` (the Schedule), ``DIR/segments/<id>/program.json`` +
+``weights.safetensors`` (+ ``module.py``, documentation only; see
 :mod:`partitioner.emit.segcode`), and, when example inputs are known,
 ``DIR/example_inputs.pt`` and ``DIR/expected_outputs.pt`` (the original model's outputs;
-both ``torch.save`` of tensors, read with ``weights_only=True``). The expected outputs are
+both ``torch.save`` of tensors, read with ``weights_only=True``); ``DIR/manifest.json``
+lists them all with their sha256 and the artifact's content hash
+(:mod:`partitioner.emit.manifest`). The expected outputs are
 saved as ``{"format": "partitioner.outputs/1", "tree": JSON, "tensors": [...]}``: the output
 structure as an output tree (:mod:`partitioner.ir.tree`, so a Hugging Face ``ModelOutput``
-comes back as its class) and the tensors it names; older artifacts hold the outputs as is.
+comes back as its class) and the tensors it names. Loading runs no Python from the directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -35,7 +36,7 @@ from ..ir import jsonio
 from ..ir.inputs import bind_inputs
 from ..ir.schedule import Schedule
 from ..ir.tree import tree_encode, tree_unflatten
-from . import segcode
+from . import manifest, segcode
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Artifact:
         The traced model (in memory only).
     path : Path, optional
         Where it was loaded from or saved to.
+    content_hash : str, optional
+        The sha256 content hash of the directory (:mod:`partitioner.emit.manifest`), once
+        saved or loaded.
     """
 
     schedule: Schedule
@@ -69,6 +73,7 @@ class Artifact:
     expected_outputs: Any = None
     source: Any = None
     path: Path | None = None
+    content_hash: str | None = None
     _exec_args: dict = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
@@ -174,15 +179,6 @@ def _const_mismatch(a: Any, e: Any, rtol: float, atol: float) -> str | None:
 
 
 # ---- files -------------------------------------------------------------------------------
-def sha256_file(p: Path) -> str:
-    """Hex SHA-256 of a file (checksums recorded in ``schedule.json`` meta)."""
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_schedule_dir(path: str | Path, what: str, written_by: str, corrupt_hint: str) -> tuple[Path, Schedule]:
     """``(root, schedule)`` of a directory holding ``schedule.json`` (an artifact or an ONNX
     export), validated; clear :class:`ArtifactError` for a missing directory or file or bad JSON."""
@@ -197,27 +193,32 @@ def read_schedule_dir(path: str | Path, what: str, written_by: str, corrupt_hint
 
 def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
     """Write ``art`` into directory ``path`` (created if missing; other files in it are
-    kept, so a compile output directory can hold it next to ``plan.json``).
+    kept, so a compile output directory can hold it next to ``plan.json``), and seal it
+    with ``manifest.json`` (its content hash is then ``art.content_hash``).
 
-    Every segment is written as fx code when it can be rebuilt from ``torch.nn``
-    constructors and torch functions, else as its ``torch.export`` ATen graph (which
-    needs the example inputs). With ``verify`` (and example inputs), each written
-    segment is re-instantiated from its code and checked against the in-memory one.
+    Every segment is stored as the program of its fx graph when its modules are
+    ``torch.nn`` leaves and its functions are on the allow-list
+    (:mod:`partitioner.emit.program`), else as the program of its ``torch.export`` ATen
+    graph (which needs the example inputs). With ``verify`` (and example inputs), each
+    stored segment is rebuilt from its program, as loading does, and checked against the
+    in-memory one.
 
     Raises
     ------
     ArtifactError
         ``path`` already holds an artifact (without ``overwrite``), or a segment can be
-        written neither way, or its written code computes something else.
+        stored neither way, or its program computes something else.
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ArtifactError(f"{root} exists and is not a directory", hint="choose another output path")
-    if (root / "schedule.json").exists() or (root / "segments").exists():
+    if any((root / f).exists() for f in ("schedule.json", "segments", manifest.MANIFEST)):
         if not overwrite:
             raise ArtifactError(f"{root} already holds an artifact", hint="pass overwrite=True or another directory")
-        shutil.rmtree(root / "segments", ignore_errors=True)
-        (root / "schedule.json").unlink(missing_ok=True)
+        for tree in manifest.TREES:
+            shutil.rmtree(root / tree, ignore_errors=True)
+        for f in (*manifest.TOP_FILES, manifest.MANIFEST):
+            (root / f).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     sched = art.schedule
     ex = art.example_inputs
@@ -227,7 +228,6 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
             art.run_sequential(*ex, capture=True)
             if art.source is not None:
                 expected = art.source(*ex)
-    written: list[Path] = []
     segments = []
     for seg in sched.segments:
         mod = art.modules[seg.id]
@@ -236,34 +236,31 @@ def save_artifact(art: Artifact, path: str | Path, *, overwrite: bool = False, v
                   f"(generated by partitioner.emit.build).")
         fmt = "fx"
         try:
-            src, tensors, info = segcode.portable_source(mod, header)
+            prog, tensors, doc = segcode.describe(mod, header)
         except segcode.NotPortable as why:
             if args is None:
-                raise ArtifactError(f"segment {seg.id} cannot be written as fx code ({why}) and there are no "
+                raise ArtifactError(f"segment {seg.id} cannot be stored as a program ({why}) and there are no "
                                     "example inputs to export it", hint="emit with example_inputs=...") from None
-            log.info("segment %s: %s; writing its torch.export graph", seg.id, why)
+            log.info("segment %s: %s; storing its torch.export graph", seg.id, why)
             try:
-                src, tensors, info = segcode.portable_source(segcode.export_flat(mod, tuple(args)), header)
+                prog, tensors, doc = segcode.describe(segcode.export_flat(mod, tuple(args)), header)
             except segcode.NotPortable as why2:
-                raise ArtifactError(f"segment {seg.id} cannot be written as code: {why}; export: {why2}",
+                raise ArtifactError(f"segment {seg.id} cannot be stored as a program: {why}; export: {why2}",
                                     hint="mark the offending module as a leaf or use torch.nn building blocks"
                                     ) from None
             fmt = "aten"
         if verify and args is not None:
-            _verify(seg.id, mod, segcode.instantiate(src, tensors, info["params"], f"check_{seg.id}"), args)
-        folder = root / "segments" / seg.id
-        written += segcode.write_segment(folder, src, tensors, info)
+            _verify(seg.id, mod, segcode.rebuild(prog, tensors, f"segment {seg.id}"), args)
+        segcode.write_segment(root / "segments" / seg.id, prog, tensors, doc)
         segments.append(replace(seg, code=f"segments/{seg.id}", format=fmt))
     if ex is not None:
         torch.save(tuple(ex), root / "example_inputs.pt")
-        written.append(root / "example_inputs.pt")
         if expected is not None:
             torch.save(pack_outputs(expected), root / "expected_outputs.pt")
-            written.append(root / "expected_outputs.pt")
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in written}
-    out = replace(sched, segments=tuple(segments), meta=dict(sched.meta, files=files))
+    out = replace(sched, segments=tuple(segments), meta={k: v for k, v in sched.meta.items() if k != "files"})
     (root / "schedule.json").write_text(out.dumps())
     art.schedule, art.path = out, root
+    art.content_hash = manifest.seal(root)
     return root
 
 
@@ -282,46 +279,47 @@ def _verify(sid: str, ref: nn.Module, new: nn.Module, args: list) -> None:
                             f"{bad}", hint="please report this bug")
 
 
-def load_artifact(path: str | Path) -> Artifact:
+def load_artifact(path: str | Path, *, expect: str | None = None) -> Artifact:
     """Load and validate an artifact directory written by :func:`save_artifact`.
+
+    Nothing from the directory is executed: its files are checked against
+    ``manifest.json`` first, segments are programs checked against an allow-list, and
+    tensors are read without pickle.
+
+    Parameters
+    ----------
+    expect : str, optional
+        The content hash the artifact must have (printed by ``partitioner compile``);
+        any other is refused.
 
     Raises
     ------
     ArtifactError
-        A missing directory or file, invalid JSON, a schedule that fails validation
-        (unknown segment, cycle, deadlock...), a file whose checksum differs from the one
-        recorded at emit time, or code or weights that do not load.
+        A missing directory or file, an unlisted file, a symbolic link, a file whose
+        sha256 differs from the manifest, a content hash other than ``expect``, a file
+        reference outside the directory, invalid JSON, a schedule that fails validation
+        (unknown segment, cycle, deadlock...), or a program or weights that do not load.
     """
-    root, sched = read_schedule_dir(path, "artifact directory", "`partitioner compile ... --out DIR`",
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {str(root)!r} does not exist",
+                            hint="pass the directory written by `partitioner compile ... --out DIR`")
+    content, files = manifest.verify(root, expect)
+    root, sched = read_schedule_dir(root, "artifact directory", "`partitioner compile ... --out DIR`",
                                     "the file is corrupted; emit the plan again")
-    files = sched.meta.get("files", {})
     for seg in sched.segments:
-        folder = (root / seg.code).resolve()
-        if not seg.code or not folder.is_relative_to(root.resolve()):
-            raise ArtifactError(f"segment {seg.id!r} has code path {seg.code!r} outside the artifact",
-                                hint="the schedule was edited by hand; emit the plan again")
-        for f in (segcode.MODULE_FILE, segcode.WEIGHTS_FILE):
-            rel = f"{seg.code}/{f}"
-            if not (root / rel).is_file():
-                raise ArtifactError(f"artifact {root}: missing file {rel} (segment {seg.id})",
+        manifest.check_relpath(seg.code, root, f"segment {seg.id!r}")
+        for f in (segcode.PROGRAM_FILE, segcode.WEIGHTS_FILE):
+            if f"{seg.code}/{f}" not in files:
+                raise ArtifactError(f"artifact {root}: missing file {seg.code}/{f} (segment {seg.id})",
                                     hint="the artifact is incomplete; copy the whole directory or emit the plan again")
-            if rel not in files:
-                raise ArtifactError(f"artifact {root}: file {rel} has no checksum in schedule.json",
-                                    hint="the schedule was edited by hand; emit the plan again")
-    for rel, digest in files.items():
-        p = root / rel
-        if not p.is_file():
-            raise ArtifactError(f"artifact {root}: missing file {rel}", hint="copy the whole directory or emit again")
-        if sha256_file(p) != digest:
-            raise ArtifactError(f"artifact {root}: {rel} was modified after it was written (sha256 mismatch)",
-                                hint="restore the original file or emit the plan again")
     modules = {seg.id: segcode.load_segment(root / seg.code, seg.id) for seg in sched.segments}
     ex = exp = None
-    if (root / "example_inputs.pt").is_file():
+    if "example_inputs.pt" in files:
         ex = tuple(torch.load(root / "example_inputs.pt", weights_only=True))
-    if (root / "expected_outputs.pt").is_file():
+    if "expected_outputs.pt" in files:
         exp = unpack_outputs(torch.load(root / "expected_outputs.pt", weights_only=True))
-    return Artifact(sched, modules, ex, exp, path=root)
+    return Artifact(sched, modules, ex, exp, path=root, content_hash=content)
 
 
 # ---- expected outputs --------------------------------------------------------------------

@@ -12,7 +12,8 @@ artifact written by :mod:`partitioner.emit.build` and writes ``OUT/``:
     ``(value, leaf)`` of the schedule (graph names are ``in.VALUE`` / ``out.VALUE``, with
     ``.K`` appended for the K-th tensor of a value holding several); and per value its
     *layout* (see below).
-    ``meta["files"]`` holds sha256 checksums of every written file.
+``manifest.json``
+    The sha256 of every file and the export's content hash (:mod:`partitioner.emit.manifest`).
 ``segments/<id>.onnx``
     The segment's ONNX graph, weights included (initializers).
 ``example_inputs.pt``, ``expected_outputs.pt``
@@ -66,7 +67,7 @@ from torch import nn
 from ..errors import ArtifactError, UsageError
 from ..ir.schedule import Schedule, valid_segment_id
 from ..ir.tree import tree_encode
-from .artifact import sha256_file
+from . import manifest
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ class ExportReport:
     segments: list[SegmentExport]
     seconds: float
     replicas: int = 1
+    content_hash: str = ""
 
     def exporters(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -405,7 +407,6 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
 
     reports: list[SegmentExport] = []
     new_segments = []
-    written: list[Path] = []
     for seg in sched.segments:
         t0 = time.perf_counter()
         in_trees = [layouts[v]["tree"] for v in seg.inputs]
@@ -461,8 +462,6 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
 
         m = onnx.load(str(path), load_external_data=False)
         op = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
-        files = sorted(path.parent.glob(f"{seg.id}.onnx*"))
-        written += files
         reports.append(SegmentExport(
             seg.id, used, rel, time.perf_counter() - t0, op, reasons.get("dynamo") if used != "dynamo" else None,
             [{"name": n, "value": v, "leaf": k} for v, k, n in in_map if n in present],
@@ -473,7 +472,6 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
     for name in ("example_inputs.pt", "expected_outputs.pt"):
         if src_root is not None and (src_root / name).is_file():
             shutil.copyfile(src_root / name, root / name)
-            written.append(root / name)
         elif src_root is None:
             obj = example if name == "example_inputs.pt" else art.expected_outputs
             if obj is None and art.source is not None:
@@ -481,12 +479,10 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
                     obj = art.source(*example)
             if obj is not None:
                 torch.save(obj, root / name)
-                written.append(root / name)
     meta = {k: v for k, v in sched.meta.items() if k != "files"}
     meta["onnx"] = {"format": FORMAT, "exporter": exporter, "opset": opset,
                     "source": str(src_root) if src_root else None,
                     "segments": {r.segment: r.to_json() for r in reports}, "values": layouts}
-    meta["files"] = {p.relative_to(root).as_posix(): sha256_file(p) for p in written}
     out = replace(sched, segments=tuple(new_segments), meta=meta)
     out.validate()
     (root / "schedule.json").write_text(out.dumps())
@@ -495,7 +491,7 @@ def export_artifact(source: Any, dest: str | Path, *, opset: int | None = None, 
         for rdir in sorted(p for p in (src_root / "replicas").glob("r*") if p.name[1:].isdigit()):
             export_artifact(rdir, root / "replicas" / rdir.name, opset=opset, exporter=exporter, probe=probe)
             replicas += 1
-    return ExportReport(root, out, reports, time.perf_counter() - t_start, replicas)
+    return ExportReport(root, out, reports, time.perf_counter() - t_start, replicas, manifest.seal(root))
 
 
 def export_dir(src: str | Path, out: str | Path | None = None, *, force: bool = False, **kw) -> ExportReport:

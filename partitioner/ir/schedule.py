@@ -131,9 +131,11 @@ class Segment:
     nodes : tuple of str
         Cost-graph node ids it computes, in order (get_attr constants with their first user).
     code : str
-        Directory of its code and weights, relative to the artifact root (``""`` in memory).
+        Directory of its program and weights (an ONNX export: its ``.onnx`` file), relative
+        to the artifact root (``""`` in memory); loading refuses any path outside it.
     format : str
-        ``"fx"`` (the model's own fx graph as code) or ``"aten"`` (exported ATen graph as code).
+        ``"fx"`` (the model's own fx graph as a program), ``"aten"`` (its exported ATen
+        graph as a program) or ``"onnx"``.
     predicted_start_s, predicted_end_s : float
         Planned start of its first node and finish of its last (evaluator, seconds).
     predicted_compute_s : float

@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map", action="append", default=None, help="SPEC_DEVICE=TORCH_DEVICE (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of this rank")
     ap.add_argument("--check", action="store_true", help="rank 0: compare with DIR/expected_outputs.pt")
+    ap.add_argument("--expect", default=None, help="refuse the artifact unless its content hash is HASH")
     ap.add_argument("--deadline", type=float, default=None, help="absolute deadline (time.time() seconds; "
                     "set by the launcher)")
     ap.add_argument("--max-scale", type=float, default=wire.DEFAULT_MAX_SCALE,
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--max-scale must be a finite number > 0, got {ns.max_scale}", hint="e.g. --max-scale 64")
         if ns.threads:
             torch.set_num_threads(ns.threads)
-        art = load_artifact(ns.artifact)
+        art = load_artifact(ns.artifact, expect=ns.expect)
         args = None
         if layout(art.schedule).rank_of[art.schedule.host] == rank:
             check_out_file(ns.out, "--out")  # before the run, which would be lost

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..emit.manifest import verify
 from ..errors import ArtifactError
 from ..ir import jsonio
 from ..ir.schedule import Schedule
@@ -50,8 +51,8 @@ def _rank_error(path: Path) -> str:
 
 def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: int | None = None,
            backend: str = "gloo", timeout_s: float = 120.0, grace_s: float = 3.0, startup_s: float = 60.0,
-           threads: int = 1, env: dict[str, str] | None = None, rank_env: dict[int, dict[str, str]] | None = None,
-           extra_args: tuple[str, ...] = ()) -> Any:
+           threads: int = 1, expect: str | None = None, env: dict[str, str] | None = None,
+           rank_env: dict[int, dict[str, str]] | None = None, extra_args: tuple[str, ...] = ()) -> Any:
     """Run an artifact directory as ``nprocs`` local processes (one per server of the plan).
 
     Each process is ``python -m partitioner.runtime.distributed DIR ...`` with
@@ -62,7 +63,9 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
     joining the process group).
     A watchdog ends the run when a process exits non-zero (the others get ``grace_s`` to
     report their own error, then are killed) or when ``startup_s + timeout_s + grace_s``
-    have passed (all killed).
+    have passed (all killed). The launcher checks the artifact's files against its manifest
+    (and ``expect``, a content hash, if given) and every rank loads it only with the same
+    content hash.
 
     Returns
     -------
@@ -74,6 +77,7 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
         With the error of every rank that reported one (rank, server, transfer).
     """
     root = Path(artifact)
+    content, _ = verify(root, expect)
     sched = Schedule.from_json(jsonio.read(root / "schedule.json", error=ArtifactError,
                                            hint="pass the directory written by emit/save"))
     lay = layout(sched)
@@ -93,7 +97,7 @@ def launch(artifact: str | Path, inputs: str | Path | None = None, *, nprocs: in
             e.update((rank_env or {}).get(r, {}))
             cmd = [sys.executable, "-m", "partitioner.runtime.distributed", str(root), "--backend", backend,
                    "--timeout", str(timeout_s), "--init-timeout", str(startup_s), "--threads", str(threads),
-                   *extra_args]
+                   "--expect", content, *extra_args]
             if inputs is not None:
                 cmd += ["--inputs", str(inputs)]
             if r == 0:

@@ -1,7 +1,7 @@
 """onnxruntime executor for an ONNX export (:mod:`partitioner.emit.onnx`).
 
 :class:`OnnxRuntime` loads ``DIR/schedule.json`` (validated, every file checked against
-its sha256), opens one :class:`onnxruntime.InferenceSession` per segment and follows the
+``manifest.json``), opens one :class:`onnxruntime.InferenceSession` per segment and follows the
 Schedule's per-device actions:
 
 * ``parallel=False`` (default): one thread runs every device's program in turn, in a
@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from ..emit.artifact import read_schedule_dir, sha256_file
+from ..emit import manifest
+from ..emit.artifact import read_schedule_dir
 from ..errors import ArtifactError, RuntimeFailure, UsageError
 from ..ir.schedule import Action, Schedule, sequential_order
 from ..ir.tree import tree_unflatten
@@ -47,48 +48,47 @@ __all__ = ["OnnxRuntime", "run_exported", "load_export"]
 _HINT = "export the artifact again: partitioner export DIR --format onnx --out OUT --force"
 
 
-def load_export(path: str | Path) -> Schedule:
-    """Read and check an ONNX export directory; return its Schedule.
+def load_export(path: str | Path, *, expect: str | None = None) -> tuple[Schedule, str]:
+    """Read and check an ONNX export directory; return its Schedule and content hash.
+
+    Parameters
+    ----------
+    expect : str, optional
+        The content hash the export must have (:mod:`partitioner.emit.manifest`).
 
     Raises
     ------
     ArtifactError
-        A missing directory or file (``segments/s3.onnx``), invalid JSON, a schedule that
-        fails validation or is not an ONNX export, or a file modified since export.
+        A missing directory or file (``segments/s3.onnx``), an unlisted file, a symbolic
+        link, a file modified since export, another content hash than ``expect``, invalid
+        JSON, a schedule that fails validation or is not an ONNX export, or a segment file
+        outside the directory.
     """
-    root, sched = read_schedule_dir(path, "ONNX export directory",
-                                    "`partitioner export DIR --format onnx`", _HINT)
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"ONNX export directory {str(root)!r} does not exist",
+                            hint="pass the directory written by `partitioner export DIR --format onnx`")
+    content, files = manifest.verify(root, expect)
+    root, sched = read_schedule_dir(root, "ONNX export directory", "`partitioner export DIR --format onnx`", _HINT)
     onnx_meta = sched.meta.get("onnx")
     if not isinstance(onnx_meta, dict) or not isinstance(onnx_meta.get("segments"), dict) \
             or not isinstance(onnx_meta.get("values"), dict):
         raise ArtifactError(f"{root} is not an ONNX export (schedule.json has no meta.onnx)",
                             hint="run it with `partitioner run` (local runtime), or export it first")
-    files = sched.meta.get("files", {})
     for seg in sched.segments:
         entry = onnx_meta["segments"].get(seg.id)
         if seg.format != "onnx" or entry is None:
             raise ArtifactError(f"segment {seg.id!r} is not an ONNX segment (format {seg.format!r})", hint=_HINT)
         if entry.get("exporter") == "const":
             continue
-        p = (root / seg.code).resolve()
-        if not seg.code or not p.is_relative_to(root.resolve()):
-            raise ArtifactError(f"segment {seg.id!r} has file path {seg.code!r} outside the export", hint=_HINT)
-        if not p.is_file():
+        manifest.check_relpath(seg.code, root, f"segment {seg.id!r}")
+        if seg.code not in files:
             raise ArtifactError(f"ONNX export {root}: missing file {seg.code} (segment {seg.id} on {seg.device})",
                                 hint="the export is incomplete; copy the whole directory or " + _HINT)
-        if seg.code not in files:
-            raise ArtifactError(f"ONNX export {root}: {seg.code} has no checksum in schedule.json", hint=_HINT)
-    for rel, digest in files.items():
-        p = root / rel
-        if not p.is_file():
-            raise ArtifactError(f"ONNX export {root}: missing file {rel}", hint="copy the whole directory or " + _HINT)
-        if sha256_file(p) != digest:
-            raise ArtifactError(f"ONNX export {root}: {rel} was modified after it was written (sha256 mismatch)",
-                                hint="restore the original file or " + _HINT)
     for v in sched.values:
         if v not in onnx_meta["values"] and any(v in s.inputs for s in sched.segments):
             raise ArtifactError(f"value {v!r} has no layout in meta.onnx.values", hint=_HINT)
-    return sched
+    return sched, content
 
 
 class OnnxRuntime:
@@ -106,14 +106,17 @@ class OnnxRuntime:
         One thread per device (else one thread, a fixed valid interleaving).
     timeout_s : float
         With ``parallel``, the longest a recv waits.
+    expect : str, optional
+        The content hash the export must have (see :func:`load_export`).
     """
 
     def __init__(self, path: str | Path, providers: list | dict | None = None, threads: int | dict | None = None,
-                 *, parallel: bool = False, timeout_s: float = 300.0):
+                 *, parallel: bool = False, timeout_s: float = 300.0, expect: str | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.schedule = s = load_export(self.path)
+        s, self.content_hash = load_export(self.path, expect=expect)
+        self.schedule = s
         meta = s.meta["onnx"]
         self.entries: dict[str, dict] = meta["segments"]
         self.layouts: dict[str, dict] = meta["values"]

@@ -312,6 +312,7 @@ def test_save_load_roundtrip(saved):
         imported = {ln.split()[1].split(".")[0] for ln in code.splitlines() if ln.startswith(("import ", "from "))}
         assert imported <= {"torch", "math", "operator", "builtins"}, imported
         assert "torch.load" not in code and "pickle" not in code
+        assert json.loads((root / seg.code / "program.json").read_text())["format"] == "partitioner.program/1"
     back = load_artifact(root)
     assert back.schedule == art.schedule
     check_equal(back, inputs, ref)
@@ -357,9 +358,13 @@ def test_save_refuses_to_overwrite(saved):
 
 # ---- failures ----------------------------------------------------------------------------
 def _edit(root: Path, fn) -> None:
+    """Edit schedule.json and seal the directory again (as whoever edits it can)."""
+    from partitioner.emit.manifest import seal
+
     d = json.loads((root / "schedule.json").read_text())
     fn(d)
     (root / "schedule.json").write_text(json.dumps(d))
+    seal(root)
 
 
 def test_missing_file(saved, tmp_path):
@@ -369,7 +374,13 @@ def test_missing_file(saved, tmp_path):
         load_artifact(root)
     with pytest.raises(ArtifactError, match="does not exist"):
         load_artifact(tmp_path / "nowhere")
+    (root / "segments" / "s1" / "weights.safetensors").write_bytes(b"")
     (root / "schedule.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="schedule.json was modified"):
+        load_artifact(root)
+    from partitioner.emit.manifest import seal
+
+    seal(root)  # consistent again: the JSON itself is refused
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_artifact(root)
 

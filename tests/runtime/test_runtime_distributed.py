@@ -161,8 +161,15 @@ def test_tampered_schedule_is_refused_before_running(saved, tmp_path):
     dev = next(k for k, acts in d["actions"].items() if any(a[0] == "recv" for a in acts))
     d["actions"][dev] = [a for a in d["actions"][dev] if a[0] != "recv"]  # drop its recvs
     (bad / "schedule.json").write_text(json.dumps(d))
-    with pytest.raises(ArtifactError, match="invalid schedule"):
+    with pytest.raises(ArtifactError, match="schedule.json was modified"):
         launch(bad, timeout_s=20)  # refused before any process starts
+    from partitioner.emit.manifest import seal
+
+    seal(bad)  # a consistent edit: the schedule's own validation refuses it
+    with pytest.raises(ArtifactError, match="invalid schedule"):
+        launch(bad, timeout_s=20)
+    with pytest.raises(ArtifactError, match="content hash"):
+        launch(root, timeout_s=20, expect="0" * 64)
 
 
 def test_two_server_cluster_spec(tmp_path):
