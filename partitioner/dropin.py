@@ -1,46 +1,21 @@
 """Framework entry points: a drop-in ``compile`` and a ``torch.compile`` backend.
 
-``partitioner.dropin.compile(model, example_inputs, hw=..., objective=..., solver=...)``
-traces the model, plans it for the spec, emits the plan and returns a
-:class:`PartitionedModule`: an ``nn.Module`` whose ``forward`` runs the plan on the local
-runtime (:mod:`partitioner.runtime.local`) and returns what the model returns (a Hugging
-Face ``ModelOutput`` as its class). ``example_inputs`` may be keyword inputs (a dict, as
-``model(**inputs)``); the module then takes them as keywords too. A call with other input
-shapes than the example's gets its own plan when the graph is specialised to its shapes
-(the export and dynamo frontends; ``replan=True`` for every graph), kept in a plan cache
-(:mod:`partitioner.plan_cache`); an fx graph runs its plan at any shape.
+``partitioner.compile(model, example_inputs, hw=..., objective=..., solver=...)`` traces,
+plans and emits the model and returns a :class:`PartitionedModule` whose ``forward`` runs
+the plan on the local runtime and returns what the model returns; a call with new input
+shapes gets its own plan when the graph is specialised to its shapes (a
+:mod:`partitioner.plan_cache`). :func:`dynamo_backend` is the ``torch.compile`` backend
+(``backend="partitioner"`` through the package's entry point): it plans each graph dynamo
+captures, lifting the parameters and buffers dynamo passes as inputs back into the graph,
+and runs eagerly a graph called with other parameters than it was compiled with, or one
+without operators.
 
-``dynamo_backend`` is a ``torch.compile`` backend: ``torch.compile(model,
-backend=dynamo_backend, options={...})``, or ``backend="partitioner"`` once the package's
-``torch_dynamo_backends`` entry point is installed. ``torch.compile`` hands a custom
-backend its ``options`` dict as the keyword argument ``options`` (and ``mode`` as
-``mode``); the same keys may also be bound with ``functools.partial``. Each graph dynamo
-captures is planned and emitted separately (graph breaks give several plans); a graph with
-symbolic shapes (dynamo's automatic dynamic shapes, after a call with new shapes) is planned
-for each concrete shape on first use (plan cache). Recent
-torch versions (``inline_inbuilt_nn_modules``, default since 2.5) pass parameters and
-buffers as graph inputs: the backend lifts every input that is a parameter or buffer
-(an ``nn.Parameter``, or a dynamo source under a module's ``_parameters``/``_buffers``)
-back into a constant of the graph, so that it is placed with the operators that use it
-instead of being sent from the host on every call. The compiled function checks on every
-call that the lifted tensors are the same objects (a recompiled model or another
-instance of the same class would pass others) and otherwise runs the graph eagerly, with
-a warning. Graphs without operators run eagerly too.
-
-Options (both entry points)
----------------------------
-``hw`` (spec name or path, default ``"server-cpu-2gpu"``), ``objective``
-(``"latency"``), ``solver`` (``"split"``), ``time_limit`` (s), ``seed``, ``threads``
-(CPU intra-op budget per worker), ``map_devices`` (spec device -> torch device, default
-all cpu), ``segmentation`` (``"faithful"`` | ``"minimal"``), ``timeout_s``,
-``throughput_floor``, ``latency_ceiling``, ``coarsen_to``, ``frontend`` (``compile``
-only: ``"auto"`` | ``"fx"`` | ``"export"`` | ``"dynamo"``), ``replan`` (None: re-plan new
-shapes when the graph is specialised to its shapes; True / False), ``max_plans`` (plans
-kept per model, 8), ``settings`` (a :class:`~partitioner.ir.settings.Settings`),
-and any solver's own option as a dotted key ``"SOLVER.KEY"``, as on the command line
-(``--option split.restarts=8``): ``options={"solver": "split", "split.restarts": 8}``
-(``partitioner solvers --options split`` lists them). Unknown keys, unknown solver
-options and ill-typed values raise :class:`~partitioner.errors.UsageError` before tracing.
+Options of both (:data:`OPTIONS`, with defaults): ``hw``, ``objective``, ``solver``,
+``time_limit``, ``seed``, ``settings``, ``threads``, ``map_devices``, ``segmentation``,
+``timeout_s``, ``throughput_floor``, ``latency_ceiling``, ``coarsen_to``, ``frontend``,
+``copy_same_device``, ``profile``, ``replan``, ``max_plans``, and a solver's own options as
+``"SOLVER.KEY"`` (``"split.restarts": 8``). Unknown keys and ill-typed values raise
+:class:`~partitioner.errors.UsageError` before tracing. Usage: docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -192,8 +167,8 @@ def compile(model: nn.Module, example_inputs, hw: str = "server-cpu-2gpu", objec
     hw, objective, solver : str
         Spec name or YAML path; ``"latency"`` or ``"throughput"``; a registered solver.
     **opts
-        See the module docstring (``map_devices``, ``threads``, ``time_limit``...); a
-        solver's own options as ``**{"split.restarts": 8}``.
+        The options of :data:`OPTIONS` (``map_devices``, ``threads``, ``time_limit``...; the
+        module docstring lists them); a solver's own options as ``**{"split.restarts": 8}``.
 
     Returns
     -------

@@ -2,20 +2,12 @@
 
 An :class:`Artifact` is the :class:`~partitioner.ir.schedule.Schedule` plus one callable
 module per segment. :func:`partitioner.emit.build.emit` builds it in memory;
-:func:`save_artifact` writes it and :func:`load_artifact` reads it back in any process.
-
-Files (``Artifact.save(DIR)``)
-------------------------------
-``DIR/schedule.json`` (the Schedule), ``DIR/segments/<id>/program.json`` +
-``weights.safetensors`` (+ ``module.py``, documentation only; see
-:mod:`partitioner.emit.segcode`), and, when example inputs are known,
-``DIR/example_inputs.pt`` and ``DIR/expected_outputs.pt`` (the original model's outputs;
-both ``torch.save`` of tensors, read with ``weights_only=True``); ``DIR/manifest.json``
-lists them all with their sha256 and the artifact's content hash
-(:mod:`partitioner.emit.manifest`). The expected outputs are
-saved as ``{"format": "partitioner.outputs/1", "tree": JSON, "tensors": [...]}``: the output
-structure as an output tree (:mod:`partitioner.ir.tree`, so a Hugging Face ``ModelOutput``
-comes back as its class) and the tensors it names. Loading runs no Python from the directory.
+:func:`save_artifact` writes ``schedule.json``, one program + safetensors folder per
+segment (:mod:`partitioner.emit.segcode`), the example inputs and the model's expected
+outputs (:func:`pack_outputs`: an output tree and its tensors, so a Hugging Face
+``ModelOutput`` comes back as its class) and ``manifest.json``
+(:mod:`partitioner.emit.manifest`); :func:`load_artifact` checks the manifest and reads it
+back in any process, running no Python from the directory. The files: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -77,7 +69,7 @@ class Artifact:
     _exec_args: dict = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
-        """Write the artifact into ``path`` (see the module docstring); see :func:`save_artifact`."""
+        """Write the artifact into ``path``; see :func:`save_artifact`."""
         return save_artifact(self, path, overwrite=overwrite, verify=verify)
 
     def segment_inputs(self, *inputs) -> dict[str, list]:
@@ -328,7 +320,8 @@ OUTPUTS_FORMAT = "partitioner.outputs/1"
 
 def pack_outputs(outputs: Any) -> dict:
     """Model outputs in a form ``torch.load(weights_only=True)`` reads: the structure as an
-    output tree (JSON) and the list of its tensors (see the module docstring)."""
+    output tree (JSON, :mod:`partitioner.ir.tree`) and the list of its tensors:
+    ``{"format": "partitioner.outputs/1", "tree": JSON, "tensors": [...]}``."""
     tensors: list[torch.Tensor] = []
 
     def leaf(x):

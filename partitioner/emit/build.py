@@ -1,46 +1,15 @@
 """Emit: a Plan and the traced fx graph -> an :class:`Artifact` that runs.
 
-Segmentation
-------------
-The plan's nodes are walked in one global order that respects both the graph and every
-device's planned order (a merge of the device queues by planned start time). Each
-device keeps one *open* segment; a node joins its device's open segment unless that
-would
-
-* create a cycle: the node reads a value of a segment on another device that itself
-  depends on the open segment, transitively through values or through a device's order
-  (a segment runs after the earlier segments of its device): placements like
-  A -> B -> A; or
-* (``segmentation="faithful"``, the default) delay the segment: the node reads a value,
-  not read by the segment so far, that arrives (per the evaluator) after the segment's
-  planned start. A segment waits for all its inputs before it starts, so this keeps the
-  executed schedule close to the planned one. ``"minimal"`` only avoids cycles.
-
-in which case the open segment is closed and a new one started. Segments are therefore
-keyed by (device, contiguous run in the device's order); their dependency graph (values
-plus device order) is acyclic by construction, and they are numbered ``s0, s1, ...`` in
-a topological order of it, earliest planned start first: the order in which the device
-programs are written. The fx graph is then cut with
-:func:`torch.fx.passes.split_module.split_module` (one partition per segment, tuple
-returns). Nodes outside the cost graph: placeholders are model inputs and start on the
-host; ``get_attr`` tensors (weights) are constants copied into every segment that reads
-them (listed with the first). In-place operations are checked: a mutated value must be
-produced and read only inside the mutating segment, else emit refuses (trace with
-``frontend="export"`` for a functional graph).
-
-The :class:`~partitioner.ir.schedule.Schedule` then lists per device: the recvs a segment
-needs (just before it, FIFO per device pair), the compute, and the sends of its outputs
-to every other device that reads them (once per value and destination, ordered by when
-the destination first needs them). The host sends model inputs first and receives the
-model outputs last.
-
-Data-parallel plans: :func:`emit` emits one replica (``replica=``);
-:func:`emit_replicas` emits all of them (one Artifact each, on disjoint devices; their
-``meta`` carries ``replica``, ``replicas``, the replica's own ``predicted_period_s`` and
-the whole plan's ``plan_predicted_period_s``). ``meta["device_hosts"]`` maps every spec
-device to its server (used by :mod:`partitioner.runtime.distributed`).
-
-The artifact's files and loading: :mod:`partitioner.emit.artifact`.
+:func:`emit` walks the plan's nodes in one global order (the device queues merged by
+planned start) and gives each device an open segment; a node joins it unless that would
+create a cycle between segments (placements like A -> B -> A) or, with
+``segmentation="faithful"`` (the default), delay the segment by reading a value that
+arrives after its planned start (``"minimal"`` only avoids cycles). The fx graph is cut
+with :func:`torch.fx.passes.split_module.split_module`, and the
+:class:`~partitioner.ir.schedule.Schedule` lists per device the recvs each segment needs,
+its compute and the sends of its outputs. :func:`emit_replicas` emits every replica of a
+data-parallel plan. Segmentation in detail: docs/formats.md (Artifact and Schedule IR);
+the files and loading: :mod:`partitioner.emit.artifact`.
 """
 
 from __future__ import annotations

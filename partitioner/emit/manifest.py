@@ -1,18 +1,13 @@
 """The content hash of an artifact directory, and the check that its files are the ones written.
 
-An artifact's files are ``schedule.json``, ``example_inputs.pt``, ``expected_outputs.pt``
-and everything under ``segments/`` and ``replicas/`` (other files beside them, such as
-the ``plan.json`` and ``report.md`` that ``partitioner compile`` writes, are neither
-read nor hashed). ``manifest.json`` lists each with its sha256, and the *content hash*:
-the sha256 of that listing written as ``sha256sum`` prints it (``<sha256>  <path>`` per
-line, sorted by path): in the directory, ``find`` of those files ``| LC_ALL=C sort | xargs
-sha256sum | sha256sum`` prints it too (docs/trust.md). The manifest is not signed: it detects damage and, checked against a hash
-the user got from a trusted place (``run --expect HASH``), replacement.
-
-:func:`seal` writes the manifest and returns the hash; :func:`verify` refuses a symlink
-anywhere in the artifact, a file that is not a regular file, a missing or unlisted file,
-one whose sha256 differs, a listing outside the directory, and, with ``expect``, any
-other content hash.
+``manifest.json`` lists the artifact's files (``schedule.json``, the example inputs and
+expected outputs, everything under ``segments/`` and ``replicas/``; other files beside them
+are neither read nor hashed) with their sha256, and the *content hash*: the sha256 of that
+listing as ``sha256sum`` prints it, sorted by path (docs/trust.md shows how to recompute
+it). :func:`seal` writes the manifest and returns the hash; :func:`verify` refuses a
+symlink, a file that is not regular, a missing, unlisted or changed file, a listing outside
+the directory, and, with ``expect``, any other content hash. The manifest is not signed: it
+detects damage and, checked against a hash from a trusted place (``run --expect``), replacement.
 """
 
 from __future__ import annotations
@@ -48,7 +43,8 @@ def sha256_file(p: Path) -> str:
 
 
 def content_hash(files: dict[str, str]) -> str:
-    """The content hash of a listing ``{relative path: sha256}`` (see the module docstring)."""
+    """The content hash of a listing ``{relative path: sha256}``: the sha256 of
+    ``<sha256>  <path>`` lines sorted by path, as ``sha256sum`` prints them."""
     text = "".join(f"{files[rel]}  {rel}\n" for rel in sorted(files))
     return hashlib.sha256(text.encode()).hexdigest()
 

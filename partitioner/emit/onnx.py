@@ -1,52 +1,14 @@
 """Export an emitted artifact to ONNX: one ``.onnx`` file per segment plus the Schedule.
 
-``partitioner export DIR --format onnx`` (:mod:`partitioner.cli.export`) reads an
-artifact written by :mod:`partitioner.emit.build` and writes ``OUT/``:
-
-``schedule.json``
-    The same :class:`~partitioner.ir.schedule.Schedule` (same actions, transfers and values),
-    every segment with ``format: "onnx"`` and ``code: "segments/<id>.onnx"``, and
-    ``meta["onnx"]`` holding, per segment, the exporter used (``"dynamo"``,
-    ``"torchscript"`` or ``"const"``), why the dynamo exporter was refused if it was, the
-    opset, the export time, and the mapping of every ONNX graph input and output name to
-    ``(value, leaf)`` of the schedule (graph names are ``in.VALUE`` / ``out.VALUE``, with
-    ``.K`` appended for the K-th tensor of a value holding several); and per value its
-    *layout* (see below).
-``manifest.json``
-    The sha256 of every file and the export's content hash (:mod:`partitioner.emit.manifest`).
-``segments/<id>.onnx``
-    The segment's ONNX graph, weights included (initializers).
-``example_inputs.pt``, ``expected_outputs.pt``
-    Copied from the artifact, so ``partitioner run OUT --check`` works.
-
-Values at segment boundaries
-----------------------------
-A value that flows between segments may be a tensor, or a tuple/list/dict of tensors
-and Python scalars (an fx node returning ``torch.chunk(...)``, ``x.size()``...). At the
-boundary every value is *flattened*: its layout is a tree (the encoding of the
-schedule's output trees) whose leaves are ``{"leaf": k}`` (its ``k``-th tensor: one ONNX
-input or output) or ``{"const": x}`` (a Python scalar, ``None`` or string). Tensors
-cross the boundary; constants are baked into the consuming graphs, which is exact as
-long as they depend only on shapes: the graphs are exported with the example inputs'
-static shapes. To catch values that depend on the data (``x.sum().item()``), the
-artifact is also run on a random *probe* input of the same shapes and dtypes: a
-constant that changes, or an ONNX graph whose outputs differ from the segment's, is an
-:class:`~partitioner.errors.ArtifactError` naming the segment and the value. Other
-leaf types (a ``torch.dtype``, a custom object) are refused the same way.
-
-Exporters
----------
-Each segment is wrapped in a module taking its tensor leaves positionally and returning
-its output tensor leaves, then exported with ``torch.onnx.export(..., dynamo=True)``; if
-that raises, or the graph does not load in onnxruntime or computes other values than
-the segment on the example (and probe) inputs, the TorchScript exporter
-(``dynamo=False``) is tried, and the reason is recorded. ``exporter="dynamo"`` or
-``"torchscript"`` forces one exporter. The dynamo exporter takes about 1-2 s per segment
-(it rebuilds its operator registry on every call); TorchScript about 0.2 s.
-
-Limits: static shapes (run with inputs of the example shapes); values crossing a
-boundary must be numpy-representable (no bfloat16); data-parallel replicas are exported
-into ``OUT/replicas/rK`` like the artifact's.
+``partitioner export DIR --format onnx`` (:mod:`partitioner.cli.export`, :func:`export_dir`)
+reads an artifact and writes ``OUT/schedule.json`` (the same Schedule, each segment pointing
+at ``segments/<id>.onnx``, ``meta["onnx"]`` recording exporter, opset and name mapping),
+the ONNX files with their weights, ``manifest.json``, and the example inputs and expected
+outputs, so ``partitioner run OUT --check`` works. Each segment is exported with
+``torch.onnx.export(dynamo=True)``, falling back to TorchScript when that fails or computes
+other values; values crossing a boundary are flattened to tensor leaves and constants
+(:func:`encode`), which a run on a random probe input checks do not depend on the data.
+Shapes are static. Format and checks in detail: docs/formats.md (ONNX export).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Output directories and files: checked before any work, locked while written, replaced atomically.
 
-A directory is written into a temporary sibling ``.OUT.XXXX.tmp`` and renamed into place
-when complete, so a failure leaves nothing behind. Every output directory carries the
-marker file :data:`MARKER`; ``force`` replaces an existing directory only when it holds
-that marker (an earlier output of ours) or is empty, never a directory of the user's own
-files. While a run writes ``OUT`` it holds an exclusive lock (``flock`` on ``.OUT.lock``
-beside it), so a second run to the same ``OUT`` stops at once with a clean error instead of
-both succeeding. A run killed with SIGKILL leaves its temporary directory and lock file
-behind: the lock dies with the process, and the next run to ``OUT`` (holding the lock, so
-no other writer is alive) removes every such temporary directory that carries the marker.
-
-Typical use::
+A directory is written into a temporary sibling and renamed into place when complete, so
+a failure leaves nothing behind. Every output directory carries the marker file
+:data:`MARKER`; ``force`` replaces an existing directory only when it holds the marker or
+is empty, never a directory of the user's own files. A run holds an exclusive ``flock`` on
+``.OUT.lock`` while it writes ``OUT``, so a second run to the same ``OUT`` stops at once; the
+next run removes the temporary directories a killed run left behind. Typical use::
 
     with OutDir(out, force) as od:          # refused here (before any work) if it cannot be written
         result = long_computation()

@@ -1,26 +1,14 @@
 """A segment as data: the JSON program of an fx graph, and the allow-lists it is checked against.
 
 A program (``program.json``, format ``partitioner.program/1``) lists a segment's leaf
-modules as constructor data (``{"class": "Conv2d", "args": [3, 64], "kwargs": {...}}``),
-its tensors (name, shape, dtype; the values are in ``weights.safetensors``) and its fx
-nodes in order. Loading (:func:`build`) never runs Python from the artifact: every
-``call_function`` target is resolved by name against a fixed allow-list (registered
-``torch.ops.aten`` operators; torch's own tensor functions and ``torch.nn.functional``;
-``operator``, ``math`` and a few builtins), every ``call_method`` name must be a public
-tensor method, ``getattr`` may read only tensor attributes such as ``shape`` or
-``dtype``, and every module class must be a leaf ``torch.nn`` class, built from
-literal arguments. Anything else is refused before a node runs. Arguments are literals
-(numbers, strings, tuples, slices, dtypes, devices) or references to earlier nodes. The
-graph is rebuilt with :class:`torch.fx.Graph` and compiled by torch.fx itself; the
-names in the file are checked to be identifiers first, so the generated code holds
-nothing the file chose but allow-listed objects and literals.
-
-Excluded on purpose: functions that read files or raw memory (``torch.from_file``,
-``frombuffer``, ``aten::set_``), sparse tensors (built without index checks), private
-ATen operators other than the few exported graphs use (``aten::_softmax``...), tensor
-methods that take callables or expose storage (``apply_``, ``map_``, ``register_hook``,
-``storage``, ``data_ptr``), and every private ``torch._name`` other than ``torch._assert``
-and the ``torch._C._nn`` kernels.
+``torch.nn`` modules as constructor data, its tensors (names, shapes, dtypes; the values are
+in ``weights.safetensors``) and its fx nodes in order. :func:`build` rebuilds the graph with
+:class:`torch.fx.Graph` without running any Python from the artifact: every
+``call_function`` target is resolved by name against a fixed allow-list, every
+``call_method`` must be a public tensor method, every module a leaf ``torch.nn`` class
+built from literal arguments, and every argument a literal or a reference to an earlier
+node; anything else is refused before a node runs. What is allowed and what is excluded on
+purpose: docs/trust.md; the format: docs/formats.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,14 @@
 """Segments as data: an fx GraphModule <-> ``program.json`` + ``weights.safetensors`` (+ ``module.py``).
 
-:meth:`torch.fx.GraphModule.to_folder` pickles child modules, and code written by it
-must be executed to load. This module writes a folder that loads in a fresh process
-without the model's source, without pickle, and without running any Python from the
-artifact:
-
-``program.json``
-    The segment as data (:mod:`partitioner.emit.program`): its leaf ``torch.nn`` modules
-    as constructor arguments, its tensors' names, shapes and dtypes, and its fx nodes,
-    every target checked against an allow-list when it is loaded.
-``weights.safetensors``
-    Every parameter and buffer (persistent or not), loaded with
-    :func:`safetensors.torch.load_file`. Tensors that share storage are stored once; the
-    aliases are listed in the program.
-``module.py``
-    The same segment as readable Python, for people: documentation only, never
-    imported or executed.
-
-A child module is stored as constructor data only when it is a leaf ``torch.nn`` module
-whose ``extra_repr()`` is a list of literal arguments that rebuilds it exactly (same
-attributes, same tensor names and shapes, no hooks). A segment with any other module
-(an ``nn.MultiheadAttention`` leaf, say) or with a function outside the allow-list is
-first exported with :func:`torch.export.export` (an ATen-level graph of ``get_attr``
-and ``call_function`` nodes only), and that graph is stored instead (format ``"aten"``).
+:func:`describe` turns a segment into a program (:mod:`partitioner.emit.program`: its leaf
+``torch.nn`` modules as constructor arguments, its tensors, its fx nodes), and
+:func:`write_segment` / :func:`load_segment` write and read the folder; weights go through
+safetensors (tensors that share storage stored once), and ``module.py`` is the same segment
+as readable Python, documentation only, never imported. The folder loads in a fresh process
+without the model's source, without pickle and without running Python from the artifact. A
+segment with a module that its ``extra_repr()`` cannot rebuild exactly, or a function
+outside the allow-list, is stored as its :func:`torch.export.export` ATen graph instead
+(format ``"aten"``, :func:`export_flat`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """The graph-capturing frontends behind :func:`partitioner.frontend.trace.trace`, and call inputs.
 
-``"export"`` is :func:`torch.export.export` (``strict=False``) then ``.module()``; a graph
-with in-place ATen ops, or with the pre-dispatch ``vmap`` and ``flat_apply`` calls that
-Hugging Face's attention masks leave, is functionalised first (``run_decompositions({})``:
-no decomposition, only functionalisation), so that every node is a pure ATen op that any
-segment can run. ``"dynamo"`` is :func:`torch._dynamo.export` (one graph, torch-level ops).
-Both graphs take the model's inputs, keyword ones included, as positional arguments in the
-order of the graph's ``forward`` signature (see :func:`call_inputs`); they return the model's
-output structure (``ModelOutput``, dicts...) through their ``out_spec``.
-
-Caches: a model whose ``config.use_cache`` is on (the Hugging Face default for decoders)
-returns a cache object (``DynamicCache``...) that no graph can return. :func:`no_cache`
-turns ``use_cache`` off on every config of the model for the trace (and says so in the log)
-unless the caller passed ``use_cache`` itself; the compiled model then returns no
-``past_key_values``.
+:func:`export_graph` (``torch.export.export``, ``strict=False``, functionalised when the
+graph holds in-place or pre-dispatch ops) and :func:`dynamo_graph` (``torch._dynamo.export``)
+capture a model; both graphs take its inputs, keyword ones included, positionally in the
+order of ``forward`` (:func:`call_inputs`) and return its output structure. :func:`no_cache`
+turns a Hugging Face ``use_cache`` off for the trace (unless the caller passed it), since no
+graph can return a cache object. Details: docs/architecture.md (From a model to a cost graph).
 """
 
 from __future__ import annotations

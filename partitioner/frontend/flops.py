@@ -1,4 +1,4 @@
-"""The FLOP fallback of :mod:`partitioner.frontend.trace` (moved here unchanged): ATen operators
+"""The FLOP fallback of :mod:`partitioner.frontend.trace`: ATen operators
 that ``torch.utils.flop_counter.FlopCounterMode`` has no formula for are priced by a
 coarse rule (zero for views and data movement, one per input element for reductions and
 pools, ``2 k`` per output element for matmuls, attention from its shapes, five per output

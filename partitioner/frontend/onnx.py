@@ -1,25 +1,14 @@
 """ONNX model -> :class:`~partitioner.ir.graph.CostGraph` (the same form a traced model lowers to).
 
-Every ONNX node becomes an operator; every tensor one node produces and others consume an
-edge carrying its bytes; graph inputs that are not initializers become model inputs (from
-the host) and graph outputs model outputs (to the host). Shapes come from the model's
-``value_info`` after :func:`onnx.shape_inference.infer_shapes`; a tensor whose shape stays
-unknown counts 0 bytes and is reported once in the log.
-
-Costs per node (the roofline's inputs, see :mod:`partitioner.machine.cost`):
-
-* ``flops``: ``Conv``/``ConvTranspose`` ``2 · N · C_out · prod(out spatial) · C_in/groups ·
-  prod(kernel)``; ``Gemm``/``MatMul`` ``2 · M · N · K`` (times the broadcast batch);
-  ``Attention``-free elementwise and reduction ops one FLOP per output element (the
-  tracer's fallback rule); shape-only ops (``Reshape``, ``Shape``, ``Gather`` of
-  indices, ...) zero.
-* ``param_bytes``: the initializers a node reads, each charged to its first consumer (a
-  weight shared by several nodes is stored once).
-* ``output_bytes``: the bytes of the node's outputs.
-
-ONNX op types are renamed to the tracer's vocabulary (``Conv`` -> ``conv2d``, ``Gemm`` ->
-``linear``, ``LayerNormalization`` -> ``layernorm``, ...) so spec ``unsupported_ops`` and the
-coarsening rules apply to both front ends alike.
+:func:`load_onnx` reads a file, :func:`from_onnx` converts a loaded model. Every ONNX node
+becomes an operator, every tensor one node produces and others consume an edge carrying its
+bytes; graph inputs that are not initializers become model inputs, graph outputs model
+outputs. Shapes come from :func:`onnx.shape_inference.infer_shapes` (an unknown shape counts
+0 bytes, logged once). Per node: ``flops`` (``Conv``/``ConvTranspose`` and
+``Gemm``/``MatMul`` from their shapes, shape-only ops 0, others one per output element),
+``param_bytes`` (initializers, each charged to its first consumer) and ``output_bytes``.
+Op types are renamed to the tracer's vocabulary (``Conv`` -> ``conv2d``, :data:`OP_NAMES`),
+so spec ``unsupported_ops`` and the coarsening rules apply to both frontends alike.
 """
 
 from __future__ import annotations

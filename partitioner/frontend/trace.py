@@ -1,77 +1,17 @@
 """Trace an ``nn.Module`` into a ``torch.fx.GraphModule`` whose nodes carry shapes and costs.
 
-Frontends turn the model into a graph:
+:func:`trace` captures the graph with a frontend: ``"fx"`` (:func:`torch.fx.symbolic_trace`
+semantics; ``leaf_modules`` stay single nodes), ``"export"`` (:func:`torch.export.export`,
+an ATen-level graph) or ``"dynamo"`` (:func:`torch._dynamo.export`); ``"auto"``, the
+default, tries them in that order and records the one used in
+``gm.meta["partitioner_frontend"]`` (the captures: :mod:`.capture`). Example inputs are
+positional or keyword; the graph takes them positionally (``gm.meta["partitioner_inputs"]``).
 
-``"fx"``
-    :func:`torch.fx.symbolic_trace` semantics (a :class:`torch.fx.Tracer` that also treats
-    the classes in ``leaf_modules`` as leaves). Nodes are Python-level: ``call_module``
-    for ``nn.Conv2d``, ``call_function`` for ``torch.cat``, ``call_method`` for
-    ``x.view``... With keyword inputs, the parameters not given are fixed to their defaults.
-``"export"``
-    :func:`torch.export.export` (``strict=False``) then ``.module()``: an ATen-level graph
-    whose parameters are ``get_attr`` nodes and whose operators are ``call_function`` nodes
-    on ATen overloads (named by their overload packet: ``aten.conv2d.default`` ->
-    ``"conv2d"``); see :mod:`partitioner.frontend.capture`.
-``"dynamo"``
-    :func:`torch._dynamo.export`: one graph of torch-level ops.
-``"auto"`` (the default)
-    fx when it traces (and its graph runs on the example inputs), else export, else
-    dynamo; the reason each one was passed over is logged, and the frontend used is
-    ``gm.meta["partitioner_frontend"]``.
-
-Example inputs are positional (a tuple, or one tensor) or keyword (a dict:
-``{"input_ids": ..., "attention_mask": ...}``, as ``model(**inputs)``). The graph takes
-all of them positionally, in the order of its ``forward`` signature;
-``gm.meta["partitioner_inputs"]`` holds them in that order. A model whose config has
-``use_cache`` on is traced with it off (:func:`partitioner.frontend.capture.no_cache`), and
-an output that is a constant attribute is returned through a clone (so a plan computes
-every output).
-
-Shapes and costs then come from running the graph once on the example inputs (a
-:class:`torch.fx.Interpreter`, under ``torch.no_grad()``; buffers are restored
-afterwards, so batch-norm statistics of a model in training mode are not changed). Every
-node but ``output`` gets a :class:`NodeCost` in ``node.meta["partitioner"]``; the fx
-frontend also fills ``node.meta["tensor_meta"]`` as :class:`~torch.fx.passes.shape_prop.ShapeProp`
-does.
-
-FLOPs
------
-Each node runs inside :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
-the ATen operators it has a formula for (convolutions, ``mm``/``addmm``/``bmm``/
-``baddbmm``, the fused attention kernels of CUDA...). Every other ATen operator the node
-executes is seen by a second dispatch mode beneath the counter and priced by this
-documented fallback (``flops_source="fallback"`` on any node with a fallback term):
-
-* operators without a floating-point (or complex) tensor output: 0;
-* views, copies, layout and data movement (``view``, ``reshape``, ``permute``,
-  ``transpose``, ``expand``, ``squeeze``/``unsqueeze``, ``split``/``chunk``/``unbind``,
-  ``slice``/``select``, ``cat``/``stack``, ``clone``/``copy``/``_to_copy``,
-  ``embedding``/``index_select``/``gather``, padding, dropout, tensor creation): 0;
-* ``dot``/``mv``/``addmv`` (matrix products without a counter formula, e.g. a vector
-  ``@`` a matrix): 2 x K per output element, K the contracted length;
-* ``scaled_dot_product_attention`` kernels without a counter formula (the CPU kernel):
-  2·B·L·S·E + 2·B·L·S·Ev, as the counter charges the CUDA kernels;
-* reductions (``mean``, ``sum``, ``amax``, ``max.dim``, ``var``, ``norm``...) and
-  pooling (``max_pool2d``, ``avg_pool2d``, ``adaptive_avg_pool2d``...): one per input
-  element;
-* normalisations, softmax and smooth activations (``batch_norm``, ``layer_norm``,
-  ``group_norm``, ``rms_norm``, ``softmax``, ``log_softmax``, ``gelu``, ``silu``,
-  ``mish``): 5 per output element;
-* every other operator (elementwise arithmetic, ``relu``, ``sigmoid``, ``where``...): one
-  per output element.
-
-The fused "fast path" kernels of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
-are disabled during this run (``torch.backends.mha.set_fastpath_enabled(False)``, restored
-afterwards) so that their matrix products are counted. Pricing at the ATen level (rather than per node) keeps the two frontends consistent and
-prices a leaf module made of a convolution and an activation as the sum of both.
-
-Bytes
------
-``output_bytes`` sums every distinct tensor in the node's (nested) output;
-``input_bytes`` sums the ``output_bytes`` of the nodes it reads; ``param_bytes`` is the
-bytes of the parameters and buffers a ``call_module`` owns (recursively) or of the tensor a
-``get_attr`` fetches, charged once per storage, at its first user in topological order
-(tied weights count once); ``bytes_moved = input_bytes + output_bytes + param_bytes``.
+One run of the graph on the example inputs (under ``torch.no_grad()``, buffers restored)
+then stores a :class:`NodeCost` in ``node.meta["partitioner"]`` of every node: shapes,
+FLOPs (``torch.utils.flop_counter`` plus the fallback of :mod:`.flops`), output, input and
+parameter bytes. :func:`partitioner.ir.graph.from_fx` lowers the result to a cost graph.
+How each figure is counted: docs/architecture.md (From a model to a cost graph).
 """
 
 from __future__ import annotations
@@ -102,7 +42,7 @@ from .capture import (
     split_inputs,
     user_frame,
 )
-from .flops import _FallbackFlops, _tensor_leaves  # the FLOP fallback, moved unchanged
+from .flops import _FallbackFlops, _tensor_leaves  # the FLOP fallback
 
 logger = logging.getLogger(__name__)
 

@@ -1,52 +1,15 @@
 """The Schedule IR: what every device of an emitted plan does, in order.
 
 An emitted plan (:mod:`partitioner.emit.build`) is a set of *segments* (contiguous pieces of
-the model's fx graph, each run by one device) plus a :class:`Schedule`: for every
-device, an ordered list of **actions**
-
-``["compute", SEG]``
-    run segment ``SEG`` (a callable taking its ``inputs`` values positionally and
-    returning a tuple of its ``outputs`` values) on this device;
-``["send", VALUE, PEER, TAG]``
-    send the local copy of ``VALUE`` to device ``PEER``. Sends are asynchronous: the
-    sender never waits for the receiver;
-``["recv", VALUE, PEER, TAG]``
-    wait until ``VALUE`` sent by device ``PEER`` has arrived, and keep it locally.
-
-``TAG`` numbers the transfer (:class:`Transfer`) and pairs one send with one recv. A
-value is transferred once per (value, destination device), as in the cost model.
-Values are named after the fx nodes that produce them (model inputs after the
-placeholders); they are tensors, or tuples/ints where an fx node produces one.
-
-Semantics
----------
-Model inputs start on the ``host`` device; the model's outputs are read from the host
-once every device has finished. Each device runs its actions strictly in order. A
-compute may only use values that are on its device: computed there by an earlier action
-or received by an earlier recv. Executors may free a value after its last local use.
-
-Invariants (checked by :meth:`Schedule.validate`, so by :meth:`Schedule.from_json` too)
--------------------------------------------------------------------------------------
-* every segment is computed exactly once, on its own device; every value has exactly
-  one producer (a segment output or a model input);
-* a segment id is 1 to 128 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` (it names
-  files: ``segments/ID``), and the output tree and ``meta`` nest at most
-  :data:`partitioner.ir.jsonio.MAX_DEPTH` levels;
-* every transfer has exactly one send (on its source, after the value is available
-  there) and one recv (on its destination); no device sends to itself;
-* per ordered pair of devices, recvs come in the same order as the sends (FIFO), so an
-  executor may match them by order alone (NCCL) or by tag (gloo);
-* the segment graph is acyclic, and executing the actions with asynchronous sends and
-  blocking recvs terminates with every output on the host (checked by simulating it);
-  a schedule that would deadlock is rejected with the devices and what they wait for.
-
-JSON (``partitioner.schedule/1``)
----------------------------------
-``{"format", "devices", "host", "inputs", "flatten_inputs", "outputs", "values",
-"segments", "transfers", "actions", "meta"}``; ``outputs`` is an output tree:
-``{"value": NAME}``, ``{"const": X}``, ``{"tuple": [...]}``, ``{"list": [...]}`` or
-``{"dict": [[KEY, TREE], ...]}``. :meth:`Schedule.to_json` and :meth:`Schedule.from_json`
-round-trip exactly. This module does not import torch.
+the model's fx graph, each run by one device) plus a :class:`Schedule` giving every device
+an ordered list of actions: ``["compute", SEG]``, ``["send", VALUE, PEER, TAG]``
+(asynchronous) and ``["recv", VALUE, PEER, TAG]`` (blocking); ``TAG`` pairs one send with
+one recv (:class:`Transfer`), once per (value, destination device). Model inputs start on
+the ``host`` and the outputs (an output tree, :mod:`partitioner.ir.tree`) are read there.
+:meth:`Schedule.validate` (run by :meth:`Schedule.from_json`) checks that every segment runs
+once on its device, every transfer has one send and one recv in FIFO order per device pair,
+and that the actions terminate (a deadlock is rejected naming what each device waits for).
+JSON format ``partitioner.schedule/1`` (docs/formats.md); this module does not import torch.
 """
 
 from __future__ import annotations
@@ -257,7 +220,7 @@ class Schedule:
     flatten_inputs : bool
         The call's arguments are flattened (torch pytree) into ``inputs`` (export frontend).
     outputs : dict
-        Output tree (``{"value": NAME}`` leaves; see the module docstring).
+        Output tree (``{"value": NAME}`` leaves; :mod:`partitioner.ir.tree`).
     values : dict of str to Value
     segments : tuple of Segment
         In the plan's global order.
@@ -380,8 +343,21 @@ class Schedule:
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
-        """Check every invariant of the module docstring; raise :class:`ArtifactError`
-        naming the segment, value, action or devices at fault."""
+        """Check every invariant; raise :class:`ArtifactError` naming the segment, value,
+        action or devices at fault.
+
+        * every segment is computed exactly once, on its own device; every value has exactly
+          one producer (a segment output or a model input);
+        * a segment id is 1 to 128 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` (it names
+          files: ``segments/ID``), and the output tree and ``meta`` nest at most
+          :data:`partitioner.ir.jsonio.MAX_DEPTH` levels;
+        * every transfer has exactly one send (on its source, after the value is available
+          there) and one recv (on its destination); no device sends to itself;
+        * per ordered pair of devices, recvs come in the same order as the sends (FIFO), so an
+          executor may match them by order alone (NCCL) or by tag (gloo);
+        * the segment graph is acyclic, and executing the actions with asynchronous sends and
+          blocking recvs terminates with every output on the host (checked by simulating it).
+        """
         devs = set(self.devices)
         if len(devs) != len(self.devices):
             raise _err("duplicate device ids")

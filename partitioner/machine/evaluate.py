@@ -1,23 +1,14 @@
 """THE evaluator: the one place that computes a plan's latency, throughput and memory.
 
-Machine model (docs/architecture.md): a device runs one node at a time in the plan's order; a tensor
-produced by ``u`` on device ``a`` and consumed on ``b != a`` is sent once per (producer,
-destination device), sized by the largest edge to that device, and arrives
-the transfer time of :mod:`.links` after ``u`` finishes; transfers overlap with compute and
-do not contend. Model inputs start on the host at time 0 and outputs must reach it.
-
-* **latency**: the time the last output reaches the host (never earlier than the last
-  finish), with every node started as early as its device order and inputs allow.
-* **period**: the largest per-sample load of any resource: a device's compute time
-  (plus, with ``comm_blocks_device``, the time of every hop it sends or receives) or a
-  directed link's transfer time (every hop of a routed transfer loads its link).
-  Throughput is ``1 / period``; data-parallel replicas add their throughputs, less what
-  they lose on links (or devices) they share (see :func:`_evaluate_replicas`).
-* **memory**: per device, the parameters of its nodes plus the peak of live activations
-  in its order (the rule of :mod:`.memory`, at step granularity).
-
-Without an order the evaluator list-schedules: nodes by decreasing upward rank on their
-assigned devices (ties: topological index), appended to their device's queue.
+:func:`evaluate` applies the machine model (docs/architecture.md) to a plan: each device
+runs its nodes one at a time in the plan's order (without an order, list scheduling by
+decreasing upward rank, :func:`list_order`), a tensor is sent once per (producer,
+destination device) at the transfer time of :mod:`.links`, and model inputs start and
+outputs end on the host. It returns the latency, the period (the largest per-sample load
+of a device or directed link; replicas are charged for what they share,
+:func:`_evaluate_replicas`), each device's memory peak (:mod:`.memory`) and every violated
+constraint. :func:`subset_schedule` times a sub-plan for the exact solvers;
+:func:`contended_latency` adds per-link serialisation.
 """
 
 from __future__ import annotations

@@ -1,19 +1,14 @@
 """The memory rule of the machine model: what a device holds while it runs its nodes in order.
 
 A device holds the parameters of its nodes for the whole run, and each activation from the
-step that creates or first needs it to the step that last needs it (step granularity: a
-tensor is held while the device runs any node in between, which is what a sequential
-per-device executor allocates):
-
-* a node's output: from its own step to its last consumer's step on the same device;
-* a tensor received from another device (sent once per producer and destination device, at
-  the largest edge to it): from the first to the last step of its consumers there;
-* a model input (sent from the host): from the first to the last step of its consumers there.
-
+step that creates or first needs it to the step that last needs it (step granularity, what
+a sequential per-device executor allocates): a node's output until its last local
+consumer; a tensor received from another device (once per producer and destination, at the
+largest edge) and a model input from the first to the last step of their consumers there.
 :func:`activation_peak` is the exact rule for one device (the evaluator applies it to every
-device); :func:`peak_of_intervals` is its step accounting, for callers that derive the
-intervals of a model of their own; :func:`memory_upper_bound` is the conservative proxy
-(every activation live at once) that linear memory models use: never below the exact peak.
+device); :func:`peak_of_intervals` is its step accounting, for callers with intervals of
+their own; :func:`memory_upper_bound` is the conservative proxy (every activation live at
+once) that linear memory models use, never below the exact peak.
 """
 
 from __future__ import annotations

@@ -1,41 +1,15 @@
-"""Calibration of a spec from a profile, and predicted-vs-measured fidelity of a run.
+"""Calibration of a spec from a profile (``partitioner calibrate``), and the predicted side of a run's fidelity.
 
-Calibration
------------
-For a spec device matched to a profiled device (:func:`partitioner.measure.profile.match_devices`),
-the roofline of :mod:`partitioner.machine.cost`::
-
-    t(v) = L + max(F(v) / (P * f_c), B(v) / (W * f_m))
-
-(``F`` FLOPs, ``B`` bytes moved, ``P`` the spec's peak for the op's dtype, ``W`` its memory
-bandwidth) is fitted to the profile's median times (plus the device model's per-node overhead from the
-profile's whole passes, :func:`samples_for`) by weighted least squares on log time
-(:func:`scipy.optimize.least_squares`, started from the best point of a log-spaced grid,
-so the non-smooth ``max`` does not trap it): parameters ``log f_c``, ``log f_m`` and
-``log L`` (unless ``fit_overhead=False``), weights the number of graph nodes that share an
-op signature, plus a weak pull (weight ``REG``) of ``f_c, f_m`` towards the spec's own
-efficiencies so a factor the data cannot identify (no memory-bound op) stays put. The
-fitted factors become ``efficiency.compute = min(f_c, 1)`` (and memory alike); a factor
-above 1 means the spec's peak (bandwidth) is too low for this machine: the peak
-(bandwidth) is scaled up by it and the efficiency set to 1. Spec devices no profiled
-device matches get the factors of a fitted device of the same kind (same model first),
-so unmeasured devices of a measured kind get calibrated predictions. Links between
-matched devices take the profile's transfer measurements (two logical devices on one
-torch device pass values by reference: the link is the thread hand-off latency and
-``REFERENCE_BANDWIDTH_BPS``, or the measured ``clone`` with ``copy_same_device``).
-
-The fit error is the relative error ``|predicted - measured| / measured`` over ops,
-weighted by node count (median, 90th percentile, max), and the error of the sum over
-all nodes, before (the spec as given) and after calibration.
-
-Fidelity
---------
-:func:`fidelity_report` compares an evaluated plan with measured runs of the local
-runtime: end-to-end latency (median wall time of the runs) and per-device busy time
-(sum of compute actions), with relative errors; :func:`predict_schedule` predicts the
-latency of the emitted schedule itself (segment-level sends), which is what the runtime
-measures, optionally with the measured slowdown of logical devices that compute at the
-same time on shared cores (``contention``).
+:func:`calibrate` fits, for every spec device matched to a profiled one
+(:func:`partitioner.measure.apply.match_devices`), the roofline of
+:mod:`partitioner.machine.cost`, ``t(v) = L + max(F(v) / (P f_c), B(v) / (W f_m))``, to the
+profile's median times by weighted least squares on log time (:func:`fit_device`: factors
+``f_c``, ``f_m`` and launch overhead ``L``), reports the fit error before and after, gives
+unmeasured devices of a measured kind the fitted factors, and takes links from the
+profile's transfers; :func:`write_spec_yaml` writes the calibrated spec.
+:func:`fidelity_report` compares an evaluated plan and its emitted schedule's replay
+(:func:`partitioner.machine.replay.predict_schedule`) with measured runs. The fit in
+detail: docs/measure.md (calibrate).
 """
 
 from __future__ import annotations
@@ -198,7 +172,7 @@ def _model_log(x: np.ndarray, P: np.ndarray, W: float, s: Samples, L_fixed: floa
 
 
 def fit_device(dev: Device, s: Samples, *, fit_overhead: bool = True) -> tuple[Device, DeviceFit]:
-    """Fit ``dev``'s efficiencies (and launch overhead) to the samples (module docstring).
+    """Fit ``dev``'s efficiencies (and launch overhead) to the samples (docs/measure.md, calibrate).
 
     Returns
     -------

@@ -1,20 +1,12 @@
 """Predicted vs measured figures of a plan run by ``partitioner run``: a summary and a table.
 
-``partitioner run DIR`` measures each action of the emitted schedule
-(:class:`partitioner.runtime.local.RunStats`); :func:`fidelity_summary` compares those
-runs with what the cost model predicted for the plan (through
-:func:`partitioner.measure.calibrate.fidelity_report`): end-to-end latency (the evaluator's plan
-latency, and the replay of the emitted schedule, :func:`partitioner.measure.calibrate.predict_schedule`),
-one-at-a-time throughput, and every device's busy time (the sum of its compute actions),
-each with the relative error ``(predicted - measured) / measured``.
+:func:`fidelity_summary` compares the runs' measured statistics
+(:class:`partitioner.runtime.stats.RunStats`) with what the cost model predicted (through
+:func:`partitioner.measure.calibrate.fidelity_report`): end-to-end latency (the evaluator's
+plan latency and the replay of the emitted schedule), one-at-a-time throughput, and every
+device's busy time, each with the relative error ``(predicted - measured) / measured``;
 :func:`fidelity_table` renders it with rich. Meaningful for plans made from measured costs
 (``compile --profile``); :func:`from_profile` tells whether a schedule's plan was.
-
-Wiring in ``partitioner/cli_run.py`` (``run``), keeping every run's stats::
-
-    runs = []                                   # in the loop: runs.append(st)
-    from .fidelity import fidelity_summary, fidelity_table, from_profile
-    if from_profile(s): console.print(fidelity_table(s, runs))   # and summary["fidelity"] = fidelity_summary(s, runs)
 """
 
 from __future__ import annotations

@@ -1,30 +1,15 @@
 """What a hand-off between two logical CPUs costs on a model's own segments, run by the runtime.
 
 The profile's same-device link (:func:`partitioner.measure.links.runtime_handoff_latency`)
-times one wake-up: a receiver asleep in its recv while the sender computes a small matmul
-loop on its own data. A plan pays more at each hand-off than that: the receiver's first ops
-read activations that sit in the other core's caches, the runtime's per-action bookkeeping
-runs, and short segments run slower than they do inside one long pass. None of this is in
-the per-node times (timed inside whole passes on one thread) nor in the wake-up probe, and
-on a model of small ops it adds up: on the 2-core VM this project is built on, a 16-segment
-BERT plan ran 10-29% slower than its prediction with the wake-up latency alone (earlier
-runs of ``bench/fidelity.py``).
-
-:func:`measure_alternation` measures it on the model itself, before any plan is made:
-the graph is cut into ``chunks`` contiguous pieces of its topological order (equal
-predicted time) that alternate between two logical devices of one local device model,
-and this *probe plan* and the whole model on one device are emitted and run by
-:class:`~partitioner.runtime.local.LocalRuntime`, in alternating blocks of back-to-back
-runs (a block's first run is a warm-up: a deployed plan follows runs of itself). Both are
-also predicted with the profile's costs (:func:`partitioner.measure.calibrate.predict_schedule`).
-What the probe plan measured beyond its prediction, less what the single-device run
-measured beyond its own (the node times' drift, scaled to the probe's length), divided
-by the probe plan's transfers, is the *excess per transfer*: stored under
-``profile.graphs[name]["alternation"]`` and added to the same-model link's latency when a
-spec is calibrated from the profile for that graph (:func:`alternation_excess`,
-:func:`partitioner.measure.calibrate.calibrate`), so that planners see what a hand-off costs and
-predictions include it. The probe plan is fixed by the graph and the profile, never by
-the plan being predicted.
+times one wake-up; a plan pays more at each hand-off (activations in the other core's
+caches, the runtime's per-action bookkeeping, short segments). :func:`measure_alternation`
+measures it on the model itself, before any plan is made: a *probe plan* of ``chunks``
+contiguous pieces of equal predicted time alternating between two logical devices, and the
+whole model on one device, are emitted and run by the local runtime in alternating blocks
+and predicted from the profile (:func:`partitioner.machine.replay.predict_schedule`). The
+probe's excess over its prediction, less the single run's own drift, per transfer, is stored
+under ``profile.graphs[name]["alternation"]`` and added to that link's latency when a spec
+is calibrated for the graph (:func:`alternation_excess`). Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ computed, and a sender that goes on computing; a hot ping-pong is kept as
 
 :func:`measure_corun` (:func:`add_corun` stores it in a profile, :func:`corun_slowdown`
 reads it back) times whole passes of a graph on two logical CPUs alone and at the same
-time: the slowdown that :func:`partitioner.measure.calibrate.predict_schedule` applies while two
+time: the slowdown that :func:`partitioner.machine.replay.predict_schedule` applies while two
 devices compute at once (shared cores, caches, memory bandwidth and the GIL).
 """
 

@@ -1,93 +1,15 @@
-"""Measured per-node times on local devices, cached in a JSON profile.
+"""Measured per-node times on local devices, cached in a JSON profile (``partitioner profile``).
 
-Two ways of timing a node, both under ``torch.no_grad()`` (the plan runs for inference):
-
-``mode="context"`` (the default)
-    The whole graph runs ``warmup`` + ``repeats`` times through a :class:`torch.fx.Interpreter`
-    on each requested local device, and every node that launches a kernel is timed where it
-    sits in the real forward pass (``torch.cuda.synchronize`` before and after it on a GPU).
-    Cache state then matches a real run: a layer's weights come from memory, as they do
-    when the rest of the model has gone through the caches in between. An op's time is the
-    median over every pass and every node with its signature. Every timed pass is
-    followed by a *whole pass*: the GraphModule's own generated code called as one
-    function, which is how the runtime runs a segment (no interpreter, no timers). The
-    gap between its median and the sum of the per-node medians, spread over the timed
-    nodes, is the device's *per-node overhead* (``graphs[name]["whole"][model]``,
-    :func:`whole_pass_record`), which :func:`apply_profile` adds to every measured node so
-    that a device's predicted whole-model time is what running the code measured (on a
-    loaded machine, preemptions between nodes are in the whole pass but not in a node's
-    median; on a GPU, per-node synchronisation inflates node times: the overhead is then
-    negative). It costs ``2 * (warmup + repeats)`` forward passes per device.
-``mode="isolated"``
-    At every node, the node alone is called on its real input tensors: ``warmup`` calls,
-    then ``repeats`` samples, each the mean of ``number`` back-to-back calls (``number``
-    grows until a sample lasts at least ``min_sample_s``). Repeated calls keep the layer's
-    weights in cache, so this *under-estimates* in-model times (ResNet-50 on one thread:
-    the sum of isolated times was 14% below the forward pass, the in-context sum within
-    1%; see ``bench/results/fidelity.md``). Kept for ops too fast to time in one call.
-
-On a machine shared with other processes, a sample during which this process's threads
-waited for a CPU (run-queue wait in Linux ``/proc/self/task/*/schedstat``,
-:func:`runqueue_wait_s`) for more than ``CLEAN_WAIT`` of its duration is *contended*:
-sampling continues until ``repeats`` clean samples (at most ``3 * repeats`` in all), and the
-median is taken over the clean ones (over all when fewer than half are clean); in
-context mode, the same holds for whole passes, except that with too few clean passes the
-least contended half is kept. Each measurement records ``samples``,
-``clean``, the median wait fraction, the load average and the ``method``.
-
-Keys
-----
-A time is stored under (op signature, device model). The signature names what runs and on
-what (:func:`node_signature`): the module's ``repr`` (class and configuration, not the
-weights) or the function / method, the shapes and dtypes of the tensor arguments (from the
-trace's ``node.meta``) and the constant arguments. Nodes with the same signature (the
-repeated blocks of a ResNet or a transformer) are timed once per device model, and a
-profile file passed back as ``cache`` is reused: only (signature, model) pairs it lacks
-are measured.
-
-Devices
--------
-``cpu`` (the current intra-op thread count), ``cpu:Nt`` (a *logical CPU device*: the CPU
-with an intra-op budget of N threads, device model ``cpu-Nt``), ``cuda`` / ``cuda:K``
-(model ``cuda-<device name>``). Logical CPU devices with different budgets are a real,
-measurable heterogeneous system on a CPU-only machine (see ``hw_specs/cpu-threads-2.yaml``).
-Each CPU device is timed with ``torch.set_num_threads(N)`` on the calling thread (restored
-afterwards).
-
-Transfers
----------
-:func:`measure_transfers` measures every pair of profiled devices. Between two logical
-devices on the same torch device the local runtime passes a value by reference: the cost
-is the hand-off between two threads as the runtime meets it (``latency_s``: a receiver
-asleep in its recv while the sender computed, woken by ``threading.Event.set`` while the
-sender goes on computing; ``pingpong_latency_s``: half the round trip of a hot
-ping-pong, for reference), and ``copy_*`` fits a ``clone`` (used when the runtime copies).
-:func:`partitioner.measure.links.measure_corun` measures how much two logical CPUs slow
-each other down when they compute at the same time, and
-:func:`partitioner.measure.handoff.measure_alternation` what a hand-off between two of them
-costs beyond the wake-up when the model's own segments alternate (added to that link's
-latency when planning for the graph).
-Across torch devices, ``tensor.to(dst)`` is timed for several sizes and
-``latency + bytes / bandwidth`` is fitted by least squares.
-
-Applying a profile
-------------------
-:func:`apply_profile` writes the measured times into a :class:`~partitioner.ir.graph.CostGraph`
-as ``time_s`` keyed by *spec device id* (the most specific key, see
-:mod:`partitioner.machine.cost`), for every spec device matched to a profiled device
-(:func:`match_devices`: an explicit map, else same id, else same model, else a CPU whose
-``threads`` equals the budget, else the only profiled model of the device's kind). Unmatched
-devices keep the roofline (calibrate it with :mod:`partitioner.measure.calibrate`).
-``partitioner.api.compile_plan(..., profile=FILE, device_map=...)`` (``compile --profile``)
-does both: calibrated spec, measured node times and links.
-
-File format ``partitioner.profile/1``: ``devices`` (id -> kind, model, torch_device,
-threads), ``ops`` (key -> op, signature, flops, bytes_moved, dtype, ``times`` per device
-model: median_s, p25_s, p75_s, repeats, number, load1), ``graphs`` (graph name ->
-``nodes``: node id -> key; optional ``whole``: device model -> whole-pass record, and
-``corun``: the co-run slowdowns of :func:`partitioner.measure.links.measure_corun`;
-``alternation``: the hand-off probes of :func:`partitioner.measure.handoff.measure_alternation`),
-``transfers`` and ``runs`` (settings, duration and the load average of each run).
+:func:`profile_model` traces a model and :func:`profile_graph` times every node of a traced
+graph on each local device (``cpu``, ``cpu:Nt`` logical CPUs, ``cuda:K``;
+:mod:`.devices`), under ``torch.no_grad()``. ``mode="context"`` (the default) times nodes
+where they sit inside whole forward passes, each followed by a *whole pass* of the graph's
+own code that gives the device's per-node overhead; ``mode="isolated"`` calls each node
+alone (:mod:`.timing`). Times are keyed by (op signature with shapes, device model), so
+repeated blocks are timed once and a profile passed back as ``cache`` is only extended.
+Transfers and co-run slowdowns: :mod:`.links`; the hand-off probe: :mod:`.handoff`; applying
+a profile to a cost graph: :mod:`.apply`. How and why: docs/measure.md; the file format
+``partitioner.profile/1``: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -175,7 +97,7 @@ def _key(signature: str) -> str:
 
 # ---- the profile ---------------------------------------------------------------------------
 class Profile:
-    """Measured op times and transfers; see the module docstring for the JSON layout."""
+    """Measured op times and transfers (JSON layout: docs/formats.md, Profile)."""
 
     def __init__(self, data: dict | None = None):
         data = data or {}
@@ -318,7 +240,7 @@ def node_overhead(profile: "Profile", graph: str | None, model: str) -> float | 
 def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str | list, *, name: str | None = None,
                   warmup: int = 2, repeats: int = 10, min_sample_s: float = 2e-4,
                   cache: Profile | str | os.PathLike | None = None, mode: str = "context") -> Profile:
-    """Time every node of a traced graph on each local device (see the module docstring).
+    """Time every node of a traced graph on each local device (modes: docs/measure.md).
 
     Parameters
     ----------
@@ -336,7 +258,7 @@ def profile_graph(gm: torch.fx.GraphModule, example_inputs: tuple, devices: str 
     min_sample_s : float
         Isolated mode: a sample repeats the call until it lasts at least this long.
     mode : {"context", "isolated"}
-        Time nodes inside whole-graph passes (default), or each node alone (module docstring).
+        Time nodes inside whole-graph passes (default), or each node alone (docs/measure.md).
     cache : Profile or path, optional
         Existing measurements: (op, device model) pairs in it are not timed again. A path
         that does not exist yet starts an empty profile.

@@ -1,18 +1,12 @@
 """Solver registry: every solver is ``solve(problem, settings) -> Plan``, registered by name.
 
-Solver modules register themselves with :func:`register`; importing :mod:`partitioner.solvers`
-imports them all.
-
-Ctrl-C during :func:`solve` asks the solver to stop (:mod:`partitioner.progress`): solvers
-registered ``interruptible`` poll the stop flag and return the best plan they have, which
-:func:`solve` marks status "interrupted" (keeping the solver's bound, so the gap is honest;
-``info["interrupted"]`` names the solver). Only a solver with nothing to return (or one that
-does not poll, where the first Ctrl-C raises KeyboardInterrupt) falls back to the HEFT plan.
-A second Ctrl-C aborts with KeyboardInterrupt.
-
-A solver with options of its own registers their dataclass (``options=SplitOptions``, see
-:mod:`partitioner.ir.settings`); :func:`check_options` checks every section of
-``Settings.options`` against them, and :func:`solve` does so before it starts.
+Solver modules register themselves with :func:`register` (with their options dataclass,
+e.g. ``options=SplitOptions``; :func:`check_options` checks ``Settings.options`` against
+them before a solve); importing :mod:`partitioner.solvers` imports them all. Ctrl-C during
+:func:`solve` asks the solver to stop (:mod:`partitioner.progress`): a solver registered
+``interruptible`` returns the best plan it has, marked "interrupted" with its bound kept;
+only a solver with nothing to return (or one that does not poll) falls back to the HEFT
+plan. A second Ctrl-C aborts with KeyboardInterrupt.
 """
 
 from __future__ import annotations

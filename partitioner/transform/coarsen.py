@@ -1,89 +1,25 @@
-"""Graph coarsening: fuse what a backend fuses anyway, then (optionally) merge to a size.
+"""Graph coarsening: fuse what an inference backend fuses anyway, then (optionally) merge to a size.
 
-Follows Moirai (Zhang et al., "Moirai: Towards Optimal Placement for Distributed
-Inference on Heterogeneous Devices", 2023): coarsen the operator graph by the fusion
-rules of inference backends before the exact placement solve, so that the solver's
-search space shrinks without losing the inter-operator fusion a backend performs.
+Used to shrink a graph before a solve, typically an exact one (``--coarsen N``,
+``coarsen_to=``): the solver places clusters, and
+:meth:`~partitioner.transform.mapping.Coarsening.expand_plan` maps its plan back to every
+node. Following Moirai (Zhang et al., "Moirai: Towards Optimal Placement for Distributed
+Inference on Heterogeneous Devices", 2023), the rules, in order, on the quotient graph
+(one node per cluster):
 
-Rules, applied in this order to the *quotient graph* (one node per cluster):
+(a) elementwise fusion: elementwise, normalisation, shape and selection ops
+    (:func:`fusible_op`) join a producer's cluster;
+(b) chains: a cluster with one successor that has one predecessor merges with it, up to
+    ``max_chain_share`` of the total weight;
+(c) target size: merge the quotient edge of least ``w^2 / (w + c)`` until ``target_nodes``
+    (heavy-edge coarsening, Karypis & Kumar 1998, restricted to acyclicity-preserving
+    contractions as in Herrmann et al., SISC 2019).
 
-(a) **elementwise fusion** (``fuse_elementwise``): every node whose op is elementwise, a
-    normalisation, dropout, softmax or a shape/selection op (:func:`fusible_op`) joins
-    the cluster of one of its producers: the one sending it the most bytes (ties: the
-    latest in topological order) when that merge is legal, else the latest producer,
-    which is always legal.
-(b) **chains** (``fuse_chains``): a cluster with exactly one successor that has exactly
-    one predecessor is merged with it, as long as the result carries at most
-    ``max_chain_share`` of the graph's total weight (so a purely sequential model, e.g.
-    VGG, keeps enough clusters to be pipelined).
-(c) **target size** (``target_nodes``): while there are more clusters than asked, merge
-    the quotient edge with the smallest key ``w^2 / (w + c)`` (``w`` the merged weight,
-    ``c`` the edge's bytes at a nominal bandwidth): heavy edges relative to compute
-    first, then the lightest pairs (heavy-edge coarsening, Karypis & Kumar 1998,
-    restricted to acyclicity-preserving contractions as in Herrmann et al., "Multilevel
-    algorithms for acyclic partitioning of directed acyclic graphs", SISC 2019). Passes
-    over a lazy priority queue first take only merges that are legal without a search,
-    then searched ones; when none is left, sweeps merge every cluster with its first
-    successor in topological order, which is always legal. The phase stops when no
-    quotient edge is left (more weakly connected components than the target) or every
-    remaining merge would leave a cluster with no device; ``Coarsening.info["reached"]``
-    reports the count. The target is an upper bound: (a) and (b) are not undone.
-
-**Legality.** Contracting quotient edge ``A -> B`` keeps the quotient acyclic iff there
-is no other path ``A -> ... -> B``. The quotient keeps a topological numbering ``pos``
-(``pos[u] < pos[v]`` on every edge; floats, ties allowed). The merge needs no search when
-``B``'s other producers are all numbered before ``A`` or ``A``'s other consumers all after
-``B`` (so fusing a node into its unique producer, into its latest producer, or a cluster
-with its first successor is free). Otherwise a forward search from ``A`` and a backward
-search from ``B`` run in turns among the clusters numbered between them, at most
-``search_budget`` visits (over budget counts as illegal); the first to finish decides,
-and only its side is renumbered past ``B`` (or before ``A``), in the spirit of Pearce &
-Kelly's dynamic topological order (JEA 2006). A merge is also refused when no device
-can run every member (support masks do not intersect) or, given a ``problem`` with
-memory constraints, when the members' parameters exceed the largest capacity among the
-devices that can run them.
-
-**Cost semantics of the coarse graph** (exact for :func:`coarse_problem`):
-
-* cluster time on device ``d``: the sum of its members' times (they run back to back),
-  ``inf`` if any member cannot run on ``d`` (this honours ``supported_on``,
-  ``unsupported_ops``, measured times and the roofline exactly);
-* coarse edge ``A -> B`` bytes: ``sum over distinct producers u in A of max_{j in B}
-  bytes(u, j)``: every producer's tensor is sent once to ``B``'s device;
-* model inputs into members become inputs into the cluster (same tensor, same bytes);
-  every model output ``(s, bytes)`` becomes ``(cluster(s), bytes)`` (one each);
-* node attributes: flops, param_bytes and bytes_moved summed; output_bytes summed over
-  members whose output leaves the cluster (a consumer outside it or a model output);
-  ``time_s`` summed per key every timed member carries (kernel-free ops may lack it);
-  ``supported_on`` the intersection of the members' explicit lists (spec independent),
-  or, when coarsened with a ``problem``, the ids of the devices that can run every
-  member; groups of members that share a cluster are united (the cluster takes the
-  smallest group name of the union). A fused node's ``op`` is ``fused:op1+op2+...``,
-  so ``unsupported_ops`` are honoured only through :func:`coarse_problem` (the full
-  member ops are in ``Coarsening.ops``); do not price the coarse graph with
-  ``cost_matrix`` alone.
-
-**Relation between coarse and fine figures.** For every coarse plan (any placement and
-any per-device order the coarse evaluator accepts), the plan that
-:meth:`Coarsening.expand_plan` returns satisfies, under the fine evaluator:
-
-* ``latency_fine <= latency_coarse``. Proof sketch, by induction along the coarse
-  schedule: the ``k``-th member of a cluster starting at ``S`` starts by
-  ``S + sum of the earlier members' times``, because a fine predecessor in another
-  cluster finishes no later than its cluster, a fine transfer of producer ``u`` to
-  device ``d`` carries ``max_j bytes(u, j) <=`` the coarse edge's bytes and leaves when
-  ``u`` (not its whole cluster) finishes, transfer time is non-decreasing in bytes,
-  and inputs/outputs are the same tensors. Equality holds when every cluster is a
-  single node and can be strict otherwise. Hence, for latency, the coarse problem is a
-  restriction of the fine one: its optimum bounds the fine optimum from above, and
-  expanding it loses nothing.
-* per-device compute time (``sum T``) and parameter bytes are identical, so the device
-  part of the period agrees when ``comm_blocks_device`` is false.
-* link loads and activation memory are *not* bounded either way: the fine plan sends one
-  transfer (one latency) per producer where the coarse sends one per cluster, its routes
-  may differ with the tensor size, and a cluster's internal tensors are invisible to
-  the coarse memory model. Re-evaluate expanded plans with the fine evaluator (which
-  :meth:`Coarsening.expand_plan` leaves to its caller by setting ``claimed=None``).
+Every merge keeps the quotient acyclic and leaves a device that can run every member (and,
+given a problem, hold their parameters). A cluster costs the sum of its members' times; for
+latency the coarse problem is a restriction of the fine one (``latency_fine <=
+latency_coarse`` for every expanded plan). Legality, cost semantics and the coarse/fine
+relation in detail: docs/solvers.md (Coarsening).
 """
 
 from __future__ import annotations
@@ -469,7 +405,7 @@ def _merge_to_target(q: _Quotient, target: int, bw: float) -> None:
 
 
 def _build(graph: CostGraph, nodes: list[Node], moved, q: _Quotient, problem, so_names):
-    """The coarse CostGraph and the maps (semantics in the module docstring)."""
+    """The coarse CostGraph and the maps (semantics: docs/solvers.md, Coarsening)."""
     order = graph.order
     n = len(order)
     own = [q.find(i) for i in range(n)]

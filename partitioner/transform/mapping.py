@@ -28,7 +28,7 @@ class Coarsening:
     Attributes
     ----------
     coarse : CostGraph
-        The coarse graph (semantics in the module docstring).
+        The coarse graph (semantics: docs/solvers.md, Coarsening).
     members : dict
         Coarse node id -> fine node ids, in fine topological order.
     owner : dict

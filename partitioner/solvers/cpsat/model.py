@@ -1,4 +1,4 @@
-"""Model construction for the ``cpsat`` solver (the formulation is stated in ``cpsat.py``).
+"""Model construction for the ``cpsat`` solver (the formulation: :mod:`partitioner.solvers.cpsat.solver`).
 
 Everything here works on a :class:`~partitioner.machine.problem.Boundary` (a subset of the nodes
 with fixed surroundings), in integer time units: :func:`build_model` creates the CP-SAT
@@ -98,7 +98,7 @@ class Built:
 
 def build_model(problem: Problem, bnd: Boundary, *, unit: float, horizon_int: int, mode: str, side: Side,
                 objective: str = "latency", load_unit: float | None = None, schedule: bool = True) -> Built:
-    """Build the CP-SAT model of the subproblem ``bnd`` (see ``cpsat.py`` for the formulation).
+    """Build the CP-SAT model of the subproblem ``bnd`` (the formulation: :mod:`partitioner.solvers.cpsat.solver`).
 
     Parameters
     ----------

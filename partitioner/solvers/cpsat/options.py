@@ -8,7 +8,7 @@ from typing import ClassVar
 
 @dataclass(frozen=True)
 class CpsatOptions:
-    """Options of ``cpsat`` (see "Settings" in :mod:`partitioner.solvers.cpsat.solver`).
+    """Options of ``cpsat`` (how they act: docs/solvers.md, CP-SAT, determinism).
 
     Attributes
     ----------
@@ -16,9 +16,8 @@ class CpsatOptions:
         Reproducible: one interleaved worker, stopped by CP-SAT's deterministic clock. False:
         a parallel portfolio of ``threads`` workers on the wall clock (faster, not reproducible).
     det_ratio : float
-        Deterministic time limit per second of ``time_limit``. CP-SAT's work clock ran at
-        0.03-0.2 units per wall second in our measurements, so this clock usually stops the
-        search first.
+        Deterministic time limit per second of ``time_limit``. CP-SAT's work clock runs much
+        slower than the wall clock, so this clock normally stops the search first.
     deterministic_time : float or None
         The deterministic time limit itself, in CP-SAT units (None: ``det_ratio * time_limit``).
     log : bool

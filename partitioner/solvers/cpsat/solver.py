@@ -1,95 +1,30 @@
 """``cpsat``: exact placement and scheduling with Google OR-Tools CP-SAT.
 
-The latency model is the classic disjunctive formulation of scheduling a task graph on
-heterogeneous processors with communication delays (optional intervals per alternative
-machine, no-overlap per machine; cf. Laborie, Rogerie, Shaw and Vilim, "IBM ILOG CP
-Optimizer for scheduling", Constraints 23, 2018, and its use for DNN placement in Tarnawski
-et al., "Efficient algorithms for device placement of DNN graph operators", NeurIPS 2020).
-It is exactly the evaluator's machine model, on a :class:`~partitioner.machine.problem.Boundary`
-(the whole problem by default):
+The disjunctive formulation of scheduling a task graph on heterogeneous processors with
+communication delays (optional intervals per alternative device, no-overlap per device; cf.
+Laborie, Rogerie, Shaw and Vilim, "IBM ILOG CP Optimizer for scheduling", Constraints 23,
+2018; for DNN placement Tarnawski et al., NeurIPS 2020), in the evaluator's machine model,
+on a :class:`~partitioner.machine.problem.Boundary` (the whole problem by default;
+:func:`solve_latency_subproblem` serves the split heuristic):
 
-* ``p[v,d]`` (bool) for each node ``v`` and each device ``d`` in ``allowed_devices(v)``;
-  ``sum_d p[v,d] = 1``; members of a group have equal presences.
-* ``start[v], end[v]`` (int); ``end = start + sum_d dur[v,d] p[v,d]``; an optional interval
-  ``[start, start + dur[v,d])`` present iff ``p[v,d]``; ``add_no_overlap`` per device over
-  its intervals and a fixed interval ``[0, device_ready[d])``; ``start[v] >= sum_d
-  max(release[v,d], device_ready[d]) p[v,d]``.
-* Precedence: ``start[v] >= end[u]`` for every edge; transfers are sent once per
-  (producer, destination device) at the largest bytes among the producer's edges to that
-  device: for a producer whose edges all carry the same bytes ``B``,
-  ``start[v] >= end[u] + sum_{a != b} comm(a,b,B) p[u,a]`` enforced if ``p[v,b]``; with
-  several sizes, an arrival variable ``arr[u,b] >= end[u] + sum_a comm(a,b,B_uv) p[u,a]``
-  enforced if ``p[v,b]`` for every consumer ``v`` and ``start[v] >= arr[u,b]`` if
-  ``p[v,b]``, so the largest tensor to ``b`` delays every consumer on ``b``.
-* ``makespan >= end[v] + sum_d tail[v,d] p[v,d]`` (outputs back to the host), and the
-  redundant ``makespan >= device_ready[d] + sum_v dur[v,d] p[v,d]``; minimise ``makespan``.
-* Throughput floor (latency objective, whole problem): each device's compute load, and
-  every directed link's per-sample transfer load (transfer indicators once per (producer,
-  destination device) and size level, every hop of the route; with ``comm_blocks_device``
-  also both endpoint devices), at most ``1 / floor``. A latency ceiling bounds
-  ``makespan``.
-* Memory: a conservative linear proxy per device, params + outputs of its nodes +
-  received tensors (at their largest edge) + model inputs received <= capacity, which
-  bounds the evaluator's step-granular peak from above.
+* ``p[v,d]`` presence of ``v`` on ``d`` (``sum_d p[v,d] = 1``; a group shares presences);
+  ``start[v]``, ``end[v] = start[v] + sum_d dur[v,d] p[v,d]``; an optional interval per
+  ``(v, d)`` and ``add_no_overlap`` per device; releases and ``device_ready`` respected.
+* precedence: ``start[v] >= end[u] + comm(a, b, B) p[u,a]`` if ``p[v,b]``, one transfer per
+  (producer, destination device) at the largest bytes to that device;
+* latency: ``min makespan >= end[v] + tail[v,d] p[v,d]`` (outputs back to the host);
+  throughput: ``min period >=`` the load of every device and directed link (single pipeline);
+* side constraints: throughput floor, latency ceiling, memory (a linear proxy). When one
+  may bind, a *relaxed* model is solved first (its bound is valid), then, if the evaluator
+  rejects its plan, a *conservative* one (it accepts only plans the evaluator accepts).
 
-The throughput objective drops the schedule (unless a latency ceiling needs it) and
-minimises ``period >= load`` of every device and directed link, the evaluator's period
-for a single pipeline. Data-parallel replicas are not modelled, so a throughput plan is
-called "optimal" only when its period meets :func:`partitioner.bounds.lower.lower_bound` (which
-covers replicas); the solver's own bound is then reported in ``info`` only. Latency plans
-(with or without a throughput floor) are single pipelines, as the machine model reserves replicas for
-throughput plans.
-
-:func:`solve_latency_subproblem` solves the same model on any Boundary (for the split
-heuristic) and returns a :class:`SubSolution`.
-
-Scaling and rounding error
---------------------------
-CP-SAT needs integers. The time unit is ``u = horizon / 2**30`` where ``horizon`` is the
-evaluator's value of the best feasible heuristic plan (heft, greedy, single), or a serial
-upper bound when none is feasible; every duration, transfer, release and tail is rounded
-UP to whole units. Hence, with ``N = 2 n + 2`` (the most rounded terms on any path:
-one release, ``n`` durations, ``n - 1`` transfers, one tail):
-
-* for the plan returned, evaluator latency ``<= integer objective * u`` (checked; a
-  violation raises :class:`SolverError`);
-* every plan's integer value is below its real value ``/ u + N``, so the real optimum is
-  at least ``(CP-SAT best bound - N) * u``; this corrected value is ``solver_bound``.
-
-For loads (period objective, floor) ``N`` is the largest number of rounded terms on one
-resource. Status: "optimal" only when ``claimed - solver_bound <= 1e-6 * claimed`` (the
-rounding cannot hide a better plan; CP-SAT runs with ``relative_gap_limit = 1e-7``);
-otherwise "feasible" when CP-SAT finished, "time_limit" when it stopped at the limit.
-There is no "optimal but rounded" status.
-
-Side constraints are rounded in two ways. The *relaxed* model (memory: parameters only;
-loads rounded down) cuts off no plan the evaluator accepts, so its bound is valid and its
-infeasibility proves :class:`InfeasibleError`; the *conservative* model (full memory proxy;
-loads rounded up) accepts only plans the evaluator accepts. When some side constraint may
-bind, the relaxed model is solved first (half the time); if its plan passes the evaluator it
-is returned, otherwise the conservative model is solved with the rest of the time and the
-relaxed bound is kept. Without binding side constraints both coincide and one solve runs.
-
-Settings: ``time_limit`` -> ``max_time_in_seconds`` (per call, shared by the phases), ``seed``
--> ``random_seed``. Reproducible by default (option ``cpsat.deterministic``, True): one
-worker with ``interleave_search`` (CP-SAT's deterministic round-robin over its whole
-portfolio), also limited by ``max_deterministic_time = 0.05 * time_limit`` (CP-SAT's work
-clock; it advanced 0.03-0.2 units per wall second in our measurements), so a run stops on
-that clock and returns the same plan for the same seed; only if the wall clock stops it
-first (a slow or loaded machine; logged, ``info["phases"][k]["stopped_by"]``) can two runs
-differ. ``threads`` is not used in this mode: CP-SAT 9.15's interleaved loop with several
-workers was deterministic but up to 40x slower here. ``cpsat.deterministic=false`` runs
-the parallel portfolio with ``num_workers = threads`` on the wall clock only (faster, not
-reproducible). ``cpsat.det_ratio`` changes the 0.05; ``cpsat.deterministic_time`` sets the
-deterministic limit in CP-SAT units directly (:class:`.options.CpsatOptions`). The
-``hint_plans`` argument of :func:`solve` adds starting plans (besides HEFT, greedy and
-single) for the hint and the time scale.
-
-Ctrl-C: CP-SAT's own SIGINT catch is off (``catch_sigint_signal``: OR-Tools leaves SIGINT at
-SIG_DFL after a solve, so a later Ctrl-C would kill the process); instead a stop request
-(:func:`partitioner.progress.stop_requested`, the first Ctrl-C during a solve) calls
-``stop_search`` at once, no further phase runs, and the best plan so far (CP-SAT's or the
-hint) is returned with status "interrupted" and the bound proven so far.
+Time is integer: units of ``horizon / 2**30``, every term rounded up; the proven bound is
+corrected for the rounding, so it is valid for the real problem, and "optimal" means the
+evaluator's value meets it within 1e-6. Data-parallel replicas are not modelled: a
+throughput plan is "optimal" only when its period meets :func:`partitioner.bounds.lower.lower_bound`.
+Reproducible by default (one interleaved worker, stopped by CP-SAT's deterministic clock);
+Ctrl-C returns the best plan so far, status "interrupted". Rounding, determinism and
+Ctrl-C in detail: docs/solvers.md (CP-SAT). Options: :class:`.options.CpsatOptions`.
 """
 
 from __future__ import annotations
@@ -169,15 +104,14 @@ class _Run:
 
 
 def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any]:
-    """Map Settings onto CP-SAT parameters (see "Settings" in the module docstring)."""
+    """Map Settings onto CP-SAT parameters (docs/solvers.md, CP-SAT: determinism)."""
     threads = max(1, int(settings.threads or 1))
     opts = settings.options_of(CpsatOptions)
     det = opts.deterministic
     params.random_seed = int(settings.seed) % (2 ** 31 - 1)
     params.relative_gap_limit = REL_GAP
     if det:
-        # one worker interleaving the whole portfolio: deterministic; CP-SAT 9.15's interleaved
-        # multi-worker loop was measured up to 40x slower in wall time, so threads are not used
+        # one worker interleaving the whole portfolio: deterministic (why not several: docs/solvers.md)
         params.num_workers = 1
         params.interleave_search = True
         if threads > 1:
@@ -195,7 +129,7 @@ def _configure(params, settings: Settings, limit: float | None) -> dict[str, Any
     if det_limit is not None:
         params.max_deterministic_time = det_limit
     params.log_search_progress = opts.log
-    params.catch_sigint_signal = False  # Ctrl-C goes through partitioner.progress (see the docstring)
+    params.catch_sigint_signal = False  # Ctrl-C goes through partitioner.progress (docs/solvers.md, CP-SAT)
     return {"deterministic": det, "det_limit": det_limit, "wall_limit": limit}
 
 

@@ -1,55 +1,28 @@
-"""``milp``: exact placement and scheduling by mixed-integer linear programming.
+"""``milp`` (latency): exact placement and scheduling by mixed-integer linear programming.
 
-The latency model is the classical disjunctive (big-M) formulation of scheduling with
-precedence and sequence-dependent delays (Manne, "On the job-shop scheduling problem",
-Operations Research 1960), extended with placement variables and device-pair transfer
-times as in the heterogeneous DNN-partitioning MILP of DiviML (Ghannane and Abdelfattah, "DiviML:
-A Module-based Heuristic for Mapping Neural Networks onto Heterogeneous Platforms", ICCAD
-2023, arXiv:2308.00127). Everything is built on a :class:`~partitioner.machine.problem.Boundary`
-(default: the whole problem) in scaled time units; see :mod:`.model` for the variable names.
+The classical disjunctive (big-M) formulation of scheduling with precedence and
+sequence-dependent delays (Manne, "On the job-shop scheduling problem", Operations Research
+1960), extended with placement variables and device-pair transfer times as in the MILP of
+DiviML (Ghannane and Abdelfattah, "DiviML: A Module-based Heuristic for Mapping Neural
+Networks onto Heterogeneous Platforms", ICCAD 2023, arXiv:2308.00127). Built on a
+:class:`~partitioner.machine.problem.Boundary` (default: the whole problem) in scaled time
+units (variable names: :mod:`.model`):
 
-Formulation (latency)
----------------------
-* ``x[v,d]`` binary, ``sum_d x[v,d] = 1`` over the devices that support ``v`` (members of a
-  group share one set of variables, so they share a device).
-* ``s[v]`` start; ``f[v] = s[v] + sum_d T[v,d] x[v,d]`` (an expression).
-* release: ``s[v] >= sum_d max(release[v,d], device_ready[d]) x[v,d]`` (exact since one
-  ``x`` is 1); bounds ``head[v] <= s[v] <= UB - qtail[v] - Tmin[v]`` from fastest-device
-  path lengths.
-* precedence: ``s[v] >= f[u]`` per edge; transfers, one per (producer, destination
-  device) at the LARGEST bytes among ``u``'s edges to consumers there (as the evaluator):
-  ``s[v] >= f[u] + sum_{a!=b} c(a,b,B_uv) x[u,a] - cmax (1 - x[v,b])`` for every device
-  ``b`` of ``v`` and, for every other consumer ``v'`` with more bytes,
-  ``s[v] >= f[u] + sum_a c(a,b,B_uv') x[u,a] - cmax' (2 - x[v,b] - x[v',b])``.
-* one node at a time: for each pair not ordered by a path (transitive closure by
-  bitsets) with a common device ``d``, binary ``o[u,v]`` and
-  ``s[v] >= f[u] - M (3 - o - x[u,d] - x[v,d])``,
-  ``s[u] >= f[v] - M' (2 + o - x[u,d] - x[v,d])``, with ``M = UB - qtail[u] - head[v]``
-  derived from a valid upper bound ``UB`` on the objective (the best evaluator-feasible
-  heuristic plan, else the serial horizon; ``C <= UB`` is imposed).
-* objective: ``min C``, ``C >= f[v] + sum_d tail[v,d] x[v,d]``.
-* memory, conservative (never accepts a plan the evaluator rejects): per device,
-  params + output bytes of its nodes + ``r[u,d]`` (``>= bytes(u,v) (x[v,d] - x[u,d])``:
-  the largest tensor of ``u`` received) + model inputs received ``<= capacity``.
-  Relaxed (never rejects a plan the evaluator accepts): params + what is live at one
-  node's own step (its output, its inputs) ``<= capacity``.
-* throughput floor: every device and directed-link load (see the throughput model)
-  ``<= 1 / floor``.
+* placement ``x[v,d]`` binary, ``sum_d x[v,d] = 1`` (a group shares its variables);
+  start ``s[v]``, finish ``f[v] = s[v] + sum_d T[v,d] x[v,d]``, releases respected;
+* precedence ``s[v] >= f[u]`` plus the transfer when ``u`` and ``v`` are apart, one per
+  (producer, destination device) at the largest bytes among ``u``'s edges there;
+* one node at a time: for each pair not ordered by a path that may share a device ``d``,
+  an order binary ``o[u,v]`` and big-M disjunctions, ``M`` derived from a valid upper bound
+  ``UB`` on the objective (the best feasible heuristic plan, else the serial horizon);
+* ``min C``, ``C >= f[v] + sum_d tail[v,d] x[v,d]`` (outputs back to the host);
+* memory: a conservative proxy (never accepts a plan the evaluator rejects) and a relaxed
+  one (never rejects a plan it accepts); a throughput floor bounds every device and link load.
 
-Optimality is claimed honestly: when memory may bind, the relaxed model is solved first
-(its bound is a bound for the real problem, and its plan is optimal if the evaluator
-accepts it); otherwise the conservative model supplies the plan and the status is
-"optimal" only if its value meets the relaxed bound. Side constraints are tightened by a
-relative 1e-8 to absorb solver tolerances. ``claimed`` is the evaluator's latency of the
-extracted placement and order (its earliest-start schedule is never later than the
-MILP's start times; a larger figure raises :class:`SolverError`).
-
-Progress and Ctrl-C: the warm start (the best heuristic plan) is reported as the first
-incumbent, then HiGHS's improving solutions with its dual bound (CBC: the result of each
-run). A stop request (:func:`partitioner.progress.stop_requested`, the first Ctrl-C) stops
-the backend with its incumbent; no further model is solved, and the best of the MILP's
-plan and the heuristic plans is returned with status "interrupted" and the bound proven so
-far.
+"optimal" is claimed only when the evaluator's value of the best plan meets the bound of
+the exact or relaxed model; the warm start is the best of HEFT, greedy and single, and
+Ctrl-C returns the best plan so far with status "interrupted". In detail: docs/solvers.md
+(MILP). Options: :class:`.options.MilpOptions`.
 """
 
 from __future__ import annotations

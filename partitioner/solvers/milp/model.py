@@ -1,16 +1,10 @@
-"""Model construction and backends for the ``milp`` solvers (formulation: see ``milp.py``).
+"""Model construction for the ``milp`` solvers (formulation: :mod:`.latency`, :mod:`.throughput`).
 
-:class:`MilpModel` builds the variable families and constraints of a
-:class:`~partitioner.machine.problem.Boundary` in scaled time units (``tau`` seconds per unit, so
-that the horizon is about 1000 units and solver tolerances stay far below the evaluator's
-1e-6), sets a full warm start from a plan, and reads a solution back. :func:`partitioner.solvers.milp.backends.run_backend`
-solves a PuLP model with CBC or HiGHS and reports the status and the proven bound.
-
-Ctrl-C (:func:`partitioner.progress.stop_requested`): HiGHS is stopped from its MIP
-interrupt callback and keeps its incumbent and dual bound; CBC (a subprocess) is sent
-SIGINT, stops with its incumbent and prints its bound. Either way the outcome is flagged
-``interrupted``. HiGHS reports each improving solution (value and dual bound, in seconds)
-to :mod:`partitioner.progress`.
+:class:`MilpModel` builds the named variable families and constraints of a
+:class:`~partitioner.machine.problem.Boundary` in scaled time units (``tau`` seconds per unit,
+so that the horizon is about 1000 units and solver tolerances stay far below the
+evaluator's 1e-6), sets a full warm start from a plan, and reads a solution back; the
+solve is :func:`partitioner.solvers.milp.backends.run_backend`'s.
 """
 
 from __future__ import annotations

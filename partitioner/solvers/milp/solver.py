@@ -1,7 +1,8 @@
 """``milp``, ``milp-cbc``, ``milp-highs``: the exact MILP solvers, registered.
 
 Latency: :mod:`.latency` (disjunctive schedule); throughput: :mod:`.throughput`
-(bottleneck period, data-parallel replicas). Backends: :mod:`.backends`.
+(bottleneck period, data-parallel replicas). Backends: :mod:`.backends`. Options (shared by
+the three): :class:`.options.MilpOptions` (``partitioner solvers --options milp``).
 """
 
 from __future__ import annotations

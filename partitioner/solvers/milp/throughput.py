@@ -1,39 +1,24 @@
-"""Throughput side of the ``milp`` solver: the bottleneck-period MILP and data-parallel replicas.
+"""``milp`` (throughput): the bottleneck-period MILP, and data-parallel replicas by enumeration.
 
-Single replica (the bottleneck formulation of pipeline partitioning, e.g. Tarnawski et
-al., "Efficient algorithms for device placement of DNN graph operators", NeurIPS 2020,
-extended with per-link loads and routed transfers):
+One replica: the bottleneck formulation of pipeline partitioning (after Tarnawski et al.,
+"Efficient algorithms for device placement of DNN graph operators", NeurIPS 2020), extended
+with per-link loads and routed transfers:
 
-* ``x[v,d]`` placement as in the latency model; ``min P``.
-* ``P >= sum_v T[v,d] x[v,d] (+ hop times with comm_blocks_device)`` per device.
-* ``P >=`` each directed link's load: every hop of every transfer's route. A tensor of
-  ``u`` moves once per (producer, destination device), sized by the largest edge to that
-  device: ``y[u,a,b,l] >= x[u,a] + x[v,b] - 1 - sum_{v': bytes(u,v') > l} x[v',b]`` for
-  every consumer ``v`` at byte level ``l`` (exact at the optimum; a spuriously set ``y``
-  only over-counts). Model inputs (``i[k,d] >= x[j,d]``) come from the host and outputs
-  (``x[s,d]``) go back to it.
-* memory as in the latency model (conservative proxy, certified by the relaxed model);
-  an optional throughput floor bounds every load; an optional latency ceiling adds the
-  latency model's start-time and disjunctive constraints with ``C <= ceiling``.
+* placement ``x[v,d]`` as in the latency model; ``min P``;
+* ``P >=`` each device's compute load (plus its hops with ``comm_blocks_device``) and each
+  directed link's load, every hop of every transfer's route; a transfer moves once per
+  (producer, destination device) at the largest edge there (indicators ``y[u,a,b,l]``),
+  model inputs come from the host and outputs return to it;
+* memory as in the latency model; an optional throughput floor bounds every load, an
+  optional latency ceiling adds the latency model's schedule with ``C <= ceiling``.
 
-Data parallelism (docs/architecture.md): the devices may be split into groups, each running a full
-replica, throughputs adding up. The solver ENUMERATES device groups: the single-replica
-MILP is solved on every non-empty subset ``S`` of the devices (``2^D - 1`` MILPs, cached
-by subset; a subset that cannot run the whole model scores 0), then a DP over subsets
-picks the set partition (devices may stay idle) maximising the summed throughput
-``1 / period``. The same DP over each subset's proven upper bound on throughput gives a
-proven bound for the whole problem, so the status is "optimal" only when every subset
-that matters was proven. Enumeration is capped by option ``milp.max_replica_devices``
-(6): with more devices (or ``milp.replicate=false``) only the single
-replica on all devices is solved, and the bound is the fractional load LP of
-:mod:`partitioner.bounds.lower` (valid for replicated plans too).
-
-Ctrl-C (:func:`partitioner.progress.stop_requested`): the running group's MILP stops with
-its incumbent; every group not solved yet gets its best heuristic plan (HEFT, greedy,
-single: milliseconds) and the load-LP bound, so the DP still returns the best replicas
-known, status "interrupted", with a valid bound. While groups are enumerated, progress
-reports the period of the best replica set found so far (the groups' own incumbents are
-not the whole problem's).
+Replicas: on a spec of at most ``milp.max_replica_devices`` devices the single-replica
+MILP is solved on every non-empty subset of the devices, and a DP over subsets picks the
+partition with the largest summed throughput, which (with the subsets' proven bounds) is a
+valid upper bound; the plan's value is the evaluator's (replicas that share a link are
+charged for it), "optimal" only when it meets that bound. With more devices, one replica
+on all of them, bounded by the load LP of :mod:`partitioner.bounds.lower`. In detail:
+docs/solvers.md (MILP). Options: :class:`.options.MilpOptions`.
 """
 
 from __future__ import annotations

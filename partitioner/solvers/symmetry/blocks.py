@@ -75,6 +75,12 @@ def find_blocks(problem: Problem, cut_factor: float = 8.0,
                 max_positions: int | None = 480) -> tuple[Blocks | None, str]:
     """Detect the longest chain of identical blocks; ``(None, reason)`` when there is none.
 
+    Nodes are keyed by the first indexed component of their ``module_path``
+    (``layers.3.attn.q_proj`` -> ``("layers", 3)``); blocks are typed by the Weisfeiler-Lehman
+    hash of their induced subgraph and compared exactly (ops, bytes, rows of ``T``, internal
+    and incoming edges, shared tensors). The run must be a chain: a block feeds only the
+    next one, and no co-location group crosses a block (docs/solvers.md, symmetry).
+
     ``cut_factor``: a cut inside a block is kept when the tensors crossing it weigh at most
     that many times a block boundary's (0: no cuts inside blocks); at most
     ``max_positions / blocks - 1`` cuts (None: 3) are kept (those nearest to equal shares of the
@@ -265,7 +271,13 @@ class DeviceClasses:
 
 
 def device_classes(problem: Problem, sizes_bytes: tuple[float, ...] = (0.0, 1e6)) -> DeviceClasses:
-    """Colour refinement of the devices (see the module docstring)."""
+    """Classes of identical devices, by colour refinement.
+
+    The initial colour is a device's column of ``T``, its capacity and whether it is the
+    host; colours are refined by the multiset of (colour, transfer times at ``sizes_bytes``)
+    to every other device. Classes whose members' transfer times to another class differ
+    are split into single devices, so a transfer between two classes has one time.
+    """
     D = problem.D
     cm = [problem.comm_matrix(b) for b in sorted(set(sizes_bytes))]
     R = np.round(np.stack(cm, axis=-1), 15)  # (D, D, sizes)

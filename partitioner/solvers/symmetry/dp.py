@@ -4,7 +4,8 @@
 :func:`_build` (units, costs, memory, latency group-stage kinds from :func:`_group_kinds`),
 :func:`_dp` / :func:`_backtrack` (the pipeline DP over the class lattice),
 :func:`_replica_split` (data-parallel replicas over the lattice) and :func:`_expand` (the
-stages back to a plan for every node). The formulation is in that module's docstring.
+stages back to a plan for every node). The formulation is stated in that module's docstring,
+in detail in docs/solvers.md (symmetry).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 @dataclass(frozen=True)
 class SymmetryOptions:
-    """Options of ``symmetry`` (see :mod:`partitioner.solvers.symmetry.solver` for the steps they tune).
+    """Options of ``symmetry`` (the steps they tune: docs/solvers.md, symmetry).
 
     Attributes
     ----------

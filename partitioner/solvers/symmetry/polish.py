@@ -1,10 +1,10 @@
 """The symmetry solver's polish: its expanded reduced plans improved on the full problem.
 
 A plan expanded from the reduced problem (:mod:`partitioner.solvers.symmetry.solver`) keeps stages
-contiguous and on distinct devices; :func:`polish_select` runs a short, deterministic local
+contiguous and on distinct devices; :func:`_polish_select` runs a short, deterministic local
 search on the full operator-level problem with the split heuristic's incremental engine
 (:mod:`partitioner.solvers.split.engine`, :mod:`partitioner.solvers.split.search`): the
-critical-path descent for latency, and for throughput :func:`relief_descent` (the
+critical-path descent for latency, and for throughput :func:`_relief_descent` (the
 bottleneck device's nodes to the devices that run them at least cost), with split's
 throughput descent when it stalls. Candidates share ``RACE_SHARE`` of the budget, the best
 gets the rest; the winner is graded by the evaluator and is never worse than its start.

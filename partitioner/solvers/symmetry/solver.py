@@ -1,97 +1,27 @@
-"""Symmetry: repeated blocks in the graph, identical devices in the spec, a reduced solve and a
-polish on the full problem.
+"""``symmetry``: repeated blocks on identical devices (LLMs), a reduced exact solve and a polish.
 
-Large language models are a prologue (embedding, positions, mask), ``L`` identical
-decoder layers and an epilogue (final norm, head); GPU servers hold several identical
-GPUs. :func:`find_blocks` and :func:`device_classes` detect both, and the ``symmetry``
-solver places the model as a pipeline of layer ranges over device classes by a small
-exact dynamic programme instead of searching the full operator-level problem, expands
-the answer to a plan for every node, and then polishes that plan on the full
-operator-level problem with a short local search under a deterministic work budget.
-Where the structure is not there (no repeated blocks, not a chain, too many device
-classes) it falls back to a full solver.
+:func:`find_blocks` finds the longest chain of identical blocks of the graph (the decoder
+layers, typed by Weisfeiler-Lehman hashes, Shervashidze et al., JMLR 2011, and compared
+exactly) and :func:`device_classes` the classes of identical devices (colour refinement).
+Without such a chain, with too many device classes, or when no contiguous pipeline fits,
+the fallback solver (option ``fallback``) solves the full problem.
 
-**Blocks** (:func:`find_blocks`). Nodes are keyed by the first indexed component of
-their ``module_path`` (``layers.3.attn.q_proj`` -> ``("layers", 3)``); each key's
-nodes, in topological order, form a candidate block. Blocks are typed by the
-Weisfeiler-Lehman hash (Shervashidze et al., JMLR 2011; ``networkx``) of their induced
-subgraph labelled by op, parameter and output bytes, and then compared exactly: per
-relative position the op, bytes and the row of ``T`` (so every device prices them
-identically), the internal edges, the edges from the previous block, and the edges
-from nodes outside the blocks (*shared* tensors such as the mask, identical for every
-block). The longest run of consecutive blocks of one type is kept; the other nodes are
-the *prologue* (no block ancestor) and the *epilogue* (with the prologue nodes that only the
-epilogue reads, such as a tied head's weight). The run must be a chain: a block feeds only
-the next block (the last one the epilogue), no epilogue node feeds a block, only the last
-block's nodes may be model outputs, and no co-location group crosses a block. Inside a
-block, *cheap cuts* (the tensors crossing them weigh at most ``cut_factor`` times those
-crossing a block boundary) split it into segments.
+Reduced problem (:mod:`.dp`, :mod:`.memory`): units are the prologue, the segments of each
+of the ``L`` blocks and the epilogue; a stage is a contiguous range of units on one device
+(for latency also a group of devices repeating a pattern of blocks placed by HEFT / PEFT).
+A DP over (devices used per class, class of the last stage, position) minimises the
+latency (stage times plus the transfer at each cut, inputs and outputs) or the period
+(the largest stage compute or received transfer); a stage over its device's memory costs
+``inf``. For throughput a second DP over the lattice splits the devices into data-parallel
+replicas. The DP's costs are a model (no link sharing between stages).
 
-**Devices** (:func:`device_classes`). Colour refinement (1-dimensional WL) on the
-devices: the initial colour is the column of ``T``, the capacity and whether the device
-is the host; a colour is refined by the multiset of (colour, transfer times) to every
-other device at the tensor sizes the DP uses. Classes whose members do not all have the
-same transfer time to every member of another class are split into single devices, so
-that the DP can price a transfer between two classes by one number. Servers (``host``
-of the spec) with the same multiset of device models are reported as one server type.
-*Main classes*: those whose time for one block is within ``main_ratio`` (default 2) of
-the fastest class's; the others (a host CPU next to GPUs) are better used as helpers
-for single operators than as pipeline stages or group members.
+Polish (:mod:`.polish`): the expanded candidates are improved on the full operator-level
+problem with ``split``'s incremental engine under a budget of work units, so the same input
+and seed give the same plan; the result, graded by the evaluator, is never worse than the
+best unpolished candidate. Status ``"heuristic"``.
 
-**Reduced problem.** Units: the prologue, the ``g`` segments of each of the ``L`` blocks,
-the epilogue; a stage is a range of units on one device (or, for latency, on a group of
-devices, below); stages follow the chain, so the first holds the prologue and the last the
-epilogue (a stage may hold only one of them, e.g. the head next to the host). The DP
-state is (how many devices of each class are used, anchor class of the last stage,
-position); the lattice has ``prod(size_c + 1)`` points. Costs (the evaluator's machine
-model, per stage):
-
-* compute: the sum of ``T`` over the stage's units (prefix sums); infinite when the
-  stage's parameters (KV cache included) plus one block's activations, the crossing and
-  shared tensors (and the prologue's / epilogue's outputs) exceed the usable memory;
-* latency: stages add up, each cut adds the largest transfer of its crossing tensors,
-  the model inputs reach the first stage and the outputs return from the last;
-* period: the largest of each stage's compute and the sum of the transfers it receives
-  (crossing tensors, the shared tensors), the input and the output transfers. Link
-  sharing between stages is not seen by the DP, so it is a model; the plan it returns is
-  graded by the evaluator (``claimed``).
-
-*Group stages* (latency): a pattern for ``p`` consecutive blocks is placed at operator
-level by HEFT and by PEFT (``pattern_solvers``) on a group of main-class devices of one
-server (a sub-problem with one block type and one server type; see :func:`partitioner.solvers.symmetry.dp._group_kinds`),
-and a stage repeats it as often as memory allows, running its other blocks on one device;
-this captures the intra-layer parallelism that a pipeline of single devices lacks. The
-expanded plan runs every repetition in the order of the pattern's own schedule, so it
-reproduces the DP's figure. Groups grow one device at a time only while that shortens the
-pattern, and a group whose critical-path bound cannot beat a pattern that already holds
-every block (allowing for what its anchor saves at the ends of the pipeline) is not solved.
-
-*Replicas* (throughput): after the DP the best pipeline on every sub-multiset of the
-devices is known; a second DP over the lattice splits the devices into data-parallel
-replicas (throughputs add up, as in docs/architecture.md).
-
-**Polish** (:func:`partitioner.solvers.symmetry.polish._polish_select`). Stages are contiguous and use distinct devices, so
-the DP cannot place single operators where they fit best (a launch-bound elementwise op
-costs a host CPU about what it costs a GPU, a prologue's independent chains can run in
-parallel on other devices). The candidates (the DP's best pipeline; for throughput also
-the best pipeline on the main classes only, and the replica split) are therefore polished
-on the full operator-level problem with the incremental engine of ``split``
-(:mod:`..split.engine`: delta schedule, loads and memory; figures equal to the
-evaluator's): for latency ``split``'s descent on the critical path (moves of nodes, runs
-and of the reduced problem's units, reorders); for throughput the relief descent
-(:func:`partitioner.solvers.symmetry.polish._relief_descent`: the bottleneck device's nodes to the devices that run them at
-the least cost per unit of relief, then ``split``'s throughput descent), each replica on
-its own devices. The budget is counted in the engine's work units (``polish_work``;
-default 10 per node for latency, 150 per node for throughput, plus 5,000; ``split``'s
-search uses 1,000 per node plus 500,000), so the same input and seed give the same plan;
-``time_limit`` is only a safety cap. The candidates that start within 25% of the best
-start get an even share of half the budget, the best of them after that the rest; the
-result is graded by the evaluator and is never worse than the best unpolished candidate. Status ``"heuristic"``; ``info`` reports the
-reduction (nodes and devices before and after, DP size, pattern sub-solves, times) and the
-polish (candidates with their values before and after, work spent).
-
-Options: :class:`.options.SymmetryOptions` (``--option symmetry.KEY=VALUE``; ``partitioner
-solvers --options symmetry`` lists them with their defaults).
+Each step in detail: docs/solvers.md (symmetry). Options: :class:`.options.SymmetryOptions`
+(``partitioner solvers --options symmetry``).
 """
 
 from __future__ import annotations
