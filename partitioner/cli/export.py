@@ -66,9 +66,10 @@ def export(
         if check and (tmp / "expected_outputs.pt").is_file():
             import torch
 
+            from ..emit.artifact import read_expected_outputs
             from ..runtime.onnx_rt import run_exported
 
-            expected = torch.load(tmp / "expected_outputs.pt", weights_only=True)
+            expected = read_expected_outputs(tmp / "expected_outputs.pt")
             with torch.no_grad():
                 outputs, _, _ = run_exported(tmp)
             mismatch = check_onnx_outputs(outputs, expected)

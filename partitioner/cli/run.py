@@ -253,6 +253,7 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
         raise UsageError(f"--repeat must be >= 1, got {repeat}", hint="e.g. --repeat 10")
     if stream:
         raise UsageError("--stream is not supported for ONNX exports", hint="run the torch artifact with --stream")
+    from ..emit.artifact import read_expected_outputs
     from ..emit.outdir import check_out_file
 
     check_out_file(out, "--out")
@@ -277,6 +278,6 @@ def run_onnx(artifact: Path, *, inputs: Optional[Path] = None, out: Optional[Pat
         exp = Path(artifact) / "expected_outputs.pt"
         if not exp.is_file():
             raise UsageError(f"{artifact} holds no expected_outputs.pt", hint="run without --check")
-        mismatch = check_onnx_outputs(outputs, torch.load(exp, weights_only=True))
+        mismatch = check_onnx_outputs(outputs, read_expected_outputs(exp))
     report_run(s, artifact, runs, outputs_file=out, check=check, mismatch=mismatch, stats=stats, json_out=json_out,
                engine="onnx", content_hash=rt.content_hash)

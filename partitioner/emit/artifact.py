@@ -310,7 +310,7 @@ def load_artifact(path: str | Path, *, expect: str | None = None) -> Artifact:
     if "example_inputs.pt" in files:
         ex = tuple(torch.load(root / "example_inputs.pt", weights_only=True))
     if "expected_outputs.pt" in files:
-        exp = unpack_outputs(torch.load(root / "expected_outputs.pt", weights_only=True))
+        exp = read_expected_outputs(root / "expected_outputs.pt")
     return Artifact(sched, modules, ex, exp, path=root, content_hash=content)
 
 
@@ -336,6 +336,11 @@ def pack_outputs(outputs: Any) -> dict:
 
     tree = tree_encode(outputs, leaf, fail)
     return {"format": OUTPUTS_FORMAT, "tree": json.dumps(tree), "tensors": tensors}
+
+
+def read_expected_outputs(path: Path) -> Any:
+    """The model outputs saved in ``expected_outputs.pt`` (weights-only load, structure rebuilt)."""
+    return unpack_outputs(torch.load(path, weights_only=True))
 
 
 def unpack_outputs(obj: Any) -> Any:

@@ -503,12 +503,14 @@ def test_a_constant_output_is_compared_not_an_internal_error(saved, tmp_path):
 
     from partitioner.cli import main as cli
     from partitioner.emit.artifact import outputs_mismatch
+    from partitioner.emit.manifest import seal
 
     root = _copy(saved, tmp_path)
     d = json.loads((root / "schedule.json").read_text())
     assert list(d["outputs"]) == ["tuple"]  # Branchy returns three tensors
     d["outputs"]["tuple"][0] = {"const": 42}
     (root / "schedule.json").write_text(json.dumps(d))
+    seal(root)  # the edit is the test's, not a tampering: record it in the manifest
     r = CliRunner().invoke(cli.app, ["run", str(root), "--check"])
     assert r.exit_code == 1 and "internal error" not in r.output, r.output
     assert "outputs differ" in r.output and "output 0: the constant 42, expected a float32 tensor" in r.output

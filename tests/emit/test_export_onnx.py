@@ -287,12 +287,14 @@ def test_a_crafted_segment_id_writes_nothing_outside_out(small_export, tmp_path)
     from dataclasses import replace
 
     from partitioner.emit.artifact import load_artifact
+    from partitioner.emit.manifest import seal
 
     _, _, src, _ = small_export
     art_dir = tmp_path / "work" / "art"
     shutil.copytree(src, art_dir)
     text = (art_dir / "schedule.json").read_text()
     (art_dir / "schedule.json").write_text(text.replace('"s2"', '"../../evil"'))
+    seal(art_dir)  # a consistent manifest: the id itself must be refused
     out = tmp_path / "work" / "exp"
     r = CliRunner().invoke(_app(), ["export", str(art_dir), "--out", str(out), "--exporter", "torchscript"])
     assert r.exit_code == 2 and "segment id '../../evil'" in r.output, r.output
