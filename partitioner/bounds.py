@@ -70,6 +70,7 @@ import numpy as np
 from . import bounds_chain as _chain
 from . import bounds_join as _join
 from . import bounds_lp as _lp
+from .bounds_memory import group_resident, resident_bytes
 from .bounds_lp import LIMITS, SHAVE, LPResult, _Routes  # noqa: F401  (re-exported)
 from .errors import InfeasibleError
 from .problem import Objective, Problem
@@ -103,15 +104,14 @@ class PathLabels:
 def allowed_mask(problem: Problem) -> np.ndarray:
     """``(n, D)`` bool: devices that may run each node: support, groups (all members on one
     device that supports them all) and, with memory on, whose capacity holds the node's
-    (group's) parameters (the evaluator's tolerance, relative 1e-9)."""
+    (group's) resident bytes (:func:`partitioner.bounds_memory.group_resident`: parameters
+    plus the activations a group keeps; the evaluator's tolerance, relative 1e-9)."""
     ok = problem.supported.copy()
     cap = problem.capacity * (1 + 1e-9)
     if problem.constraints.memory:
-        ok &= problem.param_bytes[:, None] <= cap[None, :]
+        ok &= group_resident(problem)[:, None] <= cap[None, :]
     for g in problem.groups:
         ok[g] &= problem.supported[g].all(axis=0)
-        if problem.constraints.memory:
-            ok[g] &= problem.param_bytes[g].sum() <= cap
     if not ok.any(axis=1).all():
         problem.check_supported()
     return ok
@@ -216,9 +216,9 @@ def load_lp_bound(problem: Problem, res: LPResult | None = None) -> float:
     """The fractional load-balancing LP (HiGHS via scipy); raises InfeasibleError if no fit."""
     res = res or load_lp(problem)
     if not math.isfinite(res.value):
-        need = problem.param_bytes.sum()
+        need = resident_bytes(problem).sum()
         raise InfeasibleError(
-            f"the parameters ({need / 1e9:.3f} GB) fit on the devices of spec {problem.spec.name!r} in no way "
+            f"the parameters (and the activations they keep, {need / 1e9:.3f} GB) fit on the devices of spec {problem.spec.name!r} in no way "
             f"(usable memory {problem.capacity.sum() / 1e9:.3f} GB in all, given which devices support each op)",
             hint="use a spec with more memory, lower memory_reserve, or a smaller model")
     return res.value
@@ -261,7 +261,7 @@ def _group_cheap(problem: Problem, A: np.ndarray, G: tuple[int, ...], routes: _R
     AG = A[:, list(G)]
     if not AG.any(axis=1).all():
         return math.inf
-    if problem.constraints.memory and problem.param_bytes.sum() > problem.capacity[list(G)].sum() * (1 + 1e-9):
+    if problem.constraints.memory and resident_bytes(problem).sum() > problem.capacity[list(G)].sum() * (1 + 1e-9):
         return math.inf
     TG = np.where(AG, problem.T[:, list(G)], np.inf)
     if len(G) == 1:

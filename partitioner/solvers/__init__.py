@@ -101,5 +101,5 @@ def _fallback(problem: Problem, settings: Settings, name: str, t0: float, why: s
                                     "interrupted_plan": "the HEFT plan it started from"})
 
 
-from . import cpsat, dp, greedy, heft, metis, milp, peft, single, split  # noqa: E402,F401  (register the solvers)
+from . import contiguous, cpsat, dp, greedy, heft, metis, milp, peft, single, split  # noqa: E402,F401  (register the solvers)
 from .. import symmetry  # noqa: E402,F401  (registers the 'symmetry' solver)
