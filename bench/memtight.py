@@ -5,8 +5,8 @@ Inception; traced without coarsening) and synthetic DNN-like graphs
 (:func:`models.synthetic.dnn_cost_graph`), inference and training
 (:func:`models.synthetic.training_graph`: forward/backward co-location groups), 200-5,000
 nodes; specs generated here with a slow host CPU (several cores, plenty of memory) and 4,
-8 or 16 accelerators whose usable memory totals 1.1-1.5x the model's weights (parameters,
-plus their gradients for training), ``comm_blocks_device`` true and false, uniform and
+8 or 16 accelerators whose usable memory totals 1.1-1.5x the model's weights (parameters;
+for training also their gradients and the activations saved for the backward pass), ``comm_blocks_device`` true and false, uniform and
 mixed accelerator speeds, star (through the host), ring or full-mesh links. Both
 objectives.
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from models.synthetic import dnn_cost_graph, training_graph  # noqa: E402
 from partitioner import api  # noqa: E402
 from partitioner.bounds import lower_bound  # noqa: E402
+from partitioner.bounds_memory import resident_bytes  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
 from partitioner.graph import CostGraph  # noqa: E402
 from partitioner.hardware import Spec, parse_spec  # noqa: E402
@@ -121,10 +122,18 @@ VARIANTS = (
 _MIXED = (1.0, 0.6, 0.35)
 
 
+def weights(graph: CostGraph) -> float:
+    """The bytes the model keeps resident: its parameters (inference), plus gradients and the
+    activations saved for the backward pass (training; :func:`partitioner.bounds_memory.resident_bytes`)."""
+    one = parse_spec({"name": "one", "devices": [{"id": "cpu0", "host": "h0", "kind": "cpu",
+                                                   "peak_flops": {"fp32": 1e12, "fp16": 1e12},
+                                                   "memory": {"capacity_bytes": 1e15, "bandwidth_Bps": 1e11}}]})
+    return float(resident_bytes(Problem(graph, one)).sum())
+
+
 def make_spec(graph: CostGraph, v: Variant) -> Spec:
-    """The spec of variant ``v`` for ``graph`` (capacities from its parameter bytes)."""
-    weights = float(sum(n.param_bytes for n in graph.nodes))
-    cap = max(v.mem * weights / v.k, 1e6)
+    """The spec of variant ``v`` for ``graph`` (capacities from its :func:`weights`)."""
+    cap = max(v.mem * weights(graph) / v.k, 1e6)
     devices = [{"id": "cpu0", "host": "h0", "kind": "cpu", "model": "host-8core",
                 "peak_flops": {"fp32": 6.4e11, "fp16": 6.4e11},  # 8 cores x 2.5 GHz x 32 FLOP/cycle
                 "memory": {"capacity_bytes": 512e9, "bandwidth_Bps": 1.0e11},
@@ -218,7 +227,7 @@ def run_instance(label: str, v: Variant, objective: str, solvers: list[str], set
     bound = lower_bound(problem)
     bound_s = time.perf_counter() - t1
     row = {"graph": label, "nodes": problem.n, "spec": v.label, "devices": problem.D, "objective": objective,
-           "weights_gb": float(problem.param_bytes.sum()) / 1e9, "bound_s": bound.value,
+           "weights_gb": float(resident_bytes(problem).sum()) / 1e9, "bound_s": bound.value,
            "bound_binding": bound.binding, "bound_time_s": bound_s, "build_time_s": build_s, "solvers": {}}
     for name in solvers:
         if name not in SOLVERS:
