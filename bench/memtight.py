@@ -5,8 +5,9 @@ Inception; traced without coarsening) and synthetic DNN-like graphs
 (:func:`models.synthetic.dnn_cost_graph`), inference and training
 (:func:`models.synthetic.training_graph`: forward/backward co-location groups), 200-5,000
 nodes; specs generated here with a slow host CPU (several cores, plenty of memory) and 4,
-8 or 16 accelerators whose usable memory totals 1.1-1.5x the model's weights (parameters;
-for training also their gradients and the activations saved for the backward pass), ``comm_blocks_device`` true and false, uniform and
+8 or 16 accelerators whose usable memory totals 1.1-1.5x the model's memory footprint (its
+weights and the activations it keeps live when it runs on one device; for training also the
+gradients and the activations saved for the backward pass: :func:`footprint`), ``comm_blocks_device`` true and false, uniform and
 mixed accelerator speeds, star (through the host), ring or full-mesh links. Both
 objectives.
 
@@ -44,11 +45,11 @@ sys.path.insert(0, str(ROOT))
 from models.synthetic import dnn_cost_graph, training_graph  # noqa: E402
 from partitioner import api  # noqa: E402
 from partitioner.bounds import lower_bound  # noqa: E402
-from partitioner.bounds_memory import resident_bytes  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
 from partitioner.graph import CostGraph  # noqa: E402
 from partitioner.hardware import Spec, parse_spec  # noqa: E402
-from partitioner.problem import Problem, Settings  # noqa: E402
+from partitioner.evaluate import evaluate  # noqa: E402
+from partitioner.problem import Plan, Problem, Settings  # noqa: E402
 from partitioner.solvers import SOLVERS, solve  # noqa: E402
 
 log = logging.getLogger("bench.memtight")
@@ -122,18 +123,20 @@ VARIANTS = (
 _MIXED = (1.0, 0.6, 0.35)
 
 
-def weights(graph: CostGraph) -> float:
-    """The bytes the model keeps resident: its parameters (inference), plus gradients and the
-    activations saved for the backward pass (training; :func:`partitioner.bounds_memory.resident_bytes`)."""
+def footprint(graph: CostGraph) -> float:
+    """The model's memory footprint: the evaluator's memory peak when the whole graph runs on
+    one device (parameters and the live activations; for training also the gradients and the
+    activations saved for the backward pass)."""
     one = parse_spec({"name": "one", "devices": [{"id": "cpu0", "host": "h0", "kind": "cpu",
                                                    "peak_flops": {"fp32": 1e12, "fp16": 1e12},
                                                    "memory": {"capacity_bytes": 1e15, "bandwidth_Bps": 1e11}}]})
-    return float(resident_bytes(Problem(graph, one)).sum())
+    p = Problem(graph, one)
+    return float(evaluate(p, Plan((0,) * p.n)).memory_peak[0])
 
 
 def make_spec(graph: CostGraph, v: Variant) -> Spec:
-    """The spec of variant ``v`` for ``graph`` (capacities from its :func:`weights`)."""
-    cap = max(v.mem * weights(graph) / v.k, 1e6)
+    """The spec of variant ``v`` for ``graph`` (capacities from its :func:`footprint`)."""
+    cap = max(v.mem * footprint(graph) / v.k, 1e6)
     devices = [{"id": "cpu0", "host": "h0", "kind": "cpu", "model": "host-8core",
                 "peak_flops": {"fp32": 6.4e11, "fp16": 6.4e11},  # 8 cores x 2.5 GHz x 32 FLOP/cycle
                 "memory": {"capacity_bytes": 512e9, "bandwidth_Bps": 1.0e11},
@@ -227,7 +230,7 @@ def run_instance(label: str, v: Variant, objective: str, solvers: list[str], set
     bound = lower_bound(problem)
     bound_s = time.perf_counter() - t1
     row = {"graph": label, "nodes": problem.n, "spec": v.label, "devices": problem.D, "objective": objective,
-           "weights_gb": float(resident_bytes(problem).sum()) / 1e9, "bound_s": bound.value,
+           "weights_gb": float(problem.param_bytes.sum()) / 1e9, "footprint_gb": footprint(graph) / 1e9, "bound_s": bound.value,
            "bound_binding": bound.binding, "bound_time_s": bound_s, "build_time_s": build_s, "solvers": {}}
     for name in solvers:
         if name not in SOLVERS:

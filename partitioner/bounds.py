@@ -70,7 +70,7 @@ import numpy as np
 from . import bounds_chain as _chain
 from . import bounds_join as _join
 from . import bounds_lp as _lp
-from .bounds_memory import group_resident, resident_bytes
+from .bounds_memory import group_step_need, resident_bytes
 from .bounds_lp import LIMITS, SHAVE, LPResult, _Routes  # noqa: F401  (re-exported)
 from .errors import InfeasibleError
 from .problem import Objective, Problem
@@ -103,15 +103,18 @@ class PathLabels:
 
 def allowed_mask(problem: Problem) -> np.ndarray:
     """``(n, D)`` bool: devices that may run each node: support, groups (all members on one
-    device that supports them all) and, with memory on, whose capacity holds the node's
-    (group's) resident bytes (:func:`partitioner.bounds_memory.group_resident`: parameters
-    plus the activations a group keeps; the evaluator's tolerance, relative 1e-9)."""
+    device that supports them all) and, with memory on, whose capacity holds what the node
+    needs (:func:`partitioner.bounds_memory.group_step_need`: its group's parameters and kept
+    activations, and the tensors live during its own step; the evaluator's tolerance,
+    relative 1e-9)."""
     ok = problem.supported.copy()
     cap = problem.capacity * (1 + 1e-9)
     if problem.constraints.memory:
-        ok &= group_resident(problem)[:, None] <= cap[None, :]
+        ok &= group_step_need(problem)[:, None] <= cap[None, :]
     for g in problem.groups:
         ok[g] &= problem.supported[g].all(axis=0)
+        if problem.constraints.memory:
+            ok[g] &= ok[g].all(axis=0)
     if not ok.any(axis=1).all():
         problem.check_supported()
     return ok

@@ -18,6 +18,14 @@ bytes (candidates: ungrouped nodes with both predecessors and successors, at mos
 it is the parameters alone. Bounds use it wherever they used parameters (which nodes fit a
 device, the load and coupled LPs' memory rows), and memory-aware heuristics use it as the
 part of a device's memory they cannot avoid.
+
+A node also needs room for its own step: while ``v`` runs on ``d``, its output and every
+input are live there (a local producer's output until its last local consumer, a received
+tensor from its first to its last consumer, model inputs likewise), besides the parameters
+of everything on ``d``. :func:`step_bytes` is that activation sum: per producer the smaller
+of the edge's bytes and its output bytes (a local output is charged at its output bytes, a
+received one at its largest edge to ``d``), plus the model inputs ``v`` reads and its output.
+So ``v`` can run on ``d`` only if ``params(group of v) + step_bytes[v] <= capacity[d]``.
 """
 
 from __future__ import annotations
@@ -85,3 +93,24 @@ def group_resident(problem: Problem) -> np.ndarray:
     for g in problem.groups:
         out[g] = res[g].sum()
     return out
+
+
+def step_bytes(problem: Problem) -> np.ndarray:
+    """Activation bytes live on a node's device while it runs (module docstring)."""
+    ob = problem.output_bytes
+    out = ob.astype(float).copy()
+    for v in range(problem.n):
+        for u, b in problem.pred_bytes[v]:
+            out[v] += min(b, ob[u])
+        for k in problem.node_inputs[v]:
+            out[v] += problem.in_tensors[k][0]
+    return out
+
+
+def group_step_need(problem: Problem) -> np.ndarray:
+    """The memory a device must have to run each node: the larger of its group's resident
+    bytes and its group's parameters plus :func:`step_bytes` of the node."""
+    params = problem.param_bytes.astype(float).copy()
+    for g in problem.groups:
+        params[g] = problem.param_bytes[g].sum()
+    return np.maximum(group_resident(problem), params + step_bytes(problem))

@@ -12,7 +12,7 @@ per-device order is the order of scheduled start times.
 
 Activations that live only for a while are not known while placing; :func:`fit_memory`
 runs a placement with per-device budgets, lowers the budget of every device whose
-evaluated memory peak exceeds its capacity by the excess, and repeats (``memory_rounds``,
+evaluated memory peak exceeds its capacity by the excess (and the others a little), and repeats (``memory_rounds``,
 default 6 for list schedulers), keeping the best plan (feasible first, then the least
 excess, then the objective).
 """
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..bounds_memory import group_resident, resident_bytes
+from ..bounds_memory import group_resident, group_step_need, resident_bytes
 from ..evaluate import Evaluation, evaluate
 from ..problem import Plan, Problem, Settings
 
@@ -35,8 +35,8 @@ MEMORY_ROUNDS = 6
 
 def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: int) -> tuple[Plan, Evaluation, int]:
     """Run ``build(budget) -> Plan`` with per-device memory budgets (bytes), lowering the
-    budget of each device whose evaluated peak exceeds its capacity by the excess (plus 1 %
-    of the capacity) until the plan fits or ``rounds`` builds ran. Returns the best plan
+    budget of each device whose evaluated peak exceeds its capacity by the excess plus 3 % of
+    its capacity (and every other budget by 1 %) until the plan fits or ``rounds`` builds ran. Returns the best plan
     (feasible first, then least excess, then objective), its evaluation and the builds run."""
     cap = problem.capacity.astype(float)
     budget = cap.copy()
@@ -50,7 +50,9 @@ def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: in
             best = (key, plan, ev, r + 1)
         if ev.feasible or not over.any():
             break
-        budget = np.where(over > 0, np.maximum(budget - over - 0.01 * cap, 0.0), budget)
+        # the devices over capacity lose their excess and a margin; the others a little
+        # (what leaves one device goes to another, which may then overflow in turn)
+        budget = np.maximum(np.where(over > 0, budget - over - 0.03 * cap, budget - 0.01 * cap), 0.0)
     _, plan, ev, used = best
     return plan, ev, used
 
@@ -74,6 +76,7 @@ class PartialSchedule:
         self.p = p
         self.budget = p.capacity if budget is None else np.asarray(budget, dtype=float)
         self.need = group_resident(p) if p.constraints.memory else np.zeros(p.n)
+        self.step = group_step_need(p) if p.constraints.memory else np.zeros(p.n)
         self.res = resident_bytes(p)
         self.pl = np.full(p.n, -1, dtype=np.int64)
         self.start = np.zeros(p.n)
@@ -101,7 +104,7 @@ class PartialSchedule:
         devs = p.allowed_devices(v)
         if p.constraints.memory:
             room = self.budget[devs] - self.params[devs]
-            fit = devs[room >= self.need[v]]
+            fit = devs[(room >= self.need[v]) & (self.budget[devs] >= self.step[v])]
             if fit.size:
                 return fit
             return devs[[int(np.argmax(room))]]

@@ -282,15 +282,35 @@ class _Tables:
         return loads
 
     def _cut_hops(self, e: int, d: int) -> dict[tuple[int, int], np.ndarray]:
-        """Per directed hop, load (vector over cut ``i``) of the cut tensors sent ``e -> d``."""
+        """Per directed hop, load (vector over cut ``i``) of the cut tensors sent ``e -> d``
+        (each cut on its fastest route for its mean tensor, ties to the fewer hops)."""
+        memo = self.__dict__.setdefault("_cut_memo", {})
+        if (e, d) in memo:
+            return memo[(e, d)]
         loads: dict[tuple[int, int], np.ndarray] = {}
-        for i in range(self.M1):
-            c = self.cut_c[i]
-            if c <= 0:
+        memo[(e, d)] = loads
+        if e == d:
+            return loads
+        links = self.p.links
+        c, b = self.cut_c, self.cut_b
+        on = c > 0
+        mean = np.divide(b, c, out=np.zeros_like(b), where=on)
+        routes = links.routes[(e, d)]
+        pick = np.zeros(self.M1, dtype=np.int64)
+        best_t = routes[0].latency_s + mean * routes[0].inv_bw
+        best_h = np.full(self.M1, len(routes[0].hops))
+        for k, r in enumerate(routes[1:], 1):  # as LinkTable.route: least time, then fewer hops
+            t = r.latency_s + mean * r.inv_bw
+            better = (t < best_t) | ((t == best_t) & (len(r.hops) < best_h))
+            pick[better], best_t[better], best_h[better] = k, t[better], len(r.hops)
+        for k, r in enumerate(routes):
+            sel = on & (pick == k)
+            if not sel.any():
                 continue
-            b = self.cut_b[i]
-            for h, lat, inv in self._hops(e, d, b / c):
-                loads.setdefault(h, np.zeros(self.M1))[i] += c * lat + b * inv
+            for x, y in r.hops:
+                lat, inv = links.hop[(x, y)]
+                v = loads.setdefault((x, y), np.zeros(self.M1))
+                v[sel] += (c * lat + b * inv)[sel]
         return loads
 
     def period_costs(self) -> tuple[np.ndarray, np.ndarray]:
