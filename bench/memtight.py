@@ -48,7 +48,7 @@ from partitioner.bounds import lower_bound  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
 from partitioner.graph import CostGraph  # noqa: E402
 from partitioner.hardware import Spec, parse_spec  # noqa: E402
-from partitioner.evaluate import evaluate  # noqa: E402
+from partitioner.evaluate import evaluate, pieces  # noqa: E402
 from partitioner.problem import Plan, Problem, Settings  # noqa: E402
 from partitioner.solvers import SOLVERS, solve  # noqa: E402
 
@@ -203,21 +203,7 @@ def plan_shape(problem: Problem, plan, ev) -> tuple[int, int]:
     the evaluator's (inputs, cross-device tensors, outputs)."""
     if plan.replicas:
         return -1, len(ev.transfers)
-    pl = plan.placement
-    parent = list(range(problem.n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for u, v in zip(problem.edge_src.tolist(), problem.edge_dst.tolist()):
-        if pl[u] == pl[v]:
-            a, b = find(u), find(v)
-            if a != b:
-                parent[a] = b
-    return len({find(x) for x in range(problem.n)}), len(ev.transfers)
+    return len(pieces(problem, plan.placement)), len(ev.transfers)
 
 
 def run_instance(label: str, v: Variant, objective: str, solvers: list[str], settings: Settings) -> dict:
