@@ -157,7 +157,7 @@ def critical_path_bound(problem: Problem, labels: PathLabels | None = None) -> f
 
 def energy_bound(problem: Problem, labels: PathLabels | None = None) -> float:
     """``sum_v min_d T[v, d] / D``: the average work per device (both objectives)."""
-    T = (labels or path_labels(problem)).T
+    T = labels.T if labels is not None else np.where(allowed_mask(problem), problem.T, np.inf)
     return float(T.min(axis=1).sum() / problem.D) if problem.n else 0.0
 
 
@@ -285,7 +285,7 @@ def _group_cheap(problem: Problem, A: np.ndarray, G: tuple[int, ...], routes: _R
     return max(float(TG.min(axis=1).sum()) / len(G), forced)
 
 
-def period_lp_bound(problem: Problem) -> tuple[float, dict[str, Any]]:
+def period_lp_bound(problem: Problem, load: LPResult | None = None) -> tuple[float, dict[str, Any]]:
     """A period bound valid for every plan, data-parallel replicas included.
 
     The link-load LP (:func:`period_lp`) bounds plans that run as one device group. It
@@ -308,14 +308,13 @@ def period_lp_bound(problem: Problem) -> tuple[float, dict[str, Any]]:
     carries ``lambda_r load_r(d) <= lambda_r P_r = period``) is returned.
     """
     D = problem.D
+    if D > LIMITS["replica_devices"]:  # the link LP would not bound replicas: skip it
+        return (load.value if load is not None else load_lp(problem).value), {"replicas": "not enumerated"}
     one = period_lp(problem)
     info: dict[str, Any] = {"period_lp": one.variant, "period_lp_s": round(one.seconds, 4)}
     best = one.value
     if D == 1 or one.variant == "skipped":
         return best, info
-    if D > LIMITS["replica_devices"]:
-        info["replicas"] = "not enumerated"
-        return load_lp(problem).value, info
     A = allowed_mask(problem)
     routes = _Routes(problem)
     cheap: dict[tuple[int, ...], float] = {}
@@ -370,11 +369,12 @@ def lower_bound(problem: Problem) -> Bound:
     if hit is not None:
         return hit
     t0 = time.perf_counter()
-    lab = path_labels(problem)
+    lat = problem.objective is Objective.LATENCY
+    lab = path_labels(problem) if lat else None  # the period parts need no path labels
     load = load_lp(problem)
     parts = {"load": load_lp_bound(problem, load), "energy": energy_bound(problem, lab)}
     info: dict[str, Any] = {}
-    if problem.objective is Objective.LATENCY:
+    if lat:
         parts["path"] = critical_path_bound(problem, lab)
         parts["forced"] = forced_bound(problem, lab)
         duals = () if load.ub_duals is None else (load.ub_duals[:problem.D],)  # the device load rows come first
@@ -388,7 +388,7 @@ def lower_bound(problem: Problem) -> Bound:
         if chain > 0:
             parts["chain"] = chain
     else:
-        parts["links"], more = period_lp_bound(problem)
+        parts["links"], more = period_lp_bound(problem, load)
         info.update(more)
     binding = max(parts, key=lambda k: (parts[k], k))
     value = parts[binding]
