@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from ..evaluate import pieces
 from ._split_engine import State
-from ._split_search import Budget, Scorer, _block_move
+from ._split_blocks import block_move
+from ._split_search import Budget, Scorer
 
 
 def _transfers(st: State, nodes: set[int]) -> int:
@@ -63,7 +64,7 @@ class Limit:
 
 def _try(st: State, score: Scorer, limit: Limit, nodes: list[int], b: int) -> bool:
     t = st.t
-    moves = _block_move(st, nodes, b)
+    moves = block_move(st, nodes, b)
     if not all(t.mask[x, b] for x, _, _ in moves):
         return False
     moved = [x for x, _, _ in moves]

@@ -78,8 +78,8 @@ from ..problem import Objective, Plan, Problem, Settings
 from . import register
 from ._split_engine import State, Tables, positions_from_schedule
 from ._split_modules import _memory_room, find_modules, module_pass, solve_window
-from ._split_search import (Budget, Scorer, better, iterated_search, iterated_throughput, latency_descent,
-                             try_moves)
+from ._split_search import (Budget, Scorer, better, chain_polish, iterated_search, iterated_throughput,
+                             latency_descent, try_moves)
 from ._split_simplify import Limit, simplify
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,8 @@ def _pipeline(problem: Problem, settings: Settings, mask: np.ndarray, starts: li
     st = best
     st.work = 0
     iterated_throughput(st, score, Budget(work, deadline), random.Random(settings.seed), mod_of, mods)
+    st.work = 0
+    chain_polish(st, score, Budget(0.5 * work, deadline), mod_of, mods)
     return st.plan(status="heuristic")
 
 
