@@ -150,3 +150,11 @@ def test_bound_sees_a_node_whose_step_does_not_fit_the_accelerators():
     plan = solve(p, "split", Settings())
     assert plan.placement[p.graph.index["head"]] == p.host
     assert evaluate(p, plan).feasible
+
+
+def test_multilevel_start_is_graded_like_every_start():
+    p = tight_problem(7, 120, 4, 1.4, "throughput")
+    plan = solve(p, "split", Settings(extra={"multilevel": True, "ml_nodes": 20}))
+    assert "multilevel" in plan.info["start"]
+    assert evaluate(p, plan).feasible
+    assert plan.claimed <= plan.info["start"]["multilevel"] * (1 + 1e-9)

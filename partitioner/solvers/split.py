@@ -80,6 +80,7 @@ from ._split_engine import State, Tables, positions_from_schedule
 from ._split_modules import _memory_room, find_modules, module_pass, solve_window
 from ._split_search import (Budget, Scorer, better, chain_polish, iterated_search, iterated_throughput,
                              latency_descent, try_moves)
+from ._split_multilevel import multilevel_start
 from ._split_simplify import Limit, simplify
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,10 @@ def solve(problem: Problem, settings: Settings) -> Plan:
             p = None
         if p is not None:
             plans.append(p.with_(solver="modules"))
+    if settings.get("multilevel", False) and not progress.stop_requested():
+        p = multilevel_start(problem, settings, deadline, solve)
+        if p is not None:
+            plans.append(p.with_(solver="multilevel"))
     cands = []
     for p in plans:
         ev = evaluate(problem, p)
