@@ -2,8 +2,8 @@
 
 Instances: operator-level graphs of the zoo (BERT-base/large, GPT-2, Llama, ResNet-50,
 Inception; traced without coarsening) and synthetic DNN-like graphs
-(:func:`models.synthetic.dnn_cost_graph`), inference and training
-(:func:`models.synthetic.training_graph`: forward/backward co-location groups), 200-5,000
+(:func:`partitioner.zoo.synthetic.dnn_cost_graph`), inference and training
+(:func:`partitioner.zoo.synthetic.training_graph`: forward/backward co-location groups), 200-5,000
 nodes; specs generated here with a slow host CPU (several cores, plenty of memory) and 4,
 8 or 16 accelerators whose usable memory totals 1.1-1.5x the model's memory footprint (its
 weights and the activations it keeps live when it runs on one device; for training also the
@@ -42,15 +42,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.synthetic import dnn_cost_graph, training_graph  # noqa: E402
+from partitioner.zoo.synthetic import dnn_cost_graph, training_graph  # noqa: E402
 from partitioner import api  # noqa: E402
-from partitioner.bounds import lower_bound  # noqa: E402
+from partitioner.bounds.lower import lower_bound  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
-from partitioner.graph import CostGraph  # noqa: E402
-from partitioner.hardware import Spec, parse_spec  # noqa: E402
-from partitioner.evaluate import evaluate, pieces  # noqa: E402
-from partitioner.problem import Plan, Problem, Settings  # noqa: E402
-from partitioner.solvers import SOLVERS, solve  # noqa: E402
+from partitioner.ir.graph import CostGraph  # noqa: E402
+from partitioner.ir.spec import Spec, parse_spec  # noqa: E402
+from partitioner.machine.evaluate import evaluate, pieces  # noqa: E402
+from partitioner.ir.plan import Plan  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.machine.problem import Problem  # noqa: E402
+from partitioner.solvers.registry import SOLVERS, solve  # noqa: E402
 
 log = logging.getLogger("bench.memtight")
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from partitioner import api  # noqa: E402
-from partitioner.emit import emit  # noqa: E402
+from partitioner.emit.build import emit  # noqa: E402
 from partitioner.runtime.local import LocalRuntime  # noqa: E402
 
 log = logging.getLogger("bench.stream")
@@ -55,7 +55,7 @@ def _mlp():
 
 
 def _zoo(name, **kw):
-    import models
+    import partitioner.zoo as models
 
     return lambda: models.get_model(name, **kw)
 

@@ -1,6 +1,6 @@
 """Local runtime: execute an emitted plan with one worker thread per logical device.
 
-Every spec device that has actions in the :class:`~partitioner.schedule.Schedule` gets a
+Every spec device that has actions in the :class:`~partitioner.ir.schedule.Schedule` gets a
 persistent worker thread that runs its actions in order: ``compute`` calls the segment's
 module on the values it holds, ``send`` moves a value to the peer's torch device and
 posts it in a mailbox (never blocking), ``recv`` waits for its mailbox (up to the run's
@@ -47,7 +47,7 @@ once per sample, in sample order, with per-sample mailboxes (transfers are tagge
 sample), so stages overlap across samples. A device's trailing recvs (the host's model
 outputs) are waited for by a helper thread of that worker, so the host starts the next
 sample at once. :func:`stream_replicas` shares a stream among the runtimes of a
-data-parallel plan's replicas (:func:`partitioner.emit.emit_replicas`) in proportion to
+data-parallel plan's replicas (:func:`partitioner.emit.build.emit_replicas`) in proportion to
 their predicted throughputs. :class:`StreamStats` reports measured samples/s next to
 ``1 / meta["predicted_period_s"]``. Measured throughput reaches the prediction only when
 every device has its own core: the period model assumes devices never wait mid-program.
@@ -73,15 +73,13 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import ArtifactError, RuntimeFailure, UsageError
-from ..schedule import Action, Schedule, tree_unflatten
-# run statistics and streaming, re-exported: callers import them from here
-from .stats import ActionTime, RunStats, StreamStats, _predicted_rate  # noqa: F401
-from .stream import split_stream, stream_replicas  # noqa: F401
+from ..ir.schedule import Action, Schedule
+from ..ir.tree import tree_unflatten
+from .stats import ActionTime, RunStats, StreamStats, _predicted_rate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRuntime", "RunStats", "StreamStats", "ActionTime", "resolve_devices", "stream_replicas",
-           "split_stream"]
+__all__ = ["LocalRuntime", "resolve_devices", "run_once"]
 
 
 def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, torch.device]:
@@ -394,7 +392,7 @@ def _stop(workers: list[_Worker]) -> None:
 
 
 class LocalRuntime:
-    """Run an :class:`~partitioner.emit.Artifact` on this machine (see the module docstring).
+    """Run an :class:`~partitioner.emit.build.Artifact` on this machine (see the module docstring).
 
     Parameters
     ----------
@@ -473,7 +471,7 @@ class LocalRuntime:
 
     def run_with_stats(self, *inputs) -> tuple[Any, RunStats]:
         """Run once; return ``(outputs, RunStats)`` (also kept in ``last_stats``)."""
-        from ..artifact import bind_inputs
+        from ..ir.schedule import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
@@ -524,7 +522,7 @@ class LocalRuntime:
         inputs_list : list
             One entry per sample: a tuple of call arguments (or a single tensor).
         """
-        from ..artifact import bind_inputs
+        from ..ir.schedule import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
@@ -579,3 +577,9 @@ def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if all(t.device == dev for t in tensors):
         return module
     return copy.deepcopy(module).to(dev)
+
+
+def run_once(artifact, *inputs, **kw):
+    """Run ``artifact`` once on a :class:`LocalRuntime` (``kw`` as for it) and return the outputs."""
+    with LocalRuntime(artifact, **kw) as rt:
+        return rt.run(*inputs)

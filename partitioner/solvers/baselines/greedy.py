@@ -1,0 +1,48 @@
+"""``greedy``: earliest finish time, nodes in topological order, no insertion.
+
+Latency: each node goes to the device where it would finish first, given the devices'
+queues so far and the transfers its inputs need. Throughput: each node goes to the
+device that keeps the estimated bottleneck (device load plus inbound transfer time)
+lowest, ties broken by the transfer time added, then by finish time. Only devices whose
+memory still holds the node are candidates (:mod:`.listsched`).
+"""
+
+from __future__ import annotations
+
+from ...ir.plan import Objective, Plan
+from ...ir.settings import Settings
+from ...machine.problem import Problem
+from ..registry import register
+from .listsched import PartialSchedule, list_schedule
+
+
+@register("greedy", "earliest-finish-time greedy in topological order")
+def solve(problem: Problem, settings: Settings) -> Plan:
+    T = problem.T
+    thr = problem.objective is Objective.THROUGHPUT
+
+    def run(ps: PartialSchedule) -> None:
+        bottleneck = 0.0
+        for v in range(problem.n):
+            bottleneck = _place(ps, v, bottleneck)
+
+    def _place(ps: PartialSchedule, v: int, bottleneck: float) -> float:
+        best, best_key = None, None
+        for d in ps.candidates(v):
+            d = int(d)
+            ready = ps.data_ready(v, d)
+            s = ps.earliest_slot(d, ready, T[v, d], insertion=False)
+            f = s + T[v, d]
+            if thr:
+                comm_in = sum(problem.comm(ps.pl[u], d, b) for u, b in problem.pred_bytes[v]
+                              if ps.pl[u] != d and (u, d) not in ps.arrival)
+                key = (max(bottleneck, ps.load[d] + T[v, d] + comm_in), comm_in, f, d)
+            else:
+                key = (f, d)
+            if best_key is None or key < best_key:
+                best, best_key = (d, s), key
+        d, s = best
+        ps.place(v, d, s)
+        return max(bottleneck, best_key[0]) if thr else bottleneck
+
+    return list_schedule(problem, settings, run)

@@ -1,0 +1,170 @@
+"""Pipelined streams on the local runtime (LocalRuntime.stream), data-parallel replicas
+(emit_replicas + stream_replicas) and ``partitioner run --stream``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from instances import Chain, two_gpu_spec
+from torch import nn
+
+from partitioner import api
+from partitioner.emit.build import emit, emit_replicas
+from partitioner.errors import RuntimeFailure
+from partitioner.ir.plan import Plan
+from partitioner.machine.problem import Problem
+from partitioner.runtime.local import LocalRuntime
+from partitioner.runtime.stream import split_stream, stream_replicas
+
+
+@pytest.fixture(scope="module")
+def three():
+    torch.manual_seed(0)
+    model = Chain().eval()
+    x = torch.randn(3, 12)
+    lm = api.load_model(model, (x,))
+    p = Problem(lm.graph, two_gpu_spec(), "throughput")
+    plan = Plan(tuple((i // 3) % 3 for i in range(p.n)), solver="alternating")
+    art = emit((lm.gm, p, plan), example_inputs=(x,))
+    return model, lm, p, art
+
+
+def test_streamed_outputs_equal_per_sample_outputs(three):
+    model, _, _, art = three
+    xs = [torch.randn(3 + k % 2, 12) for k in range(7)]
+    with torch.no_grad(), LocalRuntime(art, threads=1) as rt:
+        one = [rt.run(x) for x in xs]
+        outs, st = rt.stream(xs)
+        again, _ = rt.stream([(x,) for x in xs[:2]])  # tuples of arguments work too, and the runtime is reusable
+        for o, r, x in zip(outs, one, xs):
+            torch.testing.assert_close(o, r)
+            torch.testing.assert_close(o, model(x))
+        torch.testing.assert_close(again, one[:2])
+        assert rt.stream([]) [0] == []
+    assert st.samples == 7 and len(st.ends_s) == 7 and all(0 <= a <= b <= st.wall_s + 1e-6
+                                                          for a, b in zip(st.starts_s, st.ends_s))
+    assert st.samples_per_s > 0 and st.steady_samples_per_s > 0
+    assert math.isclose(st.predicted_samples_per_s, 1 / art.schedule.meta["predicted_period_s"])
+    s = art.schedule
+    assert all(len(acts) == sum(len(a) for a in s.actions.values()) for acts in st.actions)
+    assert json.loads(json.dumps(st.to_json()))["samples"] == 7
+
+
+def test_stages_overlap_across_samples():
+    """Two balanced stages on two workers: stage 0 computes sample k+1 while stage 1
+    computes sample k (checked on the measured intervals, robust on a loaded machine).
+    The throughput gain itself is measured by bench/stream.py."""
+    torch.manual_seed(0)
+    w, b, n = 256, 32, 8
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(w, w), nn.ReLU()) for _ in range(n)]).eval()
+    x = torch.randn(b, w)
+    lm = api.load_model(model, (x,))
+    p = Problem(lm.graph, two_gpu_spec(), "throughput")
+    plan = Plan(tuple(0 if i < p.n // 2 else 1 for i in range(p.n)), solver="by-hand")
+    art = emit((lm.gm, p, plan), example_inputs=(x,))
+    stages = [s.id for s in art.schedule.segments]
+    assert len(stages) == 2
+    xs = [torch.randn(b, w) for _ in range(12)]
+    with torch.no_grad(), LocalRuntime(art, threads=1) as rt:
+        outs, st = rt.stream(xs)
+    for o, xi in zip(outs, xs):
+        with torch.no_grad():
+            torch.testing.assert_close(o, model(xi))
+    comp = [{a.name: a for a in acts if a.op == "compute"} for acts in st.actions]
+    overlaps = sum(comp[k + 1][stages[0]].start_s < comp[k][stages[1]].end_s for k in range(len(xs) - 1))
+    assert overlaps >= 1
+    # per device, samples are processed in order
+    for sid in stages:
+        starts = [c[sid].start_s for c in comp]
+        assert starts == sorted(starts)
+
+
+def test_a_failing_sample_aborts_the_stream_and_names_it(three):
+    _, _, _, art = three
+    victim = art.schedule.segments[1]
+    calls = {"n": 0}
+
+    class Boom(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise ValueError("kaput")
+            return self.inner(*a)
+
+    mods = dict(art.modules, **{victim.id: Boom(art.modules[victim.id])})
+    bad = type(art)(art.schedule, mods, art.example_inputs)
+    xs = [torch.randn(3, 12) for _ in range(6)]
+    with torch.no_grad(), LocalRuntime(bad, threads=1, timeout_s=30) as rt:
+        with pytest.raises(RuntimeFailure, match=f"sample 2 of the stream: device {victim.device}.*kaput"):
+            rt.stream(xs)
+        outs, _ = rt.stream(xs[:2])  # still usable
+        assert len(outs) == 2
+
+
+def test_split_stream_follows_the_rates():
+    a = split_stream(9, [2.0, 1.0])
+    assert a.count(0) == 6 and a.count(1) == 3 and a[:3].count(0) == 2
+    assert split_stream(4, [math.nan, 1.0]) == [0, 1, 0, 1]
+    assert split_stream(0, [1.0]) == []
+
+
+def test_data_parallel_replicas_share_the_stream(three, tmp_path):
+    model, lm, p, _ = three
+    r0 = Plan(tuple([1] * p.n), solver="by-hand")  # replica 0 on gpu0, replica 1 on gpu1
+    r1 = Plan(tuple([2] * p.n), solver="by-hand")
+    plan = Plan(r0.placement, solver="by-hand", replicas=(r0, r1))
+    arts = emit_replicas((lm.gm, p, plan), example_inputs=lm.example_inputs)
+    assert [a.schedule.meta["replica"] for a in arts] == [0, 1]
+    assert {s.device for s in arts[1].schedule.segments} == {"gpu1"}
+    per = arts[0].schedule.meta["predicted_period_s"]
+    whole = arts[0].schedule.meta["plan_predicted_period_s"]
+    assert math.isclose(whole, per / 2, rel_tol=1e-6)  # two identical replicas: twice the throughput
+    xs = [torch.randn(3, 12) for _ in range(6)]
+    rts = [LocalRuntime(a, threads=1) for a in arts]
+    try:
+        with torch.no_grad():
+            outs, st = stream_replicas(rts, xs)
+    finally:
+        for rt in rts:
+            rt.close()
+    with torch.no_grad():
+        for o, x in zip(outs, xs):
+            torch.testing.assert_close(o, model(x))
+    assert math.isclose(st.predicted_samples_per_s, 1 / whole, rel_tol=1e-6)
+    assert len(emit_replicas((lm.gm, p, r0), example_inputs=lm.example_inputs)) == 1
+
+
+def test_cli_run_stream(tmp_path):
+    from typer.testing import CliRunner
+
+    from partitioner.cli import main as cli
+    from partitioner.cli import run as cli_run
+
+    torch.manual_seed(0)
+    model = Chain(n=4).eval()
+    x = torch.randn(2, 12)
+    res = api.compile_plan(model, two_gpu_spec(), "throughput", "greedy", example_inputs=(x,))
+    lm = res.model
+    r0, r1 = Plan(tuple([1] * res.problem.n), solver="h"), Plan(tuple([2] * res.problem.n), solver="h")
+    res.plan = Plan(r0.placement, solver="h", replicas=(r0, r1))
+    note = cli_run.write_artifact(res, tmp_path / "plan")
+    assert "2 data-parallel replicas" in note and lm is res.model
+    assert [d.name for d in cli_run.replica_dirs(tmp_path / "plan")] == ["plan", "r1"]
+    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "5", "--threads", "1",
+                                     "--check", "--json", "--stats", str(tmp_path / "st.json")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["samples"] == 5 and summary["replicas"] == 2 and summary["check"] is True
+    assert summary["samples_per_s"] > 0 and summary["predicted_samples_per_s"] > 0
+    assert json.loads((tmp_path / "st.json").read_text())["samples"] == 5
+    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "3", "--threads", "1"])
+    assert r.exit_code == 0 and "samples/s" in r.output and "predicted" in r.output, r.output
+    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "-1"])
+    assert r.exit_code == 2
