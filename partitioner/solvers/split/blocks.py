@@ -98,3 +98,55 @@ def shift_chains(st: State, d: int, fractions=FRACTIONS):
             else:
                 if moves:
                     yield moves
+
+
+def _halves(piece: list[int], depth: int):
+    """The piece, then its halves in index order, down to ``depth`` levels."""
+    yield piece
+    if depth > 0 and len(piece) >= 4:
+        h = len(piece) // 2
+        yield from _halves(piece[:h], depth - 1)
+        yield from _halves(piece[h:], depth - 1)
+
+
+def relocate_pieces(st: State, score, budget, pieces_of, targets: int = 4, depth: int = 2,
+                    max_piece: int = 256) -> int:
+    """Move whole pieces (same-device connected components, ``pieces_of(placement)``), or
+    their halves, to the devices with the most free memory (idle ones first), kept when the
+    score improves: what fills an idle accelerator with a module the host or a slow device
+    runs. Returns the moves kept."""
+    from .search import better
+
+    t = st.t
+    best = score(st)
+    kept = 0
+    changed = True
+    while changed and not budget.out(st):
+        changed = False
+        used = [t.cap[d] - st.params[d] - st.act[d] for d in range(t.D)]
+        order = sorted(range(t.D), key=lambda d: (len(st.seq[d]) > 0, -used[d], d))
+        plist = sorted(pieces_of(st.pl), key=lambda c: -sum(t.T[v][st.pl[v]] for v in c))
+        for piece in plist:
+            if len(piece) > max_piece or budget.out(st):
+                continue
+            a = st.pl[piece[0]]
+            for part in _halves(piece, depth):
+                moved = False
+                for b in [d for d in order if d != a][:targets]:
+                    moves = block_move(st, part, b)
+                    if not all(t.mask[x, b] for x, _, _ in moves):
+                        continue
+                    st.apply(moves)
+                    s = score(st)
+                    if better(s, best):
+                        st.commit()
+                        best, moved = s, True
+                        break
+                    st.undo()
+                if moved:
+                    kept += 1
+                    changed = True
+                    break
+            if changed:
+                break
+    return kept

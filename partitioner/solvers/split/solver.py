@@ -73,10 +73,11 @@ from ... import progress
 from ...errors import PartitionerError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
-from ...machine.evaluate import evaluate, list_order
+from ...machine.evaluate import evaluate, list_order, pieces
 from ...machine.problem import Problem
 from ..cpsat.options import CpsatOptions
 from ..registry import register
+from .blocks import relocate_pieces
 from .engine import State, Tables, positions_from_schedule
 from .modules import find_modules, module_pass, solve_window
 from .multilevel import multilevel_start
@@ -414,6 +415,9 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         s = _score_ev(problem, ev)
         if best_s is None or s < best_s:
             best_s, best_p = s, p
+    if best_s[0] == 0 and not best_p.replicas and not problem.memory_never_binds() \
+            and not progress.stop_requested():
+        best_p, best_s = _relocate(problem, settings, tab, best_p, best_s, deadline, info)
     if best_s[0] == 0 and not best_p.replicas and not progress.stop_requested():
         base = [c[0][1] for c in cands if c[0][0] == 0 and c[1].solver in BASELINES + ("single",)]
         best_p, best_s = _simplify(problem, settings, tab, best_p, best_s, min(base, default=math.inf),
@@ -433,6 +437,24 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     if claimed is None:  # a bound above the value is a bug: api.grade reports it loudly
         solver_bound = None
     return best_p.with_(solver="split", status="heuristic", claimed=claimed, solver_bound=solver_bound, info=info)
+
+
+def _relocate(problem: Problem, settings: Settings, tab: Tables, plan: Plan, score_: tuple, deadline: float,
+              info: dict) -> tuple[Plan, tuple]:
+    """Memory-bound plans: whole pieces (or halves) to the devices with the most free memory
+    (:func:`.blocks.relocate_pieces`), kept when the plan improves."""
+    opts = settings.options_of(SplitOptions)
+    ev = evaluate(problem, plan)
+    st = State(tab, plan.placement, positions_from_schedule(ev.start, ev.finish))
+    st.work = 0
+    kept = relocate_pieces(st, Scorer(problem, check_memory=True), Budget(0.3 * _search_work(opts, problem.n), deadline),
+                           lambda pl: pieces(problem, pl))
+    info["relocated"] = kept
+    if not kept:
+        return plan, score_
+    alt = st.plan(status="heuristic")
+    s2 = _score_ev(problem, evaluate(problem, alt))
+    return (alt, s2) if s2 < score_ else (plan, score_)
 
 
 def _simplify(problem: Problem, settings: Settings, tab: Tables, plan: Plan, score_: tuple, baseline: float,
