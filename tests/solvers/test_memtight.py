@@ -99,3 +99,19 @@ def test_multilevel_start_is_graded_like_every_start():
     assert evaluate(p, plan).feasible
     base = min(v for k, v in plan.info["start"].items() if k != "multilevel")
     assert plan.claimed <= base * (1 + 1e-9)  # never worse than a baseline
+
+
+def test_ties_go_to_the_simpler_plan():
+    """With a hand-off allowance, split's plan has no more transfers than without, and it is
+    never worse than the best baseline."""
+    from instances import two_gpu_spec
+    from partitioner.zoo.synthetic import dnn_cost_graph
+
+    p = Problem(dnn_cost_graph(120, 3), two_gpu_spec(gpu_link=True))
+    plain = solve(p, "split", Settings(options={"split": {"tie_tolerance": 0.0}}))
+    simple = solve(p, "split", Settings(options={"split": {"handoff_allowance_s": 5e-6}}))
+    n_plain, n_simple = (len(evaluate(p, x).transfers) for x in (plain, simple))
+    assert n_simple <= n_plain
+    assert simple.info["simplified"] >= 1
+    base = min(v for k, v in simple.info["start"].items() if k != "modules")
+    assert simple.claimed <= base * (1 + 1e-9)

@@ -69,7 +69,7 @@ class SplitOptions:
     exact_nodes: int = 60
     exact_det_time: float = 0.05
     tie_tolerance: float = 1e-4
-    handoff_allowance_s: float = 5e-6
+    handoff_allowance_s: float = 0.0
     multilevel: bool = False
     ml_nodes: int = 48
     ml_margin: float = 0.1
