@@ -217,7 +217,8 @@ sys.path.insert(0, {bench!r})
 from heuristic import dnn_graph
 from partitioner import api
 from partitioner.ir.spec import load_spec
-from partitioner.machine.problem import Problem, Settings
+from partitioner.ir.settings import Settings
+from partitioner.machine.problem import Problem
 from partitioner.solvers.registry import solve
 t0 = time.perf_counter()
 p = Problem(dnn_graph({n}, 1), load_spec("server-cpu-2gpu"), {obj!r})

@@ -128,3 +128,42 @@ def _torch_chain():
 
 
 Chain = _torch_chain()
+
+
+def tight_spec(weights: float, k: int, factor: float, blocks: bool = False, mixed: bool = False,
+               ring: bool = False, name: str = "tight") -> Spec:
+    """A slow, roomy host plus ``k`` accelerators whose memory totals ``factor * weights`` bytes
+    (the memory-tight setting of issue 19, as in bench/memtight.py)."""
+    cap = factor * weights / k
+    devices = [{"id": "cpu0", "host": "h0", "kind": "cpu", "peak_flops": {"fp32": 5e11},
+                "memory": {"capacity_bytes": 1e12, "bandwidth_Bps": 1e11}, "launch_overhead_s": 1e-5}]
+    for i in range(k):
+        s = (1.0, 0.5)[i % 2] if mixed else 1.0
+        devices.append({"id": f"acc{i}", "host": "h0", "kind": "accelerator", "peak_flops": {"fp32": 2e13 * s},
+                        "memory": {"capacity_bytes": cap, "bandwidth_Bps": 1.5e12 * s}, "launch_overhead_s": 5e-6})
+    links = [{"a": "cpu0", "b": f"acc{i}", "bandwidth_Bps": 2.5e10, "latency_s": 5e-6} for i in range(k)]
+    if ring:
+        links += [{"a": f"acc{i}", "b": f"acc{(i + 1) % k}", "bandwidth_Bps": 5e10, "latency_s": 2e-6}
+                  for i in range(k) if k > 2 or i == 0]
+    return parse_spec({"name": name, "comm_blocks_device": blocks, "memory_reserve": 0.0,
+                       "devices": devices, "links": links})
+
+
+def chain_graph(seed: int, n: int, skip: float = 0.2) -> CostGraph:
+    """A DNN-like chain: heavy nodes with parameters, light ones without, a few short skips."""
+    rng = random.Random(seed)
+    nodes = []
+    for i in range(n):
+        heavy = rng.random() < 0.5
+        nodes.append(Node(id=f"n{i}", op="matmul" if heavy else "relu",
+                          flops=rng.uniform(1e8, 4e9) if heavy else rng.uniform(1e5, 1e7),
+                          param_bytes=rng.randint(1_000_000, 8_000_000) if heavy else 0,
+                          output_bytes=rng.choice([100_000, 400_000, 1_600_000])))
+    edges = []
+    for i in range(1, n):
+        edges.append((f"n{i - 1}", f"n{i}", nodes[i - 1].output_bytes))
+        if i >= 3 and rng.random() < skip:
+            j = i - rng.randint(2, 3)
+            edges.append((f"n{j}", f"n{i}", nodes[j].output_bytes))
+    return CostGraph(f"chain{seed}", nodes, edges, [InputTensor("x", 400_000, ("n0",))],
+                     [(f"n{n - 1}", nodes[n - 1].output_bytes)])

@@ -35,7 +35,8 @@ Segments are grown greedily along the chain while ``|B_k| <= LIMITS["chain_seg"]
 CP-SAT solves stop when their deterministic budget (``LIMITS["chain_det"]`` in all,
 ``LIMITS["chain_det_seg"]`` each, to the segments whose work most exceeds their path
 value first) is spent; past it the path value alone is used. Above ``LIMITS["chain_nodes"]``
-nodes the part is skipped (the compile-time budget at 10,000 nodes). ``LIMITS["chain_wall_seg"]``
+nodes or ``LIMITS["chain_devices"]`` devices the part is skipped (the compile-time budget at
+10,000 nodes, and at 1,000 nodes on 17 devices, where the segment paths alone took 20 s). ``LIMITS["chain_wall_seg"]``
 seconds per solve is a safety net on a very slow machine (then the bound, still valid,
 may depend on timing).
 """
@@ -54,7 +55,7 @@ from .join import chains_of, join_ready
 log = logging.getLogger(__name__)
 
 LIMITS = {"chain_seg": 24, "chain_det": 0.25, "chain_det_seg": 0.08, "chain_wall_seg": 2.0,
-          "chain_nodes": 5_000, "chain_visit": 4_000}
+          "chain_nodes": 5_000, "chain_visit": 4_000, "chain_devices": 12}
 
 
 def critical_chain(problem: Problem, lab) -> list[int]:
@@ -217,7 +218,7 @@ def chain_bound(problem: Problem, lab) -> tuple[float, dict]:
     t0 = time.perf_counter()
     n = problem.n
     info: dict = {}
-    if n == 0 or n > LIMITS["chain_nodes"]:
+    if n == 0 or n > LIMITS["chain_nodes"] or D > LIMITS["chain_devices"]:
         return 0.0, {"chain": "skipped"}
     cm = problem.comm_matrices()
     chain = critical_chain(problem, lab)

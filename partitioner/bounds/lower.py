@@ -74,6 +74,7 @@ from . import chain as _chain
 from . import join as _join
 from . import lp as _lp
 from .lp import LIMITS, LPResult, _Routes
+from .memory import group_step_need, resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,18 @@ class PathLabels:
 
 def allowed_mask(problem: Problem) -> np.ndarray:
     """``(n, D)`` bool: devices that may run each node: support, groups (all members on one
-    device that supports them all) and, with memory on, whose capacity holds the node's
-    (group's) parameters (the evaluator's tolerance, relative 1e-9)."""
+    device that supports them all) and, with memory on, whose capacity holds what the node
+    needs (:func:`partitioner.bounds.memory.group_step_need`: its group's parameters and kept
+    activations, and the tensors live during its own step; the evaluator's tolerance,
+    relative 1e-9)."""
     ok = problem.supported.copy()
     cap = problem.capacity * (1 + 1e-9)
     if problem.constraints.memory:
-        ok &= problem.param_bytes[:, None] <= cap[None, :]
+        ok &= group_step_need(problem)[:, None] <= cap[None, :]
     for g in problem.groups:
         ok[g] &= problem.supported[g].all(axis=0)
         if problem.constraints.memory:
-            ok[g] &= problem.param_bytes[g].sum() <= cap
+            ok[g] &= ok[g].all(axis=0)
     if not ok.any(axis=1).all():
         problem.check_supported()
     return ok
@@ -155,7 +158,7 @@ def critical_path_bound(problem: Problem, labels: PathLabels | None = None) -> f
 
 def energy_bound(problem: Problem, labels: PathLabels | None = None) -> float:
     """``sum_v min_d T[v, d] / D``: the average work per device (both objectives)."""
-    T = (labels or path_labels(problem)).T
+    T = labels.T if labels is not None else np.where(allowed_mask(problem), problem.T, np.inf)
     return float(T.min(axis=1).sum() / problem.D) if problem.n else 0.0
 
 
@@ -217,9 +220,9 @@ def load_lp_bound(problem: Problem, res: LPResult | None = None) -> float:
     """The fractional load-balancing LP (HiGHS via scipy); raises InfeasibleError if no fit."""
     res = res or load_lp(problem)
     if not math.isfinite(res.value):
-        need = problem.param_bytes.sum()
+        need = resident_bytes(problem).sum()
         raise InfeasibleError(
-            f"the parameters ({need / 1e9:.3f} GB) fit on the devices of spec {problem.spec.name!r} in no way "
+            f"the parameters (and the activations they keep, {need / 1e9:.3f} GB) fit on the devices of spec {problem.spec.name!r} in no way "
             f"(usable memory {problem.capacity.sum() / 1e9:.3f} GB in all, given which devices support each op)",
             hint="use a spec with more memory, lower memory_reserve, or a smaller model")
     return res.value
@@ -262,7 +265,7 @@ def _group_cheap(problem: Problem, A: np.ndarray, G: tuple[int, ...], routes: _R
     AG = A[:, list(G)]
     if not AG.any(axis=1).all():
         return math.inf
-    if problem.constraints.memory and problem.param_bytes.sum() > problem.capacity[list(G)].sum() * (1 + 1e-9):
+    if problem.constraints.memory and resident_bytes(problem).sum() > problem.capacity[list(G)].sum() * (1 + 1e-9):
         return math.inf
     TG = np.where(AG, problem.T[:, list(G)], np.inf)
     if len(G) == 1:
@@ -283,7 +286,7 @@ def _group_cheap(problem: Problem, A: np.ndarray, G: tuple[int, ...], routes: _R
     return max(float(TG.min(axis=1).sum()) / len(G), forced)
 
 
-def period_lp_bound(problem: Problem) -> tuple[float, dict[str, Any]]:
+def period_lp_bound(problem: Problem, load: LPResult | None = None) -> tuple[float, dict[str, Any]]:
     """A period bound valid for every plan, data-parallel replicas included.
 
     The link-load LP (:func:`period_lp`) bounds plans that run as one device group. It
@@ -306,14 +309,13 @@ def period_lp_bound(problem: Problem) -> tuple[float, dict[str, Any]]:
     carries ``lambda_r load_r(d) <= lambda_r P_r = period``) is returned.
     """
     D = problem.D
+    if D > LIMITS["replica_devices"]:  # the link LP would not bound replicas: skip it
+        return (load.value if load is not None else load_lp(problem).value), {"replicas": "not enumerated"}
     one = period_lp(problem)
     info: dict[str, Any] = {"period_lp": one.variant, "period_lp_s": round(one.seconds, 4)}
     best = one.value
     if D == 1 or one.variant == "skipped":
         return best, info
-    if D > LIMITS["replica_devices"]:
-        info["replicas"] = "not enumerated"
-        return load_lp(problem).value, info
     A = allowed_mask(problem)
     routes = _Routes(problem)
     cheap: dict[tuple[int, ...], float] = {}
@@ -368,11 +370,12 @@ def lower_bound(problem: Problem) -> Bound:
     if hit is not None:
         return hit
     t0 = time.perf_counter()
-    lab = path_labels(problem)
+    lat = problem.objective is Objective.LATENCY
+    lab = path_labels(problem) if lat else None  # the period parts need no path labels
     load = load_lp(problem)
     parts = {"load": load_lp_bound(problem, load), "energy": energy_bound(problem, lab)}
     info: dict[str, Any] = {}
-    if problem.objective is Objective.LATENCY:
+    if lat:
         parts["path"] = critical_path_bound(problem, lab)
         parts["forced"] = forced_bound(problem, lab)
         duals = () if load.ub_duals is None else (load.ub_duals[:problem.D],)  # the device load rows come first
@@ -386,7 +389,7 @@ def lower_bound(problem: Problem) -> Bound:
         if chain > 0:
             parts["chain"] = chain
     else:
-        parts["links"], more = period_lp_bound(problem)
+        parts["links"], more = period_lp_bound(problem, load)
         info.update(more)
     binding = max(parts, key=lambda k: (parts[k], k))
     value = parts[binding]

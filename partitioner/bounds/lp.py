@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from ..machine.problem import Problem
+from .memory import resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +131,18 @@ def _x_vars(lp: _LP, A: np.ndarray) -> np.ndarray:
 
 def _common_rows(lp: _LP, problem: Problem, A: np.ndarray, xid: np.ndarray, Ts: np.ndarray | None,
                  obj: int) -> None:
-    """Loads ``sum_v T x <= obj`` (unless ``Ts`` is None), memory ``sum_v params x <= capacity``,
-    and co-located groups (``x[v, d] = x[g0, d]``)."""
+    """Loads ``sum_v T x <= obj`` (unless ``Ts`` is None), memory ``sum_v resident x <= capacity``
+    (parameters plus the activations every plan holds at once,
+    :func:`partitioner.bounds.memory.resident_bytes`), and co-located groups (``x[v, d] = x[g0, d]``)."""
     D = A.shape[1]
     vv, dd = np.nonzero(A)
     if Ts is not None:
         lp.add("ub", D, np.concatenate([dd, np.arange(D)]), np.concatenate([xid[vv, dd], np.full(D, obj)]),
                np.concatenate([Ts[vv, dd], -np.ones(D)]), 0.0)
-    if problem.constraints.memory and problem.param_bytes.any():
+    res = resident_bytes(problem)
+    if problem.constraints.memory and res.any():
         cap = np.maximum(problem.capacity, 1e-300)  # A excludes nodes that alone exceed a device
-        lp.add("ub", D, dd, xid[vv, dd], problem.param_bytes[vv] / cap[dd], 1.0 + 1e-9)
+        lp.add("ub", D, dd, xid[vv, dd], res[vv] / cap[dd], 1.0 + 1e-9)
     for g in problem.groups:
         for v in g[1:]:
             ds = np.flatnonzero(A[v])
@@ -202,7 +205,7 @@ def coupled_lp(problem: Problem, lab, lb0: float, variant: str | None = None) ->
         F[v] >= F[u] + K(u, v) + T(v)         for each edge    (precedence + transfer)
         C    >= sum_v T[v, d] x[v, d]         for each device  (loads)
         C    >= theta + q + sum_{v in S} T[v, d] x[v, d]       (head-body-tail cuts)
-        sum_v params[v] x[v, d] <= capacity[d]; x[v, .] = x[g, .] within a group
+        sum_v resident[v] x[v, d] <= capacity[d]; x[v, .] = x[g, .] within a group
 
     ``K(u, v) = sum_{a != b} comm(a, b, bytes) z[a, b]`` with ``z >= 0`` a flow that
     carries ``x[u, .]`` to ``x[v, .]`` (``out(a) - in(a) = x[u, a] - x[v, a]``); its minimum

@@ -67,6 +67,28 @@ class Evaluation:
         return self.latency if Objective(objective) is Objective.LATENCY else self.period
 
 
+def pieces(problem: Problem, placement) -> list[list[int]]:
+    """The pieces of a plan: connected components of the graph restricted to edges whose ends
+    share a device (what emit cuts into segments, at least), each in index order, smallest first."""
+    parent = list(range(problem.n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for u, v in zip(problem.edge_src.tolist(), problem.edge_dst.tolist()):
+        if placement[u] == placement[v]:
+            a, b = find(u), find(v)
+            if a != b:
+                parent[a] = b
+    comp: dict[int, list[int]] = {}
+    for v in range(problem.n):
+        comp.setdefault(find(v), []).append(v)
+    return sorted(comp.values(), key=lambda c: (len(c), c[0]))
+
+
 def upward_rank(problem: Problem, placement) -> np.ndarray:
     """HEFT-style upward rank with the nodes' assigned devices and actual transfer times."""
     T, pl = problem.T, placement

@@ -4,6 +4,7 @@ Importing this package imports every solver module, so that each registers itsel
 aliases are private so that they never shadow the subpackages ``cpsat``, ``milp``, ...).
 """
 
+from .baselines import contiguous as _contiguous  # noqa: F401
 from .baselines import greedy as _greedy  # noqa: F401
 from .baselines import heft as _heft  # noqa: F401
 from .baselines import metis as _metis  # noqa: F401

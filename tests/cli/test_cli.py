@@ -157,7 +157,7 @@ def test_solver_options(tiny, tmp_path):
         assert needle in r.output, needle
     r = run("solvers", "--options", "milp-cbc")
     assert r.exit_code == 0 and "nogood_rounds" in r.output and "shared by milp, milp-cbc, milp-highs" in r.output
-    assert "14 (split)" in run("solvers").output
+    assert "19 (split)" in run("solvers").output
     # a set option reaches the solver (split reports how many starts it searched)
     out = tmp_path / "o"
     for restarts in (1, 2):

@@ -3,7 +3,8 @@
 Latency: each node goes to the device where it would finish first, given the devices'
 queues so far and the transfers its inputs need. Throughput: each node goes to the
 device that keeps the estimated bottleneck (device load plus inbound transfer time)
-lowest, ties broken by the transfer time added, then by finish time.
+lowest, ties broken by the transfer time added, then by finish time. Only devices whose
+memory still holds the node are candidates (:mod:`.listsched`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
 from ...machine.problem import Problem
 from ..registry import register
-from .listsched import PartialSchedule
+from .listsched import PartialSchedule, list_schedule
 
 
 @register("greedy", "earliest-finish-time greedy in topological order")
 def solve(problem: Problem, settings: Settings) -> Plan:
-    ps = PartialSchedule(problem)
     T = problem.T
     thr = problem.objective is Objective.THROUGHPUT
-    bottleneck = 0.0
-    for v in range(problem.n):
+
+    def run(ps: PartialSchedule) -> None:
+        bottleneck = 0.0
+        for v in range(problem.n):
+            bottleneck = _place(ps, v, bottleneck)
+
+    def _place(ps: PartialSchedule, v: int, bottleneck: float) -> float:
         best, best_key = None, None
         for d in ps.candidates(v):
             d = int(d)
@@ -38,6 +43,6 @@ def solve(problem: Problem, settings: Settings) -> Plan:
                 best, best_key = (d, s), key
         d, s = best
         ps.place(v, d, s)
-        if thr:
-            bottleneck = max(bottleneck, best_key[0])
-    return ps.plan()
+        return max(bottleneck, best_key[0]) if thr else bottleneck
+
+    return list_schedule(problem, settings, run)

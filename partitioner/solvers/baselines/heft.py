@@ -3,7 +3,8 @@
 Nodes are ranked by upward rank computed with mean execution times over the devices that
 support them and mean transfer times over device pairs; in decreasing rank each node is
 placed on the device giving the earliest finish time, inserting it into the first idle
-gap of the device's schedule that is long enough (insertion-based policy).
+gap of the device's schedule that is long enough (insertion-based policy), among the
+devices whose memory still holds it (:mod:`.listsched`: budgets refitted until the plan fits).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ...ir.plan import Plan
 from ...ir.settings import Settings
 from ...machine.problem import Problem
 from ..registry import register
-from .listsched import PartialSchedule
+from .listsched import PartialSchedule, list_schedule
 
 
 def mean_comm_factors(problem: Problem) -> tuple[float, float]:
@@ -48,16 +49,18 @@ def upward_rank_mean(problem: Problem) -> np.ndarray:
 def solve(problem: Problem, settings: Settings) -> Plan:
     rank = upward_rank_mean(problem)
     seq = np.lexsort((np.arange(problem.n), -rank))
-    ps = PartialSchedule(problem)
     T = problem.T
-    for v in seq:
-        v = int(v)
-        best, best_key = None, None
-        for d in ps.candidates(v):
-            d = int(d)
-            s = ps.earliest_slot(d, ps.data_ready(v, d), T[v, d], insertion=True)
-            key = (s + T[v, d], d)
-            if best_key is None or key < best_key:
-                best, best_key = (d, s), key
-        ps.place(v, *best)
-    return ps.plan()
+
+    def run(ps: PartialSchedule) -> None:
+        for v in seq:
+            v = int(v)
+            best, best_key = None, None
+            for d in ps.candidates(v):
+                d = int(d)
+                s = ps.earliest_slot(d, ps.data_ready(v, d), T[v, d], insertion=True)
+                key = (s + T[v, d], d)
+                if best_key is None or key < best_key:
+                    best, best_key = (d, s), key
+            ps.place(v, *best)
+
+    return list_schedule(problem, settings, run)

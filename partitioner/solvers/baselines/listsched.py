@@ -1,27 +1,85 @@
-"""Shared machinery of the list-scheduling heuristics (greedy, HEFT, PEFT).
+"""Shared machinery of the list-scheduling heuristics (greedy, HEFT, PEFT) and the
+memory fitting of every constructive baseline.
 
 A :class:`PartialSchedule` places nodes one at a time, keeping per-device busy intervals
 (for insertion-based scheduling), the arrival time of every tensor already sent to a
-device (sent once per producer and destination), parameter memory used per device, and
-the nodes' groups. The final per-device order is the order of scheduled start times; the
-evaluator then computes the plan's figures.
+device (sent once per producer and destination), the memory each device must hold (the
+resident bytes of :func:`partitioner.bounds.memory.resident_bytes`: parameters, plus the
+activations a co-location group keeps; a group is charged whole when its first member is
+placed), and the nodes' groups. Candidate devices are those whose memory budget still
+holds the node (or, when none does, the one with the most room left). The final
+per-device order is the order of scheduled start times.
+
+Activations that live only for a while are not known while placing; :func:`fit_memory`
+runs a placement with per-device budgets, lowers the budget of every device whose
+evaluated memory peak exceeds its capacity by the excess (and the others a little), and repeats (``MEMORY_ROUNDS``
+= 6 rounds for list schedulers), keeping the best plan (feasible first, then the least
+excess, then the objective).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 
 import numpy as np
 
+from ...bounds.memory import group_resident, group_step_need, resident_bytes
 from ...ir.plan import Plan
+from ...ir.settings import Settings
+from ...machine.evaluate import Evaluation, evaluate
 from ...machine.problem import Problem
+
+#: rounds of :func:`fit_memory` for the list schedulers (``memory_rounds``)
+MEMORY_ROUNDS = 6
+
+
+def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: int) -> tuple[Plan, Evaluation, int]:
+    """Run ``build(budget) -> Plan`` with per-device memory budgets (bytes), lowering the
+    budget of each device whose evaluated peak exceeds its capacity by the excess plus 3 % of
+    its capacity (and every other budget by 1 %) until the plan fits or ``rounds`` builds ran. Returns the best plan
+    (feasible first, then least excess, then objective), its evaluation and the builds run."""
+    cap = problem.capacity.astype(float)
+    budget = cap.copy()
+    best = None
+    for r in range(max(1, rounds)):
+        plan = build(budget)
+        ev = evaluate(problem, plan)
+        over = np.maximum(ev.memory_peak - cap, 0.0) if problem.constraints.memory else np.zeros(problem.D)
+        key = (not ev.feasible, float(over.sum()), ev.value(problem.objective))
+        if best is None or key < best[0]:
+            best = (key, plan, ev, r + 1)
+        if ev.feasible or not over.any():
+            break
+        # the devices over capacity lose their excess and a margin; the others a little
+        # (what leaves one device goes to another, which may then overflow in turn)
+        budget = np.maximum(np.where(over > 0, budget - over - 0.03 * cap, budget - 0.01 * cap), 0.0)
+    _, plan, ev, used = best
+    return plan, ev, used
+
+
+def list_schedule(problem: Problem, settings: Settings, run: Callable[["PartialSchedule"], None], **info) -> Plan:
+    """A list scheduler ``run(ps)`` (it places every node of ``ps``) under :func:`fit_memory`."""
+
+    def build(budget: np.ndarray) -> Plan:
+        ps = PartialSchedule(problem, budget)
+        run(ps)
+        return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
+
+    rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
+    plan, ev, used = fit_memory(problem, build, rounds)
+    return plan.with_(info=dict(plan.info, memory_rounds=used, **info))
 
 
 class PartialSchedule:
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, budget: np.ndarray | None = None):
         p = problem
         self.p = p
+        self.budget = p.capacity if budget is None else np.asarray(budget, dtype=float)
+        self.need = group_resident(p) if p.constraints.memory else np.zeros(p.n)
+        self.step = group_step_need(p) if p.constraints.memory else np.zeros(p.n)
+        self.res = resident_bytes(p)
         self.pl = np.full(p.n, -1, dtype=np.int64)
         self.start = np.zeros(p.n)
         self.finish = np.zeros(p.n)
@@ -39,16 +97,19 @@ class PartialSchedule:
                 self.in_arrival[(k, d)] = p.comm(p.host, d, b)
 
     def candidates(self, v: int) -> np.ndarray:
-        """Devices that may run ``v``: supported, group-consistent, parameters fit."""
+        """Devices that may run ``v``: supported, group-consistent, and whose budget still
+        holds its (group's) resident bytes; when none does, the one with the most room."""
         p = self.p
         g = p.group_of[v]
         if g >= 0 and g in self.group_dev:
             return np.array([self.group_dev[g]])
         devs = p.allowed_devices(v)
         if p.constraints.memory:
-            fit = devs[self.params[devs] + p.param_bytes[v] <= p.capacity[devs]]
+            room = self.budget[devs] - self.params[devs]
+            fit = devs[(room >= self.need[v]) & (self.budget[devs] >= self.step[v])]
             if fit.size:
                 return fit
+            return devs[[int(np.argmax(room))]]
         return devs
 
     def data_ready(self, v: int, d: int) -> float:
@@ -93,11 +154,13 @@ class PartialSchedule:
         self.finish[v] = s + dur
         bisect.insort(self.busy[d], (s, s + dur, v))
         self.ready_at[d] = max(self.ready_at[d], s + dur)
-        self.params[d] += p.param_bytes[v]
         self.load[d] += dur
         g = p.group_of[v]
-        if g >= 0:
-            self.group_dev.setdefault(int(g), d)
+        if g < 0:
+            self.params[d] += self.res[v]
+        elif g not in self.group_dev:
+            self.group_dev[int(g)] = d
+            self.params[d] += self.need[v]
         for u, b in p.pred_bytes[v]:
             du = self.pl[u]
             if du != d:

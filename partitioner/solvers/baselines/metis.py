@@ -26,8 +26,10 @@ Comput. 20(1), 1998), and give every part a device.
    device that runs it fastest (a node the device cannot run priced at its fastest
    allowed device, where step 4 moves it).
 4. **Fix-ups.** A unit on a device that cannot run it moves to its fastest allowed device;
-   while a device's parameters overflow its memory, its largest-parameter unit moves to
-   the allowed device with the most free memory that can take it.
+   while a device's resident bytes (parameters, and the activations a co-location group
+   keeps) overflow its memory budget, its largest unit moves to the allowed device with the
+   most free memory that can take it; budgets start at the capacities and are lowered by
+   the evaluated excess until the plan fits (:func:`.listsched.fit_memory`).
 5. The order is left to the evaluator's list scheduling (``order=None``).
 
 Options: :class:`MetisOptions` (``--option metis.KEY=VALUE``): ``backend`` = ``"auto"``
@@ -46,12 +48,13 @@ from typing import ClassVar, Literal
 import networkx as nx
 import numpy as np
 
+from ...bounds.memory import resident_bytes
 from ...errors import SolverError
 from ...ir.plan import Plan
 from ...ir.settings import Settings
-from ...machine.evaluate import evaluate
 from ...machine.problem import Problem
 from ..registry import register
+from .listsched import MEMORY_ROUNDS, fit_memory
 from .peft import allowed_mask
 
 log = logging.getLogger(__name__)
@@ -244,22 +247,23 @@ def _match(problem: Problem, U: _Units, parts: list[list[int]], devices: list[in
     return dev_of
 
 
-def _fixups(problem: Problem, U: _Units, unit_dev: np.ndarray, allowed: np.ndarray) -> dict:
-    """Unsupported units to their fastest allowed device; then relieve memory overflows."""
+def _fixups(problem: Problem, U: _Units, unit_dev: np.ndarray, allowed: np.ndarray, cap: np.ndarray) -> dict:
+    """Unsupported units to their fastest allowed device; then relieve memory overflows
+    (resident bytes, :func:`partitioner.bounds.memory.resident_bytes`, within ``cap``)."""
     T = np.where(allowed, problem.T, np.inf)
     moved_support = moved_memory = 0
+    res = resident_bytes(problem)
     ok = np.ones(U.m, dtype=bool)
     unit_T = np.zeros((U.m, problem.D))
     unit_par = np.zeros(U.m)
     for u, mem in enumerate(U.members):
         unit_T[u] = T[mem].sum(axis=0)
-        unit_par[u] = problem.param_bytes[mem].sum()
+        unit_par[u] = res[mem].sum()
         ok[u] = np.isfinite(unit_T[u, unit_dev[u]])
     for u in np.flatnonzero(~ok):
         unit_dev[u] = int(np.argmin(unit_T[u]))
         moved_support += 1
     if problem.constraints.memory:
-        cap = problem.capacity
         used = np.bincount(unit_dev, weights=unit_par, minlength=problem.D)
         for d in range(problem.D):
             if used[d] <= cap[d]:
@@ -306,10 +310,16 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     unit_dev = np.zeros(U.m, dtype=np.int64)
     for p, units in enumerate(parts):
         unit_dev[units] = dev_of[p]
-    info = _fixups(problem, U, unit_dev, allowed)
-    placement = tuple(int(x) for x in unit_dev[U.uid])
-    plan = Plan(placement, None, status="heuristic")
-    ev = evaluate(problem, plan)
+    info: dict = {}
+
+    def build(budget: np.ndarray) -> Plan:
+        ud = unit_dev.copy()
+        info.update(_fixups(problem, U, ud, allowed, budget))
+        return Plan(tuple(int(x) for x in ud[U.uid]), None, status="heuristic")
+
+    rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
+    plan, ev, info["memory_rounds"] = fit_memory(problem, build, rounds)
+    unit_dev = np.asarray(plan.placement)[[m[0] for m in U.members]]
     parts_w = [float(U.weight[p].sum()) for p in parts]
     cut = sum(d["weight"] for a, b, d in U.G.edges(data=True) if unit_dev[a] != unit_dev[b])
     info.update(backend=backend, targets=targets, k=len(usable), part_weights=parts_w,

@@ -21,7 +21,8 @@ over all processors; a device that cannot run ``v`` has no meaningful entry).
 decreasing ``rank_oct`` (ties: topological index). The chosen node goes to the device
 minimising the optimistic finish ``O_EFT(v, d) = EFT(v, d) + OCT[v, d]`` (ties: EFT, then
 device index), where ``EFT`` is insertion-based (first idle gap long enough after the
-inputs arrive, :class:`~partitioner.solvers.baselines.listsched.PartialSchedule`).
+inputs arrive, :class:`~partitioner.solvers.baselines.listsched.PartialSchedule`), among the
+devices whose memory still holds the node (budgets refitted until the plan fits, :mod:`.listsched`).
 
 Cost: the table is ``O(E * D^2)`` numpy work, vectorised per node; scheduling is
 ``O((n + E) * D)`` list-scheduling steps plus the insertion scans.
@@ -38,7 +39,7 @@ from ...ir.plan import Plan
 from ...ir.settings import Settings
 from ...machine.problem import Problem
 from ..registry import register
-from .listsched import PartialSchedule
+from .listsched import PartialSchedule, list_schedule
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,10 @@ def rank_oct(oct_: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.divide(tot, cnt, out=np.zeros(len(cnt)), where=cnt > 0)
 
 
-def peft_schedule(problem: Problem, oct_: np.ndarray, rank: np.ndarray) -> PartialSchedule:
-    """Ready-list scheduling by decreasing ``rank``, device by least ``EFT + OCT``."""
+def peft_schedule(ps: PartialSchedule, oct_: np.ndarray, rank: np.ndarray) -> None:
+    """Ready-list scheduling of every node of ``ps`` by decreasing ``rank``, device by least ``EFT + OCT``."""
+    problem = ps.p
     T = problem.T
-    ps = PartialSchedule(problem)
     indeg = np.array([len(p) for p in problem.preds], dtype=np.int64)
     heap = [(-float(rank[v]), v) for v in range(problem.n) if indeg[v] == 0]
     heapq.heapify(heap)
@@ -138,7 +139,6 @@ def peft_schedule(problem: Problem, oct_: np.ndarray, rank: np.ndarray) -> Parti
             indeg[j] -= 1
             if indeg[j] == 0:
                 heapq.heappush(heap, (-float(rank[j]), j))
-    return ps
 
 
 @register("peft", "PEFT: optimistic cost table rank, insertion-based least EFT+OCT "
@@ -147,7 +147,4 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     allowed = allowed_mask(problem)
     oct_ = optimistic_cost_table(problem, allowed)
     rank = rank_oct(oct_, allowed)
-    ps = peft_schedule(problem, oct_, rank)
-    makespan = float(ps.finish.max()) if problem.n else 0.0
-    log.debug("peft: list-schedule makespan %.6g s", makespan)
-    return ps.plan(schedule_makespan_s=makespan)
+    return list_schedule(problem, settings, lambda ps: peft_schedule(ps, oct_, rank))

@@ -7,13 +7,17 @@ algorithms for device placement of DNN graph operators", NeurIPS 2020).
 **Linear orders.** Two topological orders of the nodes are tried: the graph's own
 (``range(n)``) and a depth-first one (Kahn's algorithm with a LIFO ready stack: the node
 released last runs next, so a branch stays contiguous). Each is split by the DP below; the
-better plan by the evaluator is returned.
+better plan by the evaluator is returned. Co-location groups (e.g. a forward node and its
+backward node) are kept together at their first member's position
+(:func:`group_contiguous`); tensors that then flow backwards in the order count on the cuts
+they cross like the others.
 
 **Stages.** A stage is a contiguous segment ``[a, b)`` of the order on one device; stages
 follow one another along the order and use pairwise distinct devices, so the DP state is
 ``(cut i, set of used devices, device of the last stage)``: ``O(2^D * D)`` states per cut.
-For more than ``max_devices`` (default 10) devices only that many are used: those that
-support the most nodes, then with the least total time.
+For more than ``max_devices`` (default 10) devices the stages take a subsequence of a
+fixed device sequence instead (every non-host device by index, the host last; devices may
+be skipped), state ``(cut, device)``: ``O(D^2 K^2)`` (:func:`run_seq_dp`).
 
 **Stage cost (throughput).** The DP minimises the largest stage cost, where the cost of
 stage ``[a, b)`` on ``d`` entered from the previous stage's device ``e`` is the largest of
@@ -45,7 +49,11 @@ stage and the outputs' return from the last. Again the evaluator's latency is cl
 **Memory.** A segment fits ``d`` when its parameters, the outputs of all its nodes, the
 cut tensors it receives and the model inputs it reads fit together (every activation live
 at once: an upper bound on the evaluator's step-granular peak). When no split passes this
-test, the DP is re-run with parameters only and the evaluator decides.
+test (and in any case: the better plan by the evaluator is kept), the DP is re-run with the resident bytes (:func:`partitioner.bounds.memory.resident_bytes`:
+parameters and the activations a group must keep) plus the cut tensors and inputs, and
+each device that the evaluator finds over capacity gets its capacity lowered by the excess
+for another run (``FIT_ROUNDS``; the stage costs are computed once, memory only
+masks them); last, parameters only, and the evaluator decides.
 
 **Candidate cuts.** With up to ``cuts`` (default 200) candidate cut positions the DP is
 ``O(K^2 * 2^D * D^2)`` vectorised work. When the order has more valid cut positions (a cut
@@ -69,6 +77,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from ...bounds.memory import resident_bytes
 from ...errors import NoSolutionError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
@@ -80,6 +89,8 @@ from .peft import allowed_mask
 log = logging.getLogger(__name__)
 
 WORK_BUDGET = 3e8
+#: DP reruns with capacities lowered by the evaluated excess (memory model "resident")
+FIT_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class PipelineDPOptions:
     cuts : int
         Most candidate cut positions (lowered for many devices to keep the DP's work near 3e8).
     max_devices : int
-        Above this many devices, only this many are used (most supported nodes, then fastest).
+        Above this many devices, stages take a subsequence of a fixed device sequence (O(D^2 K^2)) instead of any device subset.
     orders : list of {"index", "dfs"}
         Linear orders split by the DP: the graph's own and a depth-first one.
     """
@@ -120,6 +131,22 @@ def dfs_order(problem: Problem) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def group_contiguous(problem: Problem, order: np.ndarray) -> np.ndarray:
+    """``order`` with every co-location group's members moved together, to the position of the
+    group's first member (so that a cut between groups splits none); unchanged without groups."""
+    if not problem.groups:
+        return order
+    out, seen = [], set()
+    for v in order.tolist():
+        g = int(problem.group_of[v])
+        if g < 0:
+            out.append(v)
+        elif g not in seen:
+            seen.add(g)
+            out.extend(sorted(problem.groups[g]))
+    return np.array(out, dtype=np.int64)
+
+
 @dataclass
 class _Crossing:
     """Cut tensors of a linear order: for cut ``c`` (first ``c`` positions before it)."""
@@ -132,7 +159,8 @@ class _Crossing:
 
 
 def crossing(problem: Problem, pos: np.ndarray) -> _Crossing:
-    """Bytes and counts of the tensors produced before each cut and consumed after it."""
+    """Bytes and counts of the tensors produced before each cut and consumed after it (and,
+    in an order that is not topological, of those consumed before it and produced after)."""
     n = problem.n
     dB = np.zeros(n + 2)
     dC = np.zeros(n + 2)
@@ -154,8 +182,16 @@ def crossing(problem: Problem, pos: np.ndarray) -> _Crossing:
                 dB[q + 1] -= m
                 lo.append(prev + 1), hi.append(q), val.append(m)
                 prev = q
-        dC[p + 1] += 1
-        dC[qs[-1][0] + 1] -= 1
+        if qs[-1][0] > p:
+            dC[p + 1] += 1
+            dC[qs[-1][0] + 1] -= 1
+        for q, b in qs:
+            if q < p:  # an order that is not topological (groups kept together): a tensor sent back
+                dB[q + 1] += b
+                dB[p + 1] -= b
+                dC[q + 1] += 1
+                dC[p + 1] -= 1
+                lo.append(q + 1), hi.append(p), val.append(b)
     return _Crossing(np.cumsum(dB)[:n + 1], np.cumsum(dC)[:n + 1], np.array(lo, dtype=np.int64),
                      np.array(hi, dtype=np.int64), np.array(val))
 
@@ -193,7 +229,7 @@ class _Tables:
     """Stage costs for the cut positions ``P`` (``P[0] = 0``, ``P[-1] = n``) of one order."""
 
     def __init__(self, problem: Problem, order: np.ndarray, P: np.ndarray, cr: _Crossing,
-                 devs: list[int], allowed: np.ndarray, memory_acts: bool):
+                 devs: list[int], allowed: np.ndarray):
         self.p, self.order, self.P, self.cr, self.devs = problem, order, P, cr, devs
         n, M1 = problem.n, len(P)
         self.M1 = M1
@@ -231,20 +267,22 @@ class _Tables:
         self.out_c = seg(pref(oc))
         self.cut_b = cr.bytes[P]
         self.cut_c = cr.count[P]
-        # memory need of each segment
-        self.mem = None
-        if problem.constraints.memory:
-            need = seg(pref(problem.param_bytes[order]))
-            if memory_acts:
-                need = need + seg(pref(problem.output_bytes[order])) + self.cut_b[:, None] + self.in_b
-            self.mem = need
+        self._pref, self._seg = pref, seg
+
+    def need(self, memory: str) -> np.ndarray:
+        """``[i, k]``: memory of segment ``P[i]:P[k]`` under a memory model (module docstring)."""
+        p, order, pref, seg = self.p, self.order, self._pref, self._seg
+        if memory == "acts":
+            return (seg(pref(p.param_bytes[order])) + seg(pref(p.output_bytes[order]))
+                    + self.cut_b[:, None] + self.in_b)
+        if memory == "resident":
+            return seg(pref(resident_bytes(p)[order])) + self.cut_b[:, None] + self.in_b
+        return seg(pref(p.param_bytes[order]))
 
     def compute(self, d: int) -> np.ndarray:
         """``[i, k]``: compute time of segment ``P[i]:P[k]`` on ``d``; inf when invalid."""
         S = self.seg(self.ST[:, d])
         bad = ~self.upper | (self.seg(self.SU[:, d]) > 0)
-        if self.mem is not None:
-            bad |= self.mem > self.p.capacity[d] * (1 + 1e-12)
         return np.where(bad, np.inf, S)
 
     def _io_hops(self, d: int) -> dict[tuple[int, int], np.ndarray]:
@@ -260,15 +298,35 @@ class _Tables:
         return loads
 
     def _cut_hops(self, e: int, d: int) -> dict[tuple[int, int], np.ndarray]:
-        """Per directed hop, load (vector over cut ``i``) of the cut tensors sent ``e -> d``."""
+        """Per directed hop, load (vector over cut ``i``) of the cut tensors sent ``e -> d``
+        (each cut on its fastest route for its mean tensor, ties to the fewer hops)."""
+        memo = self.__dict__.setdefault("_cut_memo", {})
+        if (e, d) in memo:
+            return memo[(e, d)]
         loads: dict[tuple[int, int], np.ndarray] = {}
-        for i in range(self.M1):
-            c = self.cut_c[i]
-            if c <= 0:
+        memo[(e, d)] = loads
+        if e == d:
+            return loads
+        links = self.p.links
+        c, b = self.cut_c, self.cut_b
+        on = c > 0
+        mean = np.divide(b, c, out=np.zeros_like(b), where=on)
+        routes = links.routes[(e, d)]
+        pick = np.zeros(self.M1, dtype=np.int64)
+        best_t = routes[0].latency_s + mean * routes[0].inv_bw
+        best_h = np.full(self.M1, len(routes[0].hops))
+        for k, r in enumerate(routes[1:], 1):  # as LinkTable.route: least time, then fewer hops
+            t = r.latency_s + mean * r.inv_bw
+            better = (t < best_t) | ((t == best_t) & (len(r.hops) < best_h))
+            pick[better], best_t[better], best_h[better] = k, t[better], len(r.hops)
+        for k, r in enumerate(routes):
+            sel = on & (pick == k)
+            if not sel.any():
                 continue
-            b = self.cut_b[i]
-            for h, lat, inv in self.p.links.hop_factors(e, d, b / c):
-                loads.setdefault(h, np.zeros(self.M1))[i] += c * lat + b * inv
+            for x, y in r.hops:
+                lat, inv = links.hop[(x, y)]
+                v = loads.setdefault((x, y), np.zeros(self.M1))
+                v[sel] += (c * lat + b * inv)[sel]
         return loads
 
     def period_costs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -407,6 +465,46 @@ def run_dp(first: np.ndarray, C: np.ndarray, devs: list[int], additive: bool):
     return best, stages
 
 
+def run_seq_dp(first: np.ndarray, C: np.ndarray, seq: list[int], additive: bool):
+    """:func:`run_dp` with stages on a subsequence of the device sequence ``seq`` (devices
+    in that order, any skipped): ``O(len(seq)^2 K^2)``, for many devices."""
+    M1 = first.shape[1]
+    m = len(seq)
+    V = np.full((m, M1), np.inf)
+    pi = np.full((m, M1), -1, dtype=np.int64)
+    pe = np.full((m, M1), -1, dtype=np.int64)
+    cols = np.arange(M1)
+    for j, d in enumerate(seq):
+        V[j] = first[d]
+        V[j, 0] = np.inf
+        for a in range(j):
+            v = V[a]
+            rows = np.flatnonzero(np.isfinite(v[:M1 - 1]))
+            if not rows.size:
+                continue
+            Cr = C[seq[a], d][rows]
+            cand = v[rows][:, None] + Cr if additive else np.maximum(v[rows][:, None], Cr)
+            k = cand.argmin(axis=0)
+            best = cand[k, cols]
+            upd = best < V[j]
+            V[j][upd] = best[upd]
+            pi[j][upd] = rows[k[upd]]
+            pe[j][upd] = a
+    j = int(np.argmin(V[:, M1 - 1]))
+    if not np.isfinite(V[j, M1 - 1]):
+        return math.inf, []
+    best = float(V[j, M1 - 1])
+    stages, k = [], M1 - 1
+    while True:
+        i, a = int(pi[j, k]), int(pe[j, k])
+        stages.append((max(i, 0), k, seq[j]))
+        if a < 0:
+            break
+        j, k = a, i
+    stages.reverse()
+    return best, stages
+
+
 def pick_devices(problem: Problem, allowed: np.ndarray, limit: int) -> list[int]:
     """All devices, or the ``limit`` that support the most nodes, then with the least total time."""
     if problem.D <= limit:
@@ -424,34 +522,74 @@ def split_order(problem: Problem, order: np.ndarray, settings: Settings, allowed
     pos[order] = np.arange(n)
     cr = crossing(problem, pos)
     nd = len(devs)
-    K = settings.options_of(PipelineDPOptions).cuts
-    K = max(1, min(K, int(math.sqrt(WORK_BUDGET / max(1, (1 << nd) * nd * nd / 4)))))
+    opts = settings.options_of(PipelineDPOptions)
+    K = opts.cuts
+    dp_work = (1 << nd) * nd * nd / 4 if nd <= opts.max_devices else nd * nd
+    K = max(1, min(K, int(math.sqrt(WORK_BUDGET / max(1, dp_work)))))
     w = np.where(allowed, problem.T, np.nan)[order]
     w = np.nan_to_num(np.nanmean(w, axis=1), nan=0.0)
     cuts = candidate_cuts(w, cr.bytes, valid_cuts(problem, pos), K)
     P = np.concatenate([[0], cuts, [n]]).astype(np.int64)
     thr = problem.objective is Objective.THROUGHPUT
     info = {"cuts": int(len(cuts)), "valid_cuts_limited": bool(len(cuts) < n - 1)}
-    for acts in (True, False):
-        tab = _Tables(problem, order, P, cr, devs, allowed, memory_acts=acts)
-        first, C = tab.period_costs() if thr else tab.latency_costs()
-        val, stages = run_dp(first, C, devs, additive=not thr)
-        if stages:
-            info["memory_model"] = "params+activations" if acts else "params only"
+    seq = None
+    if nd > opts.max_devices:
+        seq = [d for d in range(problem.D) if d != problem.host and d in devs] + [problem.host] * (problem.host in devs)
+
+    tab = _Tables(problem, order, P, cr, devs, allowed)
+    first0, C0 = tab.period_costs() if thr else tab.latency_costs()
+
+    def run(memory: str, cap: np.ndarray):
+        first, C = first0, C0
+        if memory != "none":
+            bad = tab.need(memory)[None] > cap[:, None, None] * (1 + 1e-12)  # (D, M1, M1)
+            first = np.where(bad[:, 0, :], np.inf, first0)
+            C = np.where(bad[None], np.inf, C0)
+        if seq is not None:
+            return run_seq_dp(first, C, seq, additive=not thr)
+        return run_dp(first, C, devs, additive=not thr)
+
+    found = None  # (infeasible, value, DP value, stages, memory model, plan)
+    for memory in (("acts", "resident", "params") if problem.constraints.memory else ("none",)):
+        if memory == "params" and found is not None:
             break
-        if not problem.constraints.memory:
-            break
-    if not stages:
+        cap = problem.capacity.astype(float).copy()
+        for _ in range(FIT_ROUNDS if memory == "resident" else 1):
+            val, stages = run(memory, cap)
+            if not stages:
+                break
+            plan = _stage_plan(problem, order, P, stages)
+            ev = evaluate(problem, plan)
+            cand = (not ev.feasible, ev.value(problem.objective), val, stages, memory, plan)
+            if found is None or cand[:2] < found[:2]:
+                found = cand
+            over = np.maximum(ev.memory_peak - problem.capacity, 0.0)
+            if ev.feasible or not over.any():
+                break
+            # a device over capacity must get a smaller segment next time
+            need = tab.need(memory)
+            for i, k, d in stages:
+                if over[d] > 0:
+                    cap[d] = max(0.0, min(cap[d] - over[d] - 0.01 * problem.capacity[d], need[i, k] * (1 - 1e-9)))
+    if found is None:
         return math.inf, None, info
+    _, _, val, stages, memory, plan = found
+    info["memory_model"] = memory
+    info["stages"] = [(problem.devices[d], int(P[k] - P[i])) for i, k, d in stages]
+    return val, plan, info
+
+
+def _stage_plan(problem: Problem, order: np.ndarray, P: np.ndarray, stages) -> Plan:
+    n = problem.n
     pl = np.empty(n, dtype=np.int64)
     per_dev: list[list[int]] = [[] for _ in range(problem.D)]
     for i, k, d in stages:
         seg = order[P[i]:P[k]]
         pl[seg] = d
         per_dev[d].extend(int(v) for v in seg)
-    info["stages"] = [(problem.devices[d], int(P[k] - P[i])) for i, k, d in stages]
-    plan = Plan(tuple(int(x) for x in pl), tuple(tuple(s) for s in per_dev), status="heuristic")
-    return val, plan, info
+    if problem.groups:
+        per_dev = [sorted(x) for x in per_dev]  # topological (a group-contiguous order need not be)
+    return Plan(tuple(int(x) for x in pl), tuple(tuple(x) for x in per_dev), status="heuristic")
 
 
 @register("pipeline-dp", "contiguous pipeline split of a linear order by DP over (cut, used devices) "
@@ -462,8 +600,10 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         return Plan((), tuple(() for _ in range(problem.D)), status="heuristic", claimed=0.0)
     allowed = allowed_mask(problem)
     opts = settings.options_of(PipelineDPOptions)
-    devs = pick_devices(problem, allowed, opts.max_devices)
-    orders = {"index": lambda: np.arange(n, dtype=np.int64), "dfs": lambda: dfs_order(problem)}
+    limit = opts.max_devices
+    devs = list(range(problem.D)) if problem.D > limit else pick_devices(problem, allowed, limit)
+    orders = {"index": lambda: group_contiguous(problem, np.arange(n, dtype=np.int64)),
+              "dfs": lambda: group_contiguous(problem, dfs_order(problem))}
     names = opts.orders
     best = None
     seen: set[bytes] = set()

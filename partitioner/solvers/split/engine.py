@@ -22,7 +22,8 @@ a move changes:
 * **Memory.** Per device, parameters plus a conservative activation proxy (outputs of its
   nodes, tensors it receives, model inputs it reads: everything live at once), an upper
   bound on the evaluator's step-granular peak; only when the proxy exceeds a capacity is
-  the exact peak of that device computed (:meth:`State.device_peak`, the evaluator's rule).
+  the exact peak of that device computed (:meth:`State.device_peak`, the evaluator's rule),
+  and kept until a move changes the device's nodes or their order.
 
 Every move can be undone exactly (:meth:`State.undo`). Work is counted in ``work`` (node
 recomputations plus edges scanned), which the search uses as a deterministic budget.
@@ -95,6 +96,8 @@ class State:
             for k in t.node_inputs[v]:
                 self.icnt[k][pl[v]] += 1
         self.xbc = {}
+        self.pk = [0.0] * D        # cached exact memory peak per device (valid where pk_ok)
+        self.pk_ok = [False] * D
         self._loads_from_scratch()
         self.work += (2 * n + 2 * len(t.p.edge_src)) if self.track else n
         self.qd = [0.0] * n
@@ -237,9 +240,13 @@ class State:
         if not t.memory:
             return 0.0
         ex = 0.0
+        pk, ok = self.pk, self.pk_ok
         for d in range(t.D):
             if self.params[d] + self.act[d] > t.cap[d] * (1 + 1e-12):
-                peak = self.device_peak(d)
+                if not ok[d]:
+                    pk[d] = self.device_peak(d)
+                    ok[d] = True
+                peak = pk[d]
                 if peak > t.cap[d] * (1 + 1e-9):
                     ex += peak / t.cap[d] - 1.0
         return ex
@@ -256,6 +263,7 @@ class State:
         t = self.t
         pl, pos = self.pl, self.pos
         a, q0 = pl[v], pos[v]
+        self.pk_ok[a] = self.pk_ok[b] = False
         key = self._key
         sa = self.seq[a]
         i = bisect_left(sa, (q0, v), key=key)
@@ -336,7 +344,7 @@ class State:
         later node on its fastest device, no transfers; valid for any placement) or its
         own output transfer."""
         t = self.t
-        snap = (self.loads[:], self.params[:], self.act[:], self.sumf)
+        snap = (self.loads[:], self.params[:], self.act[:], self.sumf, self.pk[:], self.pk_ok[:])
         rel = []
         for v, b, q in moves:
             a, q0 = self._relocate(v, b, q)
@@ -449,6 +457,7 @@ class State:
         for v, a, q0 in reversed(rel):
             self._relocate(v, a, q0)
         self.loads, self.params, self.act, self.sumf = snap[0], snap[1], snap[2], snap[3]
+        self.pk, self.pk_ok = snap[4], snap[5]
         self._log = None
 
     def commit(self) -> None:

@@ -35,11 +35,21 @@ class SplitOptions:
     replicate : bool
         Throughput: search data-parallel replicas over device groups (2 to 6 devices).
     baselines : list of str or None
-        Solvers whose plans are starting plans (None: heft, peft, greedy; for throughput also pipeline-dp, single).
+        Solvers whose plans are starting plans (None: heft, peft, greedy, first-fit, balanced, pipeline-dp, metis; for throughput also single).
     exact_nodes : int
         Graphs up to this many nodes end with a whole-problem CP-SAT solve.
     exact_det_time : float
         CP-SAT deterministic time of that final solve (about 0.2 s).
+    tie_tolerance : float
+        Ties go to the simpler plan: a relative value growth that still counts as equal when transfers drop.
+    handoff_allowance_s : float
+        Seconds of value a simpler plan may add per transfer it removes (a hand-off's cost beyond the model).
+    multilevel : bool
+        Add the multilevel start: coarsen to ml_nodes clusters, solve them with split, expand.
+    ml_nodes : int
+        Clusters of the multilevel start's coarse graph.
+    ml_margin : float
+        Share of each capacity the coarse problem leaves free (activations inside clusters).
     """
 
     solver: ClassVar[str] = "split"
@@ -58,3 +68,8 @@ class SplitOptions:
     baselines: tuple[str, ...] | None = None
     exact_nodes: int = 60
     exact_det_time: float = 0.05
+    tie_tolerance: float = 1e-4
+    handoff_allowance_s: float = 0.0
+    multilevel: bool = False
+    ml_nodes: int = 48
+    ml_margin: float = 0.1

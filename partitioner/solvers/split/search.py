@@ -21,7 +21,9 @@ the bottleneck device (heaviest first) to other devices, swaps of a heavy node t
 with a lighter node elsewhere, prefixes and suffixes of its nodes in topological order
 (stage-boundary shifts of a pipeline, doubling sizes), its part of each module; for a
 bottleneck link, the producer of a transfer on it to its consumers' device and the
-consumers to the producer's device.
+consumers to the producer's device. :func:`chain_polish` then moves work along the pipeline:
+the best improving stage-shift chain (:func:`.blocks.shift_chains`, an ejection chain
+of boundary shifts from the bottleneck to the least loaded stage) while one improves.
 
 **Iterated local search** (:func:`iterated_search`; Lourenco, Martin and Stutzle,
 "Iterated local search", 2003): descend, kick (1 to 3 random critical nodes to random
@@ -39,6 +41,7 @@ import time
 from ... import progress
 from ...ir.plan import Objective
 from ...machine.problem import Problem
+from .blocks import block_move as _block_move, shift_chains, unit as _unit
 from .engine import State, _between
 
 _REL = 1e-12
@@ -137,25 +140,9 @@ def try_moves(st: State, moves: list, score: Scorer, best: tuple) -> tuple[bool,
     return False, best
 
 
-def _unit(st: State, v: int) -> list[int]:
-    """``v`` and the members of its co-location group (they move together)."""
-    g = st.t.group_of[v]
-    return st.t.groups[g] if g >= 0 else [v]
-
-
 def _fits(st: State, nodes: list[int], b: int) -> bool:
     mask = st.t.mask
     return all(mask[x, b] for x in nodes)
-
-
-def _block_move(st: State, nodes: list[int], b: int) -> list[tuple[int, int, float]]:
-    out, seen = [], set()
-    for v in nodes:
-        for x in _unit(st, v):
-            if x not in seen:
-                seen.add(x)
-                out.append((x, b, st.pos[x]))
-    return out
 
 
 def _single(st: State, v: int, b: int):
@@ -395,6 +382,44 @@ def _thr_candidates(st: State, mod_of, mods):
             yield _block_move(st, cons, pl[u])
 
 
+def _best_chain(st: State, score: Scorer, budget: Budget, best: tuple) -> tuple[bool, tuple]:
+    """The best improving stage-shift chain off a bottleneck device (:func:`shift_chains`), kept."""
+    r = max(range(st.t.R), key=st.loads.__getitem__)
+    if r >= st.t.D:
+        return False, best
+    top, top_s = None, best
+    for moves in shift_chains(st, r):
+        if not all(st.t.mask[x, b] for x, b, _ in moves):
+            continue
+        st.apply(moves)
+        s = score(st)
+        st.undo()
+        if better(s, top_s):
+            top, top_s = moves, s
+        if budget.out(st):
+            break
+    if top is None:
+        return False, best
+    st.apply(top)
+    st.commit()
+    return True, score(st)
+
+
+def chain_polish(st: State, score: Scorer, budget: Budget, mod_of=None, mods=None) -> tuple:
+    """After the iterated search: the best improving stage-shift chain while one improves,
+    then a plain descent, until neither improves (never worse than the state it starts from)."""
+    best = score(st)
+    while not budget.out(st):
+        ok, best = _best_chain(st, score, budget, best)
+        if ok:
+            continue
+        s = throughput_descent(st, score, budget, mod_of, mods)
+        if not better(s, best):
+            break
+        best = s
+    return best
+
+
 def throughput_descent(st: State, score: Scorer, budget: Budget, mod_of=None, mods=None) -> tuple:
     """First-improvement descent on moves off the bottleneck resource."""
     best = score(st)
@@ -436,5 +461,5 @@ def iterated_throughput(st: State, score: Scorer, budget: Budget, rng: random.Ra
     return iterated_search(st, score, budget, rng, mod_of, mods, throughput_descent, throughput_kick)
 
 
-__all__ = ["Budget", "Scorer", "better", "iterated_search", "iterated_throughput", "latency_descent",
+__all__ = ["Budget", "Scorer", "better", "chain_polish", "iterated_search", "iterated_throughput", "latency_descent",
            "throughput_descent", "try_moves"]

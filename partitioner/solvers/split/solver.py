@@ -73,22 +73,26 @@ from ... import progress
 from ...errors import PartitionerError
 from ...ir.plan import Objective, Plan
 from ...ir.settings import Settings
-from ...machine.evaluate import evaluate, list_order
+from ...machine.evaluate import evaluate, list_order, pieces
 from ...machine.problem import Problem
 from ..cpsat.options import CpsatOptions
 from ..registry import register
+from .blocks import relocate_pieces
 from .engine import State, Tables, positions_from_schedule
 from .modules import find_modules, module_pass, solve_window
+from .multilevel import multilevel_start
 from .options import SplitOptions
 from .search import (
     Budget,
     Scorer,
     better,
+    chain_polish,
     iterated_search,
     iterated_throughput,
     latency_descent,
     try_moves,
 )
+from .simplify import Limit, simplify
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +104,17 @@ def _score_ev(problem: Problem, ev) -> tuple:
             ev.latency if problem.objective is Objective.THROUGHPUT else ev.period)
 
 
+#: starting plans: the list schedulers, the contiguous splits and METIS (every baseline a
+#: practitioner tries first, so that split is never worse than any of them)
+BASELINES = ("heft", "peft", "greedy", "first-fit", "balanced", "pipeline-dp", "metis")
+
+
 def _baselines(problem: Problem, settings: Settings) -> list[Plan]:
     from ..registry import SOLVERS
 
-    names = ("heft", "peft", "greedy")
+    names = BASELINES
     if problem.objective is Objective.THROUGHPUT:
-        names += ("pipeline-dp", "single")
+        names += ("single",)
     out = []
     chosen = settings.options_of(SplitOptions).baselines
     for name in chosen if chosen is not None else names:
@@ -241,6 +250,8 @@ def _pipeline(problem: Problem, settings: Settings, mask: np.ndarray, starts: li
     st = best
     st.work = 0
     iterated_throughput(st, score, Budget(work, deadline), random.Random(settings.seed), mod_of, mods)
+    st.work = 0
+    chain_polish(st, score, Budget(0.5 * work, deadline), mod_of, mods)
     return st.plan(status="heuristic")
 
 
@@ -322,6 +333,8 @@ def _solve_throughput(problem: Problem, settings: Settings, cands: list[tuple[tu
     info["replica_groups_skipped"] = skipped
     if not plans:
         return cands[0][1]
+    if not replicate:  # one pipeline on every device (the set-partition DP is 3^D work)
+        return plans.get(full, next(iter(plans.values())))
     total, groups = _partition_dp(D, rate)
     info["replica_groups"] = [[problem.devices[d] for d in range(D) if g >> d & 1] for g in groups]
     if len(groups) == 1:
@@ -371,6 +384,10 @@ def solve(problem: Problem, settings: Settings) -> Plan:
             p = None
         if p is not None:
             plans.append(p.with_(solver="modules"))
+    if opts.multilevel and not progress.stop_requested():
+        p = multilevel_start(problem, settings, deadline, solve)
+        if p is not None:
+            plans.append(p.with_(solver="multilevel"))
     cands = []
     for p in plans:
         ev = evaluate(problem, p)
@@ -398,6 +415,13 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         s = _score_ev(problem, ev)
         if best_s is None or s < best_s:
             best_s, best_p = s, p
+    if best_s[0] == 0 and not best_p.replicas and not problem.memory_never_binds() \
+            and not progress.stop_requested():
+        best_p, best_s = _relocate(problem, settings, tab, best_p, best_s, deadline, info)
+    if best_s[0] == 0 and not best_p.replicas and not progress.stop_requested():
+        base = [c[0][1] for c in cands if c[0][0] == 0 and c[1].solver in BASELINES + ("single",)]
+        best_p, best_s = _simplify(problem, settings, tab, best_p, best_s, min(base, default=math.inf),
+                                   deadline, info)
     solver_bound = None
     if (n <= opts.exact_nodes and time.perf_counter() < deadline
             and not progress.stop_requested()):
@@ -413,6 +437,50 @@ def solve(problem: Problem, settings: Settings) -> Plan:
     if claimed is None:  # a bound above the value is a bug: api.grade reports it loudly
         solver_bound = None
     return best_p.with_(solver="split", status="heuristic", claimed=claimed, solver_bound=solver_bound, info=info)
+
+
+def _relocate(problem: Problem, settings: Settings, tab: Tables, plan: Plan, score_: tuple, deadline: float,
+              info: dict) -> tuple[Plan, tuple]:
+    """Memory-bound plans: whole pieces (or halves) to the devices with the most free memory
+    (:func:`.blocks.relocate_pieces`), kept when the plan improves."""
+    opts = settings.options_of(SplitOptions)
+    ev = evaluate(problem, plan)
+    st = State(tab, plan.placement, positions_from_schedule(ev.start, ev.finish))
+    st.work = 0
+    kept = relocate_pieces(st, Scorer(problem, check_memory=True), Budget(0.3 * _search_work(opts, problem.n), deadline),
+                           lambda pl: pieces(problem, pl))
+    info["relocated"] = kept
+    if not kept:
+        return plan, score_
+    alt = st.plan(status="heuristic")
+    s2 = _score_ev(problem, evaluate(problem, alt))
+    return (alt, s2) if s2 < score_ else (plan, score_)
+
+
+def _simplify(problem: Problem, settings: Settings, tab: Tables, plan: Plan, score_: tuple, baseline: float,
+              deadline: float, info: dict) -> tuple[Plan, tuple]:
+    """Ties go to the simpler plan (:mod:`.simplify`): moves that cut transfers while the
+    value grows by at most ``tie_tolerance`` (relative) plus ``handoff_allowance_s`` per
+    transfer removed, and never above the best baseline's value ``baseline``."""
+    value = score_[1]
+    cap = max(value, baseline) if math.isfinite(baseline) else value
+    opts = settings.options_of(SplitOptions)
+    limit = Limit(value, opts.tie_tolerance, opts.handoff_allowance_s, cap)
+    ev = evaluate(problem, plan)
+    st = State(tab, plan.placement, positions_from_schedule(ev.start, ev.finish))
+    st.work = 0
+    kept = simplify(st, Scorer(problem, check_memory=not problem.memory_never_binds()),
+                    limit, Budget(0.2 * opts.effort * (1000 * problem.n + 500_000), deadline))
+    info["simplified"] = kept
+    if not kept:
+        return plan, score_
+    alt = st.plan(status="heuristic")
+    ev2 = evaluate(problem, alt)
+    s2 = _score_ev(problem, ev2)
+    if s2[0] == 0 and s2[1] <= cap * (1 + 1e-12):
+        progress.incumbent(s2[1], phase=f"simpler plan ({kept} moves, fewer transfers)")
+        return alt, s2
+    return plan, score_
 
 
 def _exact_whole(problem: Problem, settings: Settings, hint: Plan, deadline: float, info: dict) -> Plan | None:

@@ -53,6 +53,8 @@ class Tables:
         self.allowed = _row_lists(mask)
         self.group_of = p.group_of.tolist()
         self.groups = [list(g) for g in p.groups]
+        # position of a node's unit (its co-location group, at its first member) in the order
+        self.upos = [min(self.groups[g]) if g >= 0 else v for v, g in enumerate(self.group_of)]
         self._cm: dict[float, list[list[float]]] = {}
         self.uni = [-1.0] * n  # the bytes of every out-edge when they agree, else -1
         self.ucm: list = [None] * n
