@@ -78,6 +78,7 @@ import torch
 from ..artifact import outputs_mismatch
 from ..errors import ArtifactError, PartitionerError, RuntimeFailure, UsageError
 from ..schedule import Schedule, sequential_order, tree_unflatten
+from .worker import run_segment
 
 log = logging.getLogger(__name__)
 
@@ -321,12 +322,7 @@ class _Rank:
             self.current = f"{d} action #{k} ({a.describe()})"
             st = store[d]
             if a.op == "compute":
-                seg = self.segs[a.segment]
-                outs = self.modules[a.segment](*[st[v] for v in seg.inputs])
-                if not isinstance(outs, (tuple, list)) or len(outs) != len(seg.outputs):
-                    raise ArtifactError(f"segment {seg.id!r} returned {type(outs).__name__}, expected a tuple of "
-                                        f"{len(seg.outputs)}", hint="emit the plan again")
-                st.update(zip(seg.outputs, outs))
+                run_segment(self.segs[a.segment], self.modules[a.segment], st)
             elif a.op == "send":
                 peer = lay.rank_of[a.peer]
                 if peer == self.rank:
