@@ -109,6 +109,9 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary"),
     stream: int = typer.Option(0, "--stream", help="Pipeline N copies of the inputs through the plan (all "
                                "replicas of a data-parallel plan) and report measured vs predicted samples/s"),
+    runtime: str = typer.Option("threads", "--runtime", help="threads: one worker thread per device; processes: "
+                                "one process per device (CPU, inference); auto: measure both on a short stream "
+                                "and keep the faster (with --stream)"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -135,11 +138,15 @@ def run(
         args = read_inputs(inputs, art.schedule.inputs)
     if stream < 0:
         raise UsageError(f"--stream must be >= 0, got {stream}", hint="e.g. --stream 32")
+    if runtime not in ("threads", "processes", "auto") or (runtime == "auto" and not stream):
+        raise UsageError(f"--runtime must be threads, processes or auto (auto with --stream), got {runtime!r}",
+                         hint="e.g. --stream 60 --runtime auto")
     if stream:
         return _run_stream(art, artifact, args, stream, _map(map_device), threads, timeout, check, out, stats,
-                           json_out)
+                           json_out, runtime)
     runs = []
-    with torch.no_grad(), LocalRuntime(art, _map(map_device), threads=threads, timeout_s=timeout) as rt:
+    with torch.no_grad(), LocalRuntime(art, _map(map_device), threads=threads, timeout_s=timeout,
+                                       mode=runtime) as rt:
         for _ in range(repeat):
             outputs, st = rt.run_with_stats(*args)
             runs.append(st)
@@ -208,19 +215,22 @@ def replica_dirs(artifact: Path) -> list[Path]:
     return [artifact, *extra]
 
 
-def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out):
+def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out,
+                runtime: str = "threads"):
     """``--stream N``: pipeline N copies of ``args`` (over every replica) and report rates."""
     import torch
 
     from .artifact import outputs_mismatch
     from .emit import load_artifact
-    from .runtime.local import LocalRuntime, stream_replicas
+    from .runtime.local import choose_mode, open_replicas, stream_replicas
 
     arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
-    rts = []
+    choice = {"mode": runtime}
+    if runtime == "auto":
+        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout)
+    else:
+        rts = open_replicas(arts, mapping, threads=threads, timeout_s=timeout, mode=runtime)
     try:
-        for a in arts:
-            rts.append(LocalRuntime(a, mapping, threads=threads, timeout_s=timeout))
         with torch.no_grad():
             outputs, st = stream_replicas(rts, [tuple(args)] * n)
     finally:
@@ -241,7 +251,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
     summary = {"artifact": str(artifact), "model": s.meta.get("model"), "spec": s.meta.get("spec"),
                "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
                "steady_samples_per_s": st.steady_samples_per_s,
-               "predicted_samples_per_s": st.predicted_samples_per_s,
+               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice,
                "check": None if not check else (mismatch is None)}
     if stats is not None:
         stats.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +260,10 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         console.print_json(json.dumps(summary, default=_json_default))
     else:
         pred = st.predicted_samples_per_s
+        trial = (f"; chosen by a {choice['trial_samples']}-sample trial: threads {choice['threads']:.4g}/s, "
+                 f"processes {choice['processes']:.4g}/s" if "trial_samples" in choice else "")
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
-                      f"replica(s) in {_fmt(st.wall_s)}")
+                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime{trial})")
         console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
                       + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))
         if check and mismatch is None:

@@ -15,7 +15,7 @@ from instances import Chain, two_gpu_spec
 from partitioner import api
 from partitioner.emit import emit, emit_replicas
 from partitioner.hardware import parse_spec
-from partitioner.errors import RuntimeFailure
+from partitioner.errors import RuntimeFailure, UsageError
 from partitioner.problem import Plan, Problem
 from partitioner.runtime.local import LocalRuntime, split_stream, stream_replicas
 
@@ -167,6 +167,9 @@ def test_cli_run_stream(tmp_path):
     assert r.exit_code == 0 and "samples/s" in r.output and "predicted" in r.output, r.output
     r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "-1"])
     assert r.exit_code == 2
+    for bad in (["--stream", "3", "--runtime", "fibers"], ["--runtime", "auto"]):
+        r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), *bad])
+        assert r.exit_code == 2 and "--runtime" in r.output, r.output
 
 
 # -- overlap: a streamed plan must beat the same plan run one sample at a time --------------------------------
@@ -277,3 +280,76 @@ def test_replicas_overlap_samples(mlp):
         for rt in rts:
             rt.close()
     assert ratio >= need, f"replicas streamed {ratio:.2f}x the one-at-a-time rate, expected >= {need:.2f}"
+
+
+# -- the process-per-device runtime -----------------------------------------------------------------------------
+
+class Hook(nn.Module):
+    """A segment that sleeps first, and raises when its first input's first element is FAIL
+    (module level, so that it pickles into the device processes)."""
+
+    FAIL = 12345.0
+
+    def __init__(self, inner, sleep_s):
+        super().__init__()
+        self.inner, self.sleep_s = inner, sleep_s
+
+    def forward(self, *a):
+        time.sleep(self.sleep_s)
+        if a[0].flatten()[0].item() == self.FAIL:
+            raise ValueError("kaput")
+        return self.inner(*a)
+
+
+@pytest.mark.slow  # starts two processes (a few seconds)
+def test_process_runtime_streams_overlap_and_fail_cleanly(mlp, tmp_path):
+    model, lm, p = mlp
+    art = emit((lm.gm, p, _staged(p, [1, 0])), example_inputs=lm.example_inputs)  # host second
+    hooked = type(art)(art.schedule, {k: Hook(m, STAGE_S) for k, m in art.modules.items()}, art.example_inputs)
+    xs = [torch.randn(4, 32) for _ in range(8)]
+    need = 0.8 * _ideal([art], len(xs))
+    with torch.no_grad(), LocalRuntime(hooked, mode="processes", threads=1) as rt:
+        assert rt.mode == "processes"
+        outs, st = rt.stream(xs)
+        for o, x in zip(outs, xs):
+            torch.testing.assert_close(o, model(x))
+        assert st.samples == 8 and len(st.actions[0]) == sum(len(a) for a in art.schedule.actions.values())
+        ratio = _overlap_ratio([rt], xs, need)
+        assert ratio >= need, f"process runtime streamed {ratio:.2f}x the one-at-a-time rate, expected >= {need:.2f}"
+        bad = [x.clone() for x in xs[:4]]
+        bad[2][0, 0] = Hook.FAIL
+        with pytest.raises(RuntimeFailure, match="sample 2 of the stream: device gpu0 .*kaput"):
+            rt.stream(bad)
+        torch.testing.assert_close(rt.run(xs[0]), model(xs[0]))  # still usable
+        with torch.enable_grad(), pytest.raises(UsageError, match="inference only"):
+            rt.run(xs[0])
+    with pytest.raises(UsageError, match="mode must be"):
+        LocalRuntime(art, mode="fibers")
+
+
+@pytest.mark.slow  # starts device processes (a few seconds)
+def test_choose_mode_measures_both_and_processes_load_saved_segments(mlp, tmp_path):
+    """choose_mode streams a trial through each mode and keeps the faster one; segments loaded
+    from an artifact directory (classes that cannot be imported) are loaded again from the
+    directory by each device's process."""
+    from partitioner.emit import load_artifact
+    from partitioner.runtime.local import choose_mode
+
+    model, lm, p = mlp
+    emit((lm.gm, p, _staged(p, [0, 1, 2])), example_inputs=lm.example_inputs).save(tmp_path / "a")
+    art = load_artifact(tmp_path / "a")
+    rts, info = choose_mode([art], art.example_inputs, samples=6)
+    try:
+        assert info["mode"] in ("threads", "processes") and info["trial_samples"] == 6
+        assert info["threads"] > 0 and info["processes"] > 0 and rts[0].mode == info["mode"]
+        xs = [torch.randn(4, 32) for _ in range(5)]
+        with torch.inference_mode():
+            outs, _ = stream_replicas(rts, xs)
+    finally:
+        rts[0].close()
+    with torch.no_grad():
+        for o, x in zip(outs, xs):
+            torch.testing.assert_close(o, model(x))
+    if info["mode"] == "threads":  # the process runtime must have loaded the saved segments too
+        with torch.inference_mode(), LocalRuntime(art, mode="processes") as rt:
+            torch.testing.assert_close(rt.run(xs[0]), model(xs[0]))

@@ -20,10 +20,12 @@ loading them again from that directory in the child. CPU devices only; inference
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import queue
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -57,20 +59,31 @@ def _shared(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.detach().clone().share_memory_() if isinstance(t, torch.Tensor) else t, value)
 
 
-def _module_source(art, seg) -> tuple[str, Any]:
-    """How a child gets segment ``seg``: the module itself (pickled) when its class can be
-    imported, else its folder in the artifact directory."""
-    m = art.modules[seg.id]
-    mod = sys.modules.get(type(m).__module__)
-    if mod is not None and type(m).__module__ != "__main__" and getattr(mod, type(m).__qualname__, None) is type(m):
-        return "module", m
-    if getattr(art, "path", None) is not None and seg.code:
-        return "folder", str(Path(art.path) / seg.code)
-    if isinstance(m, torch.fx.GraphModule):
-        return "module", m
-    raise UsageError(f"segment {seg.id!r} ({type(m).__name__}) cannot be sent to a device process: its class is "
-                     "not importable and the artifact has no directory", hint="save the artifact first "
-                     "(Artifact.save) and load it, or use the thread runtime (mode='threads')")
+def _importable(m: Any) -> bool:
+    cls = type(m)
+    mod = sys.modules.get(cls.__module__)
+    return mod is not None and cls.__module__ != "__main__" and getattr(mod, cls.__qualname__, None) is cls
+
+
+def module_sources(art, tmp: Path) -> dict[str, tuple[str, Any]]:
+    """How each device's process gets its segments: ``("module", m)`` (pickled, weights in
+    shared memory) when the class can be imported, else ``("folder", path)``: the segment's
+    folder in the artifact directory, or in a copy of the artifact saved under ``tmp`` when
+    it has none (the emitted fx GraphModules of an in-memory artifact)."""
+    from ..artifact import save_artifact
+
+    out: dict[str, tuple[str, Any]] = {}
+    saved = art if getattr(art, "path", None) is not None else None
+    for seg in art.schedule.segments:
+        m = art.modules[seg.id]
+        if _importable(m):
+            out[seg.id] = ("module", m)
+            continue
+        if saved is None:
+            saved = copy.copy(art)  # save_artifact records the path and code folders in the copy, not in art
+            save_artifact(saved, tmp / "artifact", verify=False)
+        out[seg.id] = ("folder", str(Path(saved.path) / saved.schedule.segment(seg.id).code))
+    return out
 
 
 class _ChildRuntime:
@@ -193,8 +206,9 @@ class ProcessBackend:
         self.dead: str | None = None
         self.closing = False
         sources: dict[str, dict] = {d: {} for d in active}
-        for seg in schedule.segments:
-            sources[seg.device][seg.id] = _module_source(artifact, seg)
+        tmp = tempfile.TemporaryDirectory(prefix="partitioner-procs-")
+        for sid, src in module_sources(artifact, Path(tmp.name)).items():
+            sources[schedule.segment(sid).device][sid] = src
         self.procs = {d: ctx.Process(target=_child_main, name=f"partitioner-{d}", daemon=True,
                                      args=(d, schedule.to_json(), sources[d], budgets.get(d, 1), in_flight,
                                            self.inboxes, self.results)) for d in active}
@@ -205,6 +219,8 @@ class ProcessBackend:
         except BaseException:
             self.close()
             raise
+        finally:
+            tmp.cleanup()  # the children have loaded their segments
         self.collector = threading.Thread(target=self._collect, name="partitioner-collector", daemon=True)
         self.collector.start()
 
