@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test test-all setup clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ demo: $(STAMP)
 	$(VENV)/bin/partitioner compile resnet50 --hw server-cpu-2gpu --objective latency --solver split --out out/demo --force
 	$(VENV)/bin/partitioner run out/demo --check
 
+# the suite that matters, in <= 3 minutes on 2 cores (CI runs this); the long matrices are marked `slow`
 test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# everything, the `slow` matrices included
+test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -3,15 +3,15 @@
 For every zoo model (small variants so it runs on CPU; the LLM entries use tiny configs
 of the same family and say so), every registered solver and every shipped spec, the
 plan is compiled (:func:`partitioner.api.compile_plan`; exact solvers on a graph
-coarsened to 30 nodes with a 5 s time limit), emitted (:func:`partitioner.emit.emit`;
+coarsened to 30 nodes with a 5 s time limit), emitted (:func:`partitioner.emit.build.emit`;
 every replica of a data-parallel plan) and run by the local runtime with every spec
 device mapped onto the CPU; its outputs must equal the model's
 (``torch.testing.assert_close``, rtol 1e-4, atol 1e-5). Then, for a subset that still
 covers every model and every spec (one solver per model x spec, rotating):
 
-* ``artifact``: saved to disk, loaded back (:func:`partitioner.artifact.load_artifact`) and run;
+* ``artifact``: saved to disk, loaded back (:func:`partitioner.emit.artifact.load_artifact`) and run;
 * ``torch.compile``: ``torch.compile(model, backend=partial(dynamo_backend, ...))``;
-* ``onnx-torchscript``: :func:`partitioner.export_onnx.export_dir` with the TorchScript
+* ``onnx-torchscript``: :func:`partitioner.emit.onnx.export_dir` with the TorchScript
   exporter, run by :class:`partitioner.runtime.onnx_rt.OnnxRuntime` (rtol 1e-4, atol 1e-4,
   the ONNX tests' tolerance: onnxruntime's kernels differ from torch's);
 * ``onnx-dynamo``: the dynamo exporter, every model once (specs and solvers rotating, so
@@ -55,16 +55,16 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import partitioner.zoo as models  # noqa: E402
 import torch  # noqa: E402
+from partitioner.zoo.gpt2 import gpt2  # noqa: E402
+from partitioner.zoo.llama import LlamaConfig, llama  # noqa: E402
 
-import models  # noqa: E402
-from models.gpt2 import gpt2  # noqa: E402
-from models.llama import LlamaConfig, llama  # noqa: E402
 from partitioner import api  # noqa: E402
 from partitioner.errors import InfeasibleError, UsageError  # noqa: E402
-from partitioner.hardware import list_specs, load_spec, parse_spec  # noqa: E402
-from partitioner.problem import Settings  # noqa: E402
-from partitioner.solvers import SOLVERS  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import list_specs, load_spec, parse_spec  # noqa: E402
+from partitioner.solvers.registry import SOLVERS  # noqa: E402
 
 log = logging.getLogger("bench.equivalence")
 
@@ -203,7 +203,7 @@ def _leaves(x) -> list:
 
 
 def run_local(zoo: Zoo, c: Case, info: dict) -> None:
-    from partitioner.emit import emit, emit_replicas
+    from partitioner.emit.build import emit, emit_replicas
     from partitioner.runtime.local import LocalRuntime
 
     _, inputs, _, ref = zoo.get(c.model)
@@ -215,7 +215,7 @@ def run_local(zoo: Zoo, c: Case, info: dict) -> None:
     for art in arts:
         info["segments"] = info.get("segments", 0) + len(art.schedule.segments)
         if c.path == "artifact":
-            from partitioner.artifact import load_artifact
+            from partitioner.emit.artifact import load_artifact
 
             with tempfile.TemporaryDirectory(prefix="equiv-") as tmp:
                 root = art.save(Path(tmp) / "art")
@@ -233,7 +233,7 @@ def _run_rt(cls, art, inputs, ref) -> float:
 
 
 def run_dynamo(zoo: Zoo, c: Case, info: dict) -> None:
-    from partitioner.frontends import dynamo_backend
+    from partitioner.dropin import dynamo_backend
 
     model, inputs, _, ref = zoo.get(c.model)
     seen = []
@@ -268,8 +268,8 @@ def run_dynamo(zoo: Zoo, c: Case, info: dict) -> None:
 
 
 def run_onnx(zoo: Zoo, c: Case, info: dict) -> None:
-    from partitioner.emit import emit
-    from partitioner.export_onnx import export_dir
+    from partitioner.emit.build import emit
+    from partitioner.emit.onnx import export_dir
     from partitioner.runtime.onnx_rt import OnnxRuntime
 
     _, inputs, _, ref = zoo.get(c.model)
@@ -290,7 +290,7 @@ def run_onnx(zoo: Zoo, c: Case, info: dict) -> None:
 
 def round_robin(problem):
     """Chunks of consecutive nodes cycling over every device (crosses every server)."""
-    from partitioner.problem import Plan
+    from partitioner.ir.plan import Plan
 
     chunk = max(1, problem.n // (2 * problem.D))
     pl = []
@@ -305,9 +305,10 @@ def round_robin(problem):
 
 
 def run_distributed(zoo: Zoo, c: Case, info: dict) -> None:
-    from partitioner.emit import emit
-    from partitioner.problem import Problem
+    from partitioner.emit.build import emit
+    from partitioner.machine.problem import Problem
     from partitioner.runtime import distributed as D
+    from partitioner.runtime.launch import launch
 
     _, inputs, lm, ref = zoo.get(c.model)
     if c.plan == "round-robin":
@@ -322,7 +323,7 @@ def run_distributed(zoo: Zoo, c: Case, info: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="equiv-dist-") as tmp:
         root = art.save(Path(tmp) / "art")
         torch.save(tuple(inputs), Path(tmp) / "inputs.pt")
-        out = D.launch(root, Path(tmp) / "inputs.pt", timeout_s=120, threads=1)
+        out = launch(root, Path(tmp) / "inputs.pt", timeout_s=120, threads=1)
     info["max_abs_diff"] = _compare(out, ref)
 
 

@@ -2,7 +2,7 @@
 the latency MILP on CBC and on HiGHS and of CP-SAT, and how tight our lower bound is.
 
 Instances: zoo graphs (ResNet-50, the Inception-style CNN, the BERT-style encoder) and
-RandWire graphs (WS, ER), each traced and then coarsened (``partitioner.coarsen``: backend
+RandWire graphs (WS, ER), each traced and then coarsened (``partitioner.transform.coarsen``: backend
 fusion rules, then merges) to about 30 / 60 / 120 / 250 nodes, on the default spec
 ``server-cpu-2gpu`` and on ``edge-soc`` (where the NPU's unsupported ops force splits). Coarsening may stop above or below a target (it never makes an illegal
 merge, and the fusion rules alone can go below it); the table lists the actual size.
@@ -10,7 +10,7 @@ merge, and the fusion rules alone can go below it); the table lists the actual s
 Every figure is measured here, on this machine, by this script: ``time_s`` is the wall
 time of the solve (model building included), ``status`` the solver's own proven status on
 the coarse problem, ``gap`` = (value - best bound) / value with the best bound = the larger
-of the solver's proven bound and ours (``partitioner.bounds``) on the same coarse problem,
+of the solver's proven bound and ours (``partitioner.bounds.lower``) on the same coarse problem,
 and ``bound/opt`` = our bound / the best proven optimum of that instance (when one solver
 proved it).
 
@@ -40,11 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from partitioner import api  # noqa: E402
-from partitioner.bounds import lower_bound  # noqa: E402
+from partitioner.bounds.lower import lower_bound  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
-from partitioner.hardware import load_spec  # noqa: E402
-from partitioner.problem import Problem, Settings  # noqa: E402
-from partitioner.solvers import solve  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import load_spec  # noqa: E402
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve  # noqa: E402
 
 log = logging.getLogger("bench.exact")
 

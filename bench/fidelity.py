@@ -9,10 +9,10 @@
    plan from the profile (``compile_plan(..., profile=...)``: measured node times, the
    link from the measured thread hand-off, calibrated roofline for anything unmeasured)
    for latency with each of ``--solvers`` and keep the best predicted plan,
-   emit it (:mod:`partitioner.emit`) and run it on the local runtime
+   emit it (:mod:`partitioner.emit.build`) and run it on the local runtime
    (:mod:`partitioner.runtime.local`, one worker thread per logical device, one intra-op
    thread each). Reported: the evaluator's predicted latency, the latency the cost model
-   predicts for the emitted schedule (:func:`partitioner.calibrate.predict_schedule`:
+   predicts for the emitted schedule (:func:`partitioner.measure.calibrate.predict_schedule`:
    sends at segment ends), the measured median wall time, the relative errors (target
    within 15%), the per-device busy times, and the plan's measured speedup over the best
    single logical device (the whole model on ``cpu0`` and on ``cpu1``, same runtime) and
@@ -60,13 +60,23 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from partitioner.api import compile_plan, grade, load_model  # noqa: E402
-from partitioner.calibrate import fidelity_report, predict_schedule  # noqa: E402
-from partitioner.problem import Plan, Settings  # noqa: E402
-from partitioner.profile import add_transfers, apply_profile, profile_graph, runqueue_wait_s  # noqa: E402
-from partitioner.hardware import load_spec  # noqa: E402
-from partitioner.profile_handoff import add_alternation, runtime_costs  # noqa: E402
-from partitioner.profile_links import add_corun  # noqa: E402
+from partitioner.api import compile_plan
+from partitioner.frontend.load import load_model  # noqa: E402
+from partitioner.grade import grade
+from partitioner.ir.plan import Plan
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import load_spec  # noqa: E402
+from partitioner.machine.replay import predict_schedule  # noqa: E402
+from partitioner.measure.apply import apply_profile
+from partitioner.measure.calibrate import fidelity_report
+from partitioner.measure.handoff import add_alternation, runtime_costs  # noqa: E402
+from partitioner.measure.links import (
+    add_corun,  # noqa: E402
+    add_transfers,
+)
+from partitioner.measure.profile import profile_graph  # noqa: E402
+from partitioner.measure.timing import runqueue_wait_s  # noqa: E402
+from partitioner.runtime.local import LocalRuntime  # noqa: E402
 
 log = logging.getLogger("bench.fidelity")
 
@@ -174,7 +184,7 @@ def _uncorrected(schedule, lm, prof, problem):
     medians (no whole-pass overhead): the prediction as it was before the correction."""
     from dataclasses import replace
 
-    from partitioner.cost import cost_matrix
+    from partitioner.machine.cost import cost_matrix
 
     g = apply_profile(lm.graph, prof, problem.spec, gm=lm.gm, overhead=False)
     T = cost_matrix(g, problem.spec)
@@ -188,7 +198,7 @@ def _uncorrected(schedule, lm, prof, problem):
 def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: int, time_limit: float,
                 out_dir: Path, quiet: tuple[float | None, float] = (None, 0.0), min_clean: int = 10,
                 max_rounds: int = 80, max_measure_s: float = 240.0, block: int = 3) -> dict:
-    from partitioner.emit import emit
+    from partitioner.emit.build import emit
 
     lm = load_model(name)
     waited = wait_quiet(*quiet)
@@ -260,7 +270,7 @@ def bench_model(name: str, solvers: list[str], runs: int, warmup: int, repeats: 
     try:
         with torch.no_grad():
             for k, art in variants.items():
-                rts[k] = art.runtime(threads=threads)
+                rts[k] = LocalRuntime(art, threads=threads)
                 out = rts[k].run(*lm.example_inputs)
                 ok = torch.allclose(out, ref, rtol=1e-4, atol=1e-4) if isinstance(out, torch.Tensor) else True
                 if not ok:
@@ -502,7 +512,7 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
         L += ["", "A run is *clean* when this process's threads waited for a CPU (run-queue wait, "
               f"`/proc/self/task/*/schedstat`) less than {100 * CLEAN_WAIT_RUN:.0f}% of its wall time; medians are "
               "over clean runs when there are at least 5, else over all runs. `all runs` uses every run. "
-              "Profiles discard contended samples the same way (`partitioner.profile.CLEAN_WAIT`). "
+              "Profiles discard contended samples the same way (`partitioner.measure.profile.CLEAN_WAIT`). "
               "`others' CPU` is the share of the machine's CPU time that other processes used while the runs "
               "were measured (`/proc/stat` minus this process); a plan's runs are rarely clean even on a quiet "
               "machine (its own worker threads wait for each other's core), so the target is judged on clean runs "
@@ -514,7 +524,7 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
               "`predicted (schedule)` replays the emitted schedule with the same times (a segment's outputs leave "
               "when the whole segment finishes, as the runtime does); `predicted (schedule + contention)` also "
               "slows both logical CPUs by their measured co-run slowdown while they compute at the same time "
-              "(`partitioner.calibrate.predict_schedule(..., contention=...)`). Every correction comes from the "
+              "(`partitioner.measure.calibrate.predict_schedule(..., contention=...)`). Every correction comes from the "
               "profiling phase (whole passes, co-run passes), never from the runs reported here. "
               "The error is (predicted - measured) / measured; the target is judged on the last prediction.",
               "", f"Runs come in blocks of {meta.get('block', 1)} back-to-back runs of one variant (plan, cpu0, cpu1, "
@@ -522,7 +532,7 @@ def markdown(prof_row: dict | None, rows: list[dict], meta: dict) -> str:
               "as in deployment (a plan serves a stream of requests) and as the profile times nodes (back-to-back "
               "passes). The first run of each block follows another variant and finds the caches holding that "
               "one's data: it is reported apart (`First run of each block`), never mixed in. The hand-off probe "
-              "(`partitioner.profile_handoff`) runs a fixed probe plan of the model (contiguous chunks of its "
+              "(`partitioner.measure.handoff`) runs a fixed probe plan of the model (contiguous chunks of its "
               "topological order, alternating), never the plan reported here."]
     return "\n".join(L) + "\n"
 

@@ -7,9 +7,9 @@ Sections (every figure is measured here, on this machine, by this script):
    WS/ER/BA at several sizes (traced with ``partitioner.api.load_model``) x every shipped
    spec x both objectives: ``value / bound`` of every registered heuristic (single, greedy,
    heft, peft, pipeline-dp for throughput, metis, split), with ``bound`` the larger of
-   :func:`partitioner.bounds.lower_bound` and the solver's own proven bound, and the
+   :func:`partitioner.bounds.lower.lower_bound` and the solver's own proven bound, and the
    margin of split over the best of HEFT, PEFT and greedy.
-2. **Split vs MILP.** Zoo graphs coarsened (``partitioner.coarsen``) to sizes the MILP can
+2. **Split vs MILP.** Zoo graphs coarsened (``partitioner.transform.coarsen``) to sizes the MILP can
    finish, plus small random DAGs (the MILP's hard cases), both objectives: split/MILP
    where the MILP proves optimality, and the speed ratio MILP time / split time.
 3. **Scale.** Solve times of split (and HEFT, PEFT, greedy) on DNN-like cost graphs of
@@ -43,15 +43,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.synthetic import dnn_cost_graph
+from partitioner.zoo.synthetic import dnn_cost_graph
+
 from partitioner import api  # noqa: E402
-from partitioner.bounds import lower_bound  # noqa: E402
-from partitioner.coarsen import coarse_problem, coarsen  # noqa: E402
+from partitioner.bounds.lower import lower_bound  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
-from partitioner.graph import CostGraph, InputTensor, Node  # noqa: E402
-from partitioner.hardware import list_specs, load_spec, parse_spec  # noqa: E402
-from partitioner.problem import Problem, Settings  # noqa: E402
-from partitioner.solvers import solve  # noqa: E402
+from partitioner.ir.graph import CostGraph, InputTensor, Node  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import list_specs, load_spec, parse_spec  # noqa: E402
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve  # noqa: E402
+from partitioner.transform.coarsen import coarsen  # noqa: E402
+from partitioner.transform.mapping import coarse_problem
 
 log = logging.getLogger("bench.heuristic")
 
@@ -213,9 +216,9 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {bench!r})
 from heuristic import dnn_graph
 from partitioner import api
-from partitioner.hardware import load_spec
-from partitioner.problem import Problem, Settings
-from partitioner.solvers import solve
+from partitioner.ir.spec import load_spec
+from partitioner.machine.problem import Problem, Settings
+from partitioner.solvers.registry import solve
 t0 = time.perf_counter()
 p = Problem(dnn_graph({n}, 1), load_spec("server-cpu-2gpu"), {obj!r})
 t1 = time.perf_counter()
@@ -254,7 +257,7 @@ def scale_section(sizes: list[int]) -> list[dict]:
 
 
 def _value(problem: Problem, plan) -> float:
-    from partitioner.evaluate import evaluate
+    from partitioner.machine.evaluate import evaluate
 
     return evaluate(problem, plan).value(problem.objective)
 

@@ -1,7 +1,7 @@
 """LLM benchmark (issue 6): symmetry-reduced placement of decoder LLMs on heterogeneous servers.
 
 Measured here, on this machine, by this script (every figure comes from the evaluator;
-bounds from :func:`partitioner.bounds.lower_bound`):
+bounds from :func:`partitioner.bounds.lower.lower_bound`):
 
 1. **70B target**: ``llama-70b`` (80 layers, d=8192, 64 heads, 8 KV heads, ffn 28672, fp16,
    batch 1, 128 tokens) traced at operator level on the meta device and placed on
@@ -51,15 +51,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import partitioner.symmetry  # noqa: E402,F401  (registers the solver)
-from models.gpt2 import gpt2  # noqa: E402
-from models.llama import cost_graph, llama  # noqa: E402
-from partitioner.bounds import lower_bound  # noqa: E402
+from partitioner.zoo.gpt2 import gpt2  # noqa: E402
+from partitioner.zoo.llama import cost_graph, llama  # noqa: E402
+
+import partitioner.solvers.symmetry.solver  # noqa: E402,F401  (registers the solver)
+from partitioner.bounds.lower import lower_bound  # noqa: E402
 from partitioner.errors import InfeasibleError, PartitionerError  # noqa: E402
-from partitioner.evaluate import evaluate  # noqa: E402
-from partitioner.hardware import load_spec  # noqa: E402
-from partitioner.problem import Problem, Settings  # noqa: E402
-from partitioner.solvers import solve  # noqa: E402
+from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import load_spec  # noqa: E402
+from partitioner.machine.evaluate import evaluate  # noqa: E402
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import solve  # noqa: E402
 
 log = logging.getLogger("bench.llm")
 
@@ -308,7 +310,7 @@ def main(argv=None) -> None:
     if unknown:
         ap.error(f"unknown steps: {', '.join(sorted(unknown))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for name in ("partitioner", "partitioner.symmetry"):
+    for name in ("partitioner", "partitioner.solvers.symmetry.solver"):
         logging.getLogger(name).setLevel(logging.WARNING)
     out: dict = {"meta": {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                           "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],

@@ -154,7 +154,7 @@ def eager_threads_rate(model, inputs, n: int, k: int = 2) -> float:
 
 
 def _proc_body(name: str, m: int, ready, go, done) -> None:
-    import models
+    import partitioner.zoo as models
 
     torch.set_num_threads(1)
     model, inputs = models.get_model(name)
@@ -190,7 +190,7 @@ def eager_processes_rate(name: str, n: int, k: int = 2) -> float:
 
 def _mirrored(plan):
     """The same plan with devices 0 and 1 swapped (the other stage order)."""
-    from partitioner.problem import Plan
+    from partitioner.ir.plan import Plan
 
     swap = lambda p: Plan(tuple(1 - d for d in p.placement),  # noqa: E731
                           (p.order[1], p.order[0]) if p.order else None, solver=p.solver + "-mirrored",
@@ -201,14 +201,15 @@ def _mirrored(plan):
 
 def plans(name: str, profile: Path, solver: str) -> dict:
     """Both stage orders of the plan from ``profile``: {order: (Result, [Artifact per replica])}."""
-    from partitioner import api
-    from partitioner.emit import emit_replicas
+    from partitioner.api import compile_plan
+    from partitioner.emit.build import emit_replicas
+    from partitioner.grade import grade
 
-    res = api.compile_plan(name, SPEC, "throughput", solver, profile=str(profile), device_map=DEVICE_MAP)
+    res = compile_plan(name, SPEC, "throughput", solver, profile=str(profile), device_map=DEVICE_MAP)
     host = res.problem.host
     first = next((s for s in (res.plan.replicas or (res.plan,))), res.plan).placement[0]
     base = res if first == host else None
-    other = api.grade(res.problem, _mirrored(res.plan), res.bound, model=res.model)
+    other = grade(res.problem, _mirrored(res.plan), res.bound, model=res.model)
     other.extra = dict(res.extra)
     if base is None:
         base, other = other, res
@@ -217,9 +218,10 @@ def plans(name: str, profile: Path, solver: str) -> dict:
 
 def make_profile(name: str, out: Path, repeats: int) -> dict:
     """``partitioner profile NAME --devices cpu:1t --out OUT`` (the CLI's steps, in process)."""
-    from partitioner.profile import add_transfers, parse_devices, profile_model
-    from partitioner.profile_handoff import add_alternation
-    from partitioner.profile_links import add_corun
+    from partitioner.measure.devices import parse_devices
+    from partitioner.measure.handoff import add_alternation
+    from partitioner.measure.links import add_corun, add_transfers
+    from partitioner.measure.profile import profile_model
 
     before = load_state()
     t0 = time.perf_counter()
@@ -238,7 +240,8 @@ def make_profile(name: str, out: Path, repeats: int) -> dict:
 
 def stream_rates(arts: list, inputs: tuple, n: int, repeats: int, runtime: str) -> dict:
     """Median samples/s of ``repeats`` streams of ``n`` samples through the replicas ``arts``."""
-    from partitioner.runtime.local import open_replicas, stream_replicas
+    from partitioner.runtime.local import open_replicas
+    from partitioner.runtime.stream import stream_replicas
 
     rates, steady, others = [], [], []
     with torch.inference_mode():
@@ -271,7 +274,7 @@ def median_of(fn, repeats: int) -> dict:
 
 
 def bench_model(name: str, ns) -> dict:
-    import models
+    import partitioner.zoo as models
 
     waited = wait_quiet(ns.wait_quiet, ns.max_wait_s)
     before = load_state()

@@ -31,7 +31,7 @@ Large configurations
 Configurations above ``META_PARAMS`` parameters (everything from ``llama-1b`` up) are
 built on the ``meta`` device by default: no weights are allocated and the example inputs
 are meta tensors, so tracing only propagates shapes. :func:`cost_graph` traces such a
-model into a :class:`~partitioner.graph.CostGraph` (see there for the meta-tensor
+model into a :class:`~partitioner.ir.graph.CostGraph` (see there for the meta-tensor
 parameter accounting it corrects).
 """
 
@@ -340,9 +340,9 @@ def llama(config: str | LlamaConfig = "llama-125m", batch: int = 1, seq: int = 1
 
 # ---- cost graphs (meta-safe) ----------------------------------------------------------------
 def cost_graph(model: nn.Module, inputs: tuple, name: str | None = None, frontend: str = "fx"):
-    """Trace ``model`` at operator level into a :class:`~partitioner.graph.CostGraph`.
+    """Trace ``model`` at operator level into a :class:`~partitioner.ir.graph.CostGraph`.
 
-    Works on the meta device: :func:`partitioner.trace.trace` charges parameter bytes once
+    Works on the meta device: :func:`partitioner.frontend.trace.trace` charges parameter bytes once
     per storage keyed by ``(device, data_ptr)``, and every meta tensor has data pointer 0,
     so on meta it would charge one storage's worth in all. When the model has meta
     parameters or buffers this function recomputes ``param_bytes`` of every
@@ -362,8 +362,8 @@ def cost_graph(model: nn.Module, inputs: tuple, name: str | None = None, fronten
     -------
     CostGraph
     """
-    from partitioner.graph import from_fx
-    from partitioner.trace import trace
+    from partitioner.frontend.trace import trace
+    from partitioner.ir.graph import from_fx
 
     gm = trace(model, inputs, frontend=frontend)
     tensors = [*gm.parameters(), *gm.buffers()]
@@ -375,7 +375,7 @@ def cost_graph(model: nn.Module, inputs: tuple, name: str | None = None, fronten
 def fix_meta_param_bytes(gm) -> None:
     """Recompute ``param_bytes`` (and ``bytes_moved``) of a traced GraphModule whose tensors are
     on the meta device, charging each storage once at its first user in topological order."""
-    from partitioner.trace import NodeCost
+    from partitioner.frontend.trace import NodeCost
 
     modules = dict(gm.named_modules())
     charged: dict[int, int] = {}

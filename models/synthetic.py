@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from partitioner.graph import CostGraph, InputTensor, Node
+from partitioner.ir.graph import CostGraph, InputTensor, Node
 
 _OPS = ("conv2d", "matmul", "relu", "add", "layernorm", "linear")
 _HEAVY = ("conv2d", "matmul", "linear")

@@ -17,7 +17,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def __getattr__(name: str):
     # keep `import partitioner` light: the API (and torch) load on first use
     if name == "compile":  # the nn.Module drop-in
-        from .frontends import compile
+        from .dropin import compile
 
         return compile
     if name in ("compile_plan", "compare"):
@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "load_artifact":
-        from .artifact import load_artifact
+        from .emit.artifact import load_artifact
 
         return load_artifact
     raise AttributeError(name)

@@ -11,9 +11,9 @@ It also carries the one stop request of a solve (Ctrl-C, or :func:`request_stop`
 
 from __future__ import annotations
 
+import _thread
 import contextvars
 import logging
-import _thread
 import signal
 import socket
 import threading

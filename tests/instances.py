@@ -6,8 +6,8 @@ import random
 
 import networkx as nx
 
-from partitioner.graph import CostGraph, InputTensor, Node
-from partitioner.hardware import Spec, parse_spec
+from partitioner.ir.graph import CostGraph, InputTensor, Node
+from partitioner.ir.spec import Spec, parse_spec
 
 OPS = ("conv2d", "matmul", "relu", "add", "softmax", "layernorm")
 

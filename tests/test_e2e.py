@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from partitioner import api
-from partitioner.hardware import list_specs, load_spec
-from partitioner.bounds import lower_bound
-from partitioner.problem import Problem, Settings
-from partitioner.solvers import SOLVERS
+from partitioner.bounds.lower import lower_bound
+from partitioner.ir.settings import Settings
+from partitioner.ir.spec import list_specs, load_spec
+from partitioner.machine.problem import Problem
+from partitioner.solvers.registry import SOLVERS
 
 MODELS = {"resnet50": {}, "randwire-ws": {"nodes": 8}}
 SOLVER_NAMES = sorted(n for n in SOLVERS if n != "milp")  # milp is milp-highs or milp-cbc
@@ -21,6 +22,11 @@ SOLVER_NAMES = sorted(n for n in SOLVERS if n != "milp")  # milp is milp-highs o
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def loaded(request):
     return api.load_model(request.param, model_kwargs=MODELS[request.param])
+
+
+def _spec_params(quick: tuple[str, ...]):
+    """Every shipped spec; all but ``quick`` run only in ``make test-all`` (marker ``slow``)."""
+    return [pytest.param(s, marks=() if s in quick else pytest.mark.slow) for s in list_specs()]
 
 
 def check_plan(res) -> None:
@@ -45,11 +51,9 @@ def check_plan(res) -> None:
     assert math.isfinite(res.value) and 0 <= res.gap < 1
 
 
-# every shipped spec, the LLM-scale ones (hetero-2server, h100-server) included
-E2E_SPECS = list_specs()
-
-
-@pytest.mark.parametrize("spec", E2E_SPECS)
+# every shipped spec, the LLM-scale ones (hetero-2server, h100-server) included; the default
+# run keeps the product's default spec and the two-server one (routes through the hosts)
+@pytest.mark.parametrize("spec", _spec_params(("server-cpu-2gpu", "hetero-2server")))
 def test_every_solver_on_every_spec(loaded, spec):
     hw = load_spec(spec)
     for objective in ("latency", "throughput"):

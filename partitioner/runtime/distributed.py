@@ -75,14 +75,15 @@ from typing import Any
 
 import torch
 
-from ..artifact import outputs_mismatch
+from ..emit.artifact import outputs_mismatch
 from ..errors import ArtifactError, PartitionerError, RuntimeFailure, UsageError
-from ..schedule import Schedule, sequential_order, tree_unflatten
+from ..ir.schedule import Schedule, sequential_order
+from ..ir.tree import tree_unflatten
 from .worker import run_segment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedFailure", "HostLayout", "layout", "run_rank", "launch", "main", "STRIDE", "ERROR_PREFIX"]
+__all__ = ["DistributedFailure", "HostLayout", "layout", "run_rank", "main", "STRIDE", "ERROR_PREFIX"]
 
 #: tag stride per transfer: header, description, then at most STRIDE - 2 tensor leaves
 STRIDE = 256
@@ -133,7 +134,7 @@ def layout(schedule: Schedule, device_hosts: dict[str, str] | None = None) -> Ho
     hosts_map = device_hosts or schedule.meta.get("device_hosts")
     if not hosts_map:
         try:
-            from ..hardware import load_spec
+            from ..ir.spec import load_spec
 
             spec = load_spec(schedule.meta.get("spec", ""))
             hosts_map = {d.id: d.host for d in spec.devices}
@@ -297,7 +298,7 @@ class _Rank:
 
     # -- the program
     def run(self, inputs: tuple | None) -> Any:
-        from ..artifact import bind_inputs
+        from ..ir.schedule import bind_inputs
 
         s, lay = self.s, self.lay
         mine = lay.devices_of(self.rank)
@@ -361,7 +362,7 @@ def _to(value: Any, dev: torch.device) -> Any:
 def run_rank(art, *, rank: int, world_size: int, inputs: tuple | None = None, backend: str = "gloo",
              map_devices: Any = None, timeout_s: float = 120.0, device_hosts: dict | None = None,
              init: bool = True, deadline_epoch: float | None = None, init_timeout_s: float = 60.0) -> Any:
-    """Run this process's share of ``art`` (an :class:`~partitioner.artifact.Artifact`).
+    """Run this process's share of ``art`` (an :class:`~partitioner.emit.artifact.Artifact`).
 
     Joins the process group (``env://``: MASTER_ADDR, MASTER_PORT) unless ``init`` is
     False, runs the devices of server ``layout(...).hosts[rank]`` and returns the outputs
@@ -456,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        from ..artifact import load_artifact
-        from ..cli_run import _map, read_inputs
+        from ..emit.artifact import load_artifact
+        from .io import parse_device_map, read_inputs
 
         if ns.threads:
             torch.set_num_threads(ns.threads)
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = run_rank(art, rank=rank, world_size=world, inputs=args, backend=ns.backend,
-                           map_devices=_map(ns.map), timeout_s=ns.timeout, deadline_epoch=ns.deadline,
+                           map_devices=parse_device_map(ns.map) or None, timeout_s=ns.timeout, deadline_epoch=ns.deadline,
                            init_timeout_s=ns.init_timeout)
         wall = time.perf_counter() - t0
         if out is not None:
@@ -506,15 +507,6 @@ def _exit_now(code: int) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)
-
-
-def __getattr__(name: str):
-    """``launch`` lives in :mod:`partitioner.runtime.launch` (it starts this module's ranks)."""
-    if name == "launch":
-        from .launch import launch
-
-        return launch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through launch() in subprocesses

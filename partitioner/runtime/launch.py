@@ -1,5 +1,4 @@
-"""Local launcher of :mod:`partitioner.runtime.distributed` (moved here unchanged; also
-reachable as ``partitioner.runtime.distributed.launch``): run an artifact directory as one
+"""Local launcher of :mod:`partitioner.runtime.distributed`: run an artifact directory as one
 process per server of its plan on this machine (tests, the equivalence bench, a single
 machine), with a watchdog that names the rank, its server and its error when one fails.
 """
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError
-from ..schedule import Schedule
+from ..ir.schedule import Schedule
 from .distributed import ERROR_PREFIX, DistributedFailure, layout
 
 __all__ = ["launch"]

@@ -1,6 +1,6 @@
 """Local runtime: execute an emitted plan with one worker thread per logical device.
 
-Every spec device that has actions in the :class:`~partitioner.schedule.Schedule` gets a
+Every spec device that has actions in the :class:`~partitioner.ir.schedule.Schedule` gets a
 persistent worker thread that runs its actions in order: ``compute`` calls the segment's
 module on the values it holds, ``send`` moves a value to the peer's torch device and
 posts it in a mailbox (never blocking), ``recv`` waits for its mailbox (up to the run's
@@ -49,7 +49,7 @@ progress, so a device that waits for one sample's values (the host waiting for a
 sample's outputs, or for an intermediate value it computes on) starts the next sample
 meanwhile and stages overlap across samples whatever the stage order
 (:mod:`partitioner.runtime.worker`). :func:`stream_replicas` shares a stream among the runtimes of a
-data-parallel plan's replicas (:func:`partitioner.emit.emit_replicas`) in proportion to
+data-parallel plan's replicas (:func:`partitioner.emit.build.emit_replicas`) in proportion to
 their predicted throughputs. :class:`StreamStats` reports measured samples/s next to
 ``1 / meta["predicted_period_s"]``. Measured throughput reaches the prediction only when
 every device has its own core: the period model assumes devices never wait mid-program.
@@ -72,16 +72,16 @@ from typing import Any
 import torch
 
 from ..errors import RuntimeFailure, UsageError
-from ..schedule import Schedule, tree_unflatten
-# run statistics and streaming, re-exported: callers import them from here
-from .stats import ActionTime, RunStats, StreamStats, _predicted_rate  # noqa: F401
-from .stream import split_stream, stream_replicas  # noqa: F401
+from ..ir.schedule import Schedule
+from ..ir.tree import tree_unflatten
+from .stats import RunStats, StreamStats, _predicted_rate
+from .stream import stream_replicas
 from .worker import Run, Worker, stop_workers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRuntime", "RunStats", "StreamStats", "ActionTime", "resolve_devices", "stream_replicas",
-           "split_stream", "computing_cpu_devices", "open_replicas", "choose_mode", "MODES"]
+__all__ = ["LocalRuntime", "resolve_devices", "run_once", "computing_cpu_devices", "open_replicas", "choose_mode",
+           "MODES"]
 
 
 def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, torch.device]:
@@ -136,7 +136,7 @@ def computing_cpu_devices(schedule: Schedule, devices: dict[str, torch.device]) 
 
 
 class LocalRuntime:
-    """Run an :class:`~partitioner.emit.Artifact` on this machine (see the module docstring).
+    """Run an :class:`~partitioner.emit.build.Artifact` on this machine (see the module docstring).
 
     Parameters
     ----------
@@ -260,7 +260,7 @@ class LocalRuntime:
 
     def run_with_stats(self, *inputs) -> tuple[Any, RunStats]:
         """Run once; return ``(outputs, RunStats)`` (also kept in ``last_stats``)."""
-        from ..artifact import bind_inputs
+        from ..ir.schedule import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
@@ -312,7 +312,7 @@ class LocalRuntime:
         inputs_list : list
             One entry per sample: a tuple of call arguments (or a single tensor).
         """
-        from ..artifact import bind_inputs
+        from ..ir.schedule import bind_inputs
 
         if self._broken:
             raise RuntimeFailure(f"this runtime is unusable: {self._broken}", hint="create a new LocalRuntime")
@@ -361,7 +361,7 @@ class LocalRuntime:
 def open_replicas(artifacts: list, map_devices: Any = None, *, threads: int | dict | None = None,
                   timeout_s: float = 300.0, **kw) -> list[LocalRuntime]:
     """One :class:`LocalRuntime` per replica of a data-parallel plan (``artifacts`` from
-    :func:`partitioner.emit.emit_replicas`), for :func:`stream_replicas`. The replicas run
+    :func:`partitioner.emit.build.emit_replicas`), for :func:`~partitioner.runtime.stream.stream_replicas`. The replicas run
     at the same time, so by default the caller's ``torch.get_num_threads()`` is split
     evenly over the CPU workers that compute in *all* replicas (at least 1 each), not
     given whole to each replica. ``kw`` goes to every runtime."""
@@ -431,3 +431,9 @@ def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if all(t.device == dev for t in tensors):
         return module
     return copy.deepcopy(module).to(dev)
+
+
+def run_once(artifact, *inputs, **kw):
+    """Run ``artifact`` once on a :class:`LocalRuntime` (``kw`` as for it) and return the outputs."""
+    with LocalRuntime(artifact, **kw) as rt:
+        return rt.run(*inputs)

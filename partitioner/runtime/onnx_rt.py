@@ -1,4 +1,4 @@
-"""onnxruntime executor for an ONNX export (:mod:`partitioner.export_onnx`).
+"""onnxruntime executor for an ONNX export (:mod:`partitioner.emit.onnx`).
 
 :class:`OnnxRuntime` loads ``DIR/schedule.json`` (validated, every file checked against
 its sha256), opens one :class:`onnxruntime.InferenceSession` per segment and follows the
@@ -13,7 +13,7 @@ Schedule's per-device actions:
   devices compute concurrently).
 
 Values are kept as lists of numpy arrays (a value's tensor leaves, see
-:func:`partitioner.export_onnx.encode`); a send hands the arrays to the peer (on one
+:func:`partitioner.emit.onnx.encode`); a send hands the arrays to the peer (on one
 machine, a transfer is a reference). Execution providers: ``providers`` is a list for
 every segment, or a dict spec device id -> list (default ``["CPUExecutionProvider"]``);
 a provider this onnxruntime build lacks is a :class:`~partitioner.errors.RuntimeFailure`.
@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact import read_schedule_dir, sha256_file
+from ..emit.artifact import read_schedule_dir, sha256_file
 from ..errors import ArtifactError, RuntimeFailure, UsageError
-from ..schedule import Action, Schedule, sequential_order, tree_unflatten
+from ..ir.schedule import Action, Schedule, sequential_order
+from ..ir.tree import tree_unflatten
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class OnnxRuntime:
     Parameters
     ----------
     path : str or Path
-        Directory written by :func:`partitioner.export_onnx.export_dir`.
+        Directory written by :func:`partitioner.emit.onnx.export_dir`.
     providers : list or dict, optional
         Execution providers for every segment, or per spec device id; default CPU.
     threads : int or dict, optional
@@ -172,8 +173,8 @@ class OnnxRuntime:
     def _bind(self, inputs: tuple) -> dict[str, list]:
         import torch
 
-        from ..artifact import bind_inputs
-        from ..export_onnx import encode
+        from ..emit.onnx import encode
+        from ..ir.schedule import bind_inputs
 
         env = bind_inputs(self.schedule, inputs)
         out: dict[str, list] = {}
@@ -216,7 +217,7 @@ class OnnxRuntime:
     def _outputs(self, host_vals: dict[str, list], as_numpy: bool):
         import torch
 
-        from ..export_onnx import decode
+        from ..emit.onnx import decode
 
         def lookup(v):
             arrs = host_vals[v]
@@ -232,7 +233,7 @@ class OnnxRuntime:
 
     def run_with_stats(self, *inputs, as_numpy: bool = False):
         """Run once; return ``(outputs, RunStats)`` (also kept in ``last_stats``)."""
-        from .local import ActionTime, RunStats  # noqa: F401
+        from .stats import ActionTime, RunStats  # noqa: F401
 
         bound = self._bind(inputs)
         s = self.schedule
@@ -253,7 +254,7 @@ class OnnxRuntime:
         return self._outputs(vals[s.host], as_numpy), self.last_stats
 
     def _step(self, d: str, k: int, vals: dict, mail: dict, times: list, t0: float, events) -> None:
-        from .local import ActionTime
+        from .stats import ActionTime
 
         a: Action = self.schedule.actions[d][k]
         start = time.perf_counter()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import RuntimeFailure, UsageError
-from ..schedule import Action, Schedule
+from ..ir.schedule import Action, Schedule
 from .worker import Run, Worker, tree_to
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def module_sources(art, tmp: Path) -> dict[str, tuple[str, Any]]:
     shared memory) when the class can be imported, else ``("folder", path)``: the segment's
     folder in the artifact directory, or in a copy of the artifact saved under ``tmp`` when
     it has none (the emitted fx GraphModules of an in-memory artifact)."""
-    from ..artifact import save_artifact
+    from ..emit.artifact import save_artifact
 
     out: dict[str, tuple[str, Any]] = {}
     saved = art if getattr(art, "path", None) is not None else None
@@ -139,7 +139,7 @@ def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_fl
         modules = {}
         for sid, (kind, src) in sources.items():
             if kind == "folder":
-                from ..segcode import load_segment
+                from ..emit.segcode import load_segment
 
                 modules[sid] = load_segment(Path(src), sid)
             else:

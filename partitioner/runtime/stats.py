@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..schedule import Schedule
+from ..ir.schedule import Schedule
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,12 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import RuntimeFailure, UsageError
 from .stats import StreamStats, _predicted_rate
-
-if TYPE_CHECKING:  # annotations only: local imports this module
-    from .local import LocalRuntime
 
 
 def split_stream(n: int, rates: list[float]) -> list[int]:
@@ -36,7 +33,7 @@ def split_stream(n: int, rates: list[float]) -> list[int]:
     return out
 
 
-def stream_replicas(runtimes: list[LocalRuntime], inputs_list: list) -> tuple[list, StreamStats]:
+def stream_replicas(runtimes: list, inputs_list: list) -> tuple[list, StreamStats]:
     """Data parallelism: share a stream of samples among replicas (one LocalRuntime per
     replica, on disjoint devices), in proportion to their predicted throughputs
     (:func:`split_stream`); each replica pipelines its share (:meth:`LocalRuntime.stream`)

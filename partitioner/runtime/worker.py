@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import ArtifactError, RuntimeFailure
-from ..schedule import Action, Schedule
+from ..ir.schedule import Action, Schedule
 from .stats import ActionTime
 
 if TYPE_CHECKING:  # annotations only: local imports this module

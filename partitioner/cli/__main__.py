@@ -1,0 +1,5 @@
+"""``python -m partitioner.cli``: the command line."""
+
+from .main import main
+
+main()

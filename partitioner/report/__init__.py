@@ -1,0 +1,1 @@
+"""Reports of a graded plan: markdown, Gantt chart, Chrome trace, units."""

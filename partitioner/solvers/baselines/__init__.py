@@ -1,0 +1,1 @@
+"""Classic baselines: single device, list schedulers (greedy, HEFT, PEFT), METIS, the contiguous pipeline DP."""

@@ -1,0 +1,1 @@
+"""Exact placement and scheduling with OR-Tools CP-SAT."""

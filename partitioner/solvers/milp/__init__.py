@@ -1,0 +1,1 @@
+"""Exact MILP solvers (PuLP/CBC, HiGHS) for latency and throughput."""

@@ -1,0 +1,1 @@
+"""The modularity-based splitting heuristic (after DiviML, Ghannane and Abdelfattah, ICCAD 2023)."""

@@ -1,0 +1,1 @@
+"""The symmetry solver: repeated blocks on identical devices, a reduced DP, a polish on the full problem."""
