@@ -27,6 +27,7 @@ Usage::
     python bench/stream.py                           # the four models, ~5-8 min on a quiet machine
     python bench/stream.py --models resnet18 --repeats 3 --samples 40
     python bench/stream.py --wait-quiet 1.2          # wait (bounded) for load < 1.2 before each model
+    python bench/stream.py --models bert --merge     # re-measure one model, keep the others' rows
 
 Writes ``bench/results/stream.json`` and ``bench/results/stream.md`` (and the profiles it made
 under ``bench/results/profiles/stream-MODEL.json``).
@@ -287,7 +288,8 @@ def bench_model(name: str, ns) -> dict:
     model, inputs = models.get_model(name)
     pred = max(sum(1.0 / a.schedule.meta["predicted_period_s"] for a in arts) for _, arts in both.values())
     n = ns.samples or max(16, int(round(ns.seconds * pred)))
-    row = {"model": name, "solver": ns.solver, "samples": n, "repeats": ns.repeats, "waited_for_quiet_s": waited,
+    row = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+           "solver": ns.solver, "samples": n, "repeats": ns.repeats, "waited_for_quiet_s": waited,
            "load_before": before, "profile": profiling, "orders": {}}
     for order, (res, arts) in both.items():
         s = arts[0].schedule
@@ -383,10 +385,16 @@ def main() -> None:
                     "when it exists")
     ap.add_argument("--wait-quiet", type=float, default=None, help="wait for a load average under this first")
     ap.add_argument("--max-wait-s", type=float, default=600.0)
+    ap.add_argument("--merge", action="store_true", help="keep the rows of other models already in OUT/stream.json "
+                    "(measure the models one at a time, in quiet windows)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ns = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = [bench_model(m, ns) for m in ns.models]
+    old = ns.out / "stream.json"
+    if ns.merge and old.exists():
+        kept = [r for r in json.loads(old.read_text()).get("rows", []) if r.get("model") not in ns.models]
+        rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
     write(rows, ns.out, ns)
 
 

@@ -295,7 +295,7 @@ class ProcessBackend:
                 if self.closing or self.dead:
                     return
                 continue
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):  # the queue was closed
                 return
             kind, rid = msg[0], msg[1]
             run = self.runs.get(rid)
