@@ -239,30 +239,61 @@ def make_profile(name: str, out: Path, repeats: int) -> dict:
 
 # -- streaming -------------------------------------------------------------------------------------------------
 
-def stream_rates(arts: list, inputs: tuple, n: int, repeats: int, runtime: str) -> dict:
-    """Median samples/s of ``repeats`` streams of ``n`` samples through the replicas ``arts``."""
+def stream_rates(arts: list, inputs: tuple, ref, n: int, repeats: int, runtime: str) -> dict:
+    """Median samples/s of ``repeats`` streams of ``n`` samples through the replicas ``arts``
+    (outputs checked against ``ref``). With one replica, also where the time went: each
+    device's busy share of the stream's wall time (near 1 on the bottleneck device: the
+    runtime overlaps samples fully) and each segment's median streamed compute time over
+    its predicted one (above 1: the devices slow each other down, or the machine is busy)."""
     from partitioner.runtime.local import open_replicas
     from partitioner.runtime.stream import stream_replicas
 
-    rates, steady, others = [], [], []
+    rates, steady, others, busy, slow = [], [], [], [], []
     with torch.inference_mode():
         rts = open_replicas(arts, mode=runtime, timeout_s=600)
         try:
             stream_replicas(rts, [tuple(inputs)] * min(n, 8))  # warm-up
             for _ in range(repeats):
                 with Others() as o:
-                    outs, st = stream_replicas(rts, [tuple(inputs)] * n)
+                    if len(rts) == 1:
+                        outs, st = rts[0].stream([tuple(inputs)] * n)
+                    else:
+                        outs, st = stream_replicas(rts, [tuple(inputs)] * n)
                 rates.append(st.samples_per_s)
                 steady.append(st.steady_samples_per_s)
                 others.append(o.share)
+                if st.actions:
+                    busy.append(_busy_share(st))
+                    slow.append(_slowdown(st, arts[0].schedule))
         finally:
             for rt in rts:
                 rt.close()
-    expected = arts[0].expected_outputs
-    if expected is not None:
-        torch.testing.assert_close(outs[-1], expected, rtol=1e-3, atol=1e-4)
-    return {"samples_per_s": statistics.median(rates), "steady_samples_per_s": statistics.median(steady),
-            "all": rates, "others_cpu_share": others}
+    torch.testing.assert_close(outs[-1], ref, rtol=1e-3, atol=1e-4)
+    out = {"samples_per_s": statistics.median(rates), "steady_samples_per_s": statistics.median(steady),
+           "all": rates, "others_cpu_share": others}
+    if busy:
+        k = rates.index(out["samples_per_s"]) if out["samples_per_s"] in rates else 0
+        out["device_busy_share"], out["compute_over_predicted"] = busy[k], slow[k]
+    return out
+
+
+def _busy_share(st) -> dict:
+    tot: dict[str, float] = {}
+    for acts in st.actions:
+        for a in acts:
+            if a.op == "compute":
+                tot[a.device] = tot.get(a.device, 0.0) + a.duration_s
+    return {d: round(t / st.wall_s, 3) for d, t in sorted(tot.items())}
+
+
+def _slowdown(st, schedule) -> dict:
+    per: dict[str, list[float]] = {}
+    for acts in st.actions:
+        for a in acts:
+            if a.op == "compute":
+                per.setdefault(a.name, []).append(a.duration_s)
+    pred = {sg.id: sg.predicted_compute_s for sg in schedule.segments}
+    return {sid: round(statistics.median(v) / pred[sid], 3) for sid, v in sorted(per.items()) if pred.get(sid)}
 
 
 def median_of(fn, repeats: int) -> dict:
@@ -286,6 +317,8 @@ def bench_model(name: str, ns) -> dict:
         profiling = make_profile(name, prof_path, ns.profile_repeats)
     both = plans(name, prof_path, ns.solver)
     model, inputs = models.get_model(name)
+    with torch.inference_mode():
+        ref = model(*inputs)
     pred = max(sum(1.0 / a.schedule.meta["predicted_period_s"] for a in arts) for _, arts in both.values())
     n = ns.samples or max(16, int(round(ns.seconds * pred)))
     row = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
@@ -297,7 +330,7 @@ def bench_model(name: str, ns) -> dict:
         o = {"predicted_samples_per_s": predicted, "segments": len(s.segments), "replicas": len(arts),
              "stages": [[sg.device, sg.predicted_compute_s] for sg in s.segments], "runtimes": {}}
         for runtime in ns.runtimes:
-            o["runtimes"][runtime] = stream_rates(arts, inputs, n, ns.repeats, runtime)
+            o["runtimes"][runtime] = stream_rates(arts, inputs, ref, n, ns.repeats, runtime)
             log.info("%s %s %s: streamed %.1f/s, predicted %.1f/s", name, order, runtime,
                      o["runtimes"][runtime]["samples_per_s"], predicted)
         row["orders"][order] = o
@@ -335,19 +368,24 @@ def write(rows: list[dict], out: Path, ns) -> None:
              f"{ns.repeats} streams. Eager alternatives over the same samples (median of {ns.repeats}). "
              f"Targets: streamed >= {TARGET_PREDICTED}x predicted and >= {TARGET_EAGER1}x eager on one thread. "
              f"Load: 1-minute load average before/after the model; figures with a load >= {QUIET_LOAD} were "
-             "taken on a busy machine (shared with other processes) and are indicative only.", "",
-             "| model | order | runtime | predicted /s | streamed /s | /predicted | /eager 1t | eager 1t /s | "
-             "eager 2t /s | 2 threads /s | 2 processes /s | targets | load |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "taken on a busy machine (shared with other processes) and are indicative only. Busy: the "
+             "bottleneck device's compute time over the stream's wall time (1.0: the runtime keeps it busy all "
+             "the time). Compute/pred: the slowest segment's median streamed compute time over its predicted "
+             "one (above 1: the devices slow each other down, or the machine is busy).", "",
+             "| model | order | runtime | predicted /s | streamed /s | /predicted | /eager 1t | busy | compute/pred | "
+             "eager 1t /s | eager 2t /s | 2 threads /s | 2 processes /s | targets | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         e = [r[k]["samples_per_s"] for k in ("eager_1_thread", "eager_2_threads", "eager_2_python_threads",
                                              "eager_2_processes")]
         load = f"{r['load_before']['load1']:.2f}/{r['load_after']['load1']:.2f}" + ("" if r["quiet"] else " busy")
         for order, o in r["orders"].items():
             for rt, x in o["runtimes"].items():
+                busy = max(x.get("device_busy_share", {}).values(), default=math.nan)
+                slow = max(x.get("compute_over_predicted", {}).values(), default=math.nan)
                 lines.append(f"| {r['model']} | {order} | {rt} | {o['predicted_samples_per_s']:.1f} | "
                              f"{x['samples_per_s']:.1f} | {x['over_predicted']:.2f} | {x['over_eager_1_thread']:.2f}x | "
-                             f"{e[0]:.1f} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} | "
+                             f"{busy:.2f} | {slow:.2f} | {e[0]:.1f} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} | "
                              f"{'met' if x['meets_targets'] else 'missed'} | {load} |")
     lines += ["", "## Where the plan wins, and where it does not", ""] + verdicts(rows)
     (out / "stream.md").write_text("\n".join(lines) + "\n")
@@ -393,7 +431,8 @@ def main() -> None:
     rows = [bench_model(m, ns) for m in ns.models]
     old = ns.out / "stream.json"
     if ns.merge and old.exists():
-        kept = [r for r in json.loads(old.read_text()).get("rows", []) if r.get("model") not in ns.models]
+        kept = [r for r in json.loads(old.read_text()).get("rows", [])
+                if r.get("model") not in ns.models and "orders" in r]  # rows of this script's format only
         rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
     write(rows, ns.out, ns)
 
