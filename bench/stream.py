@@ -1,26 +1,36 @@
-"""Pipelined throughput benchmark: measured samples/s of a streamed plan vs the prediction.
+"""Pipelined throughput benchmark: a streamed 2-stage plan against its prediction and eager PyTorch.
 
-For each model, on ``hw_specs/cpu-threads-2.yaml`` (this machine as two one-thread
-logical CPUs), plan for throughput (``--solver``, default ``pipeline-dp``), emit the plan
-and run it on the local runtime (one worker thread per logical device, one intra-op
-thread each) in two ways over the same ``--samples`` inputs:
+For each zoo model (``--models``: resnet18, resnet50, bert, inception), on
+``hw_specs/cpu-threads-2.yaml`` (this 2-core machine as two one-thread logical CPUs):
 
-* **one at a time**: ``LocalRuntime.run`` per sample (no overlap between samples);
-* **streamed**: ``LocalRuntime.stream`` (device ``d`` works on sample ``k + 1`` while the
-  next device works on sample ``k``).
+1. profile the model on one logical CPU (``cpu:1t``, what ``partitioner profile MODEL
+   --devices cpu:1t`` does: ops in context, transfers, co-running, hand-offs);
+2. plan it for throughput from the profile (``--solver``, default ``pipeline-dp``;
+   ``--profile-map cpu0=cpu:1t --profile-map cpu1=cpu:1t``) and emit the plan in **both
+   stage orders**: the host ``cpu0`` running the first stage (``host-first``), and the
+   same plan mirrored (cpu0 and cpu1 swapped: the host runs the last stage,
+   ``host-second``); each is graded by the evaluator for its own predicted rate;
+3. stream ``--samples`` copies of the example inputs through each plan with every local
+   runtime asked for (``--runtimes``: ``threads``, one worker thread per device, and/or
+   ``processes``, one process per device), ``--repeats`` times (median reported);
+4. measure the alternatives a user has on this machine, each over the same number of
+   samples, ``--repeats`` times: eager PyTorch on one thread, on two threads
+   (``torch.set_num_threads(2)``), two Python threads each running the model eagerly with
+   one intra-op thread (samples shared), and two processes doing the same.
 
-Reported per model: predicted samples/s (``1 / predicted_period_s`` of the schedule,
-i.e. the evaluator's period), measured streamed samples/s (whole wall time, and steady
-state between the first and last completion), one-at-a-time samples/s, the streaming
-speedup and measured/predicted. The two modes are interleaved for ``--rounds`` rounds
-and medians are reported, with the 1-minute load average before and after: the machine's
-2 cores are shared with other processes, so a loaded machine shows little or no overlap
-gain (two workers then share one free core).
+Every figure comes with the 1-minute load average before and after its model, the CPU
+pressure (PSI), and the share of the machine's CPU time other processes took while it
+was measured. Figures taken on a busy machine (load >= ``QUIET_LOAD``) are marked so.
 
 Usage::
 
-    python bench/stream.py                      # mlp, resnet18 (64x64), bert; ~1-2 min
-    python bench/stream.py --models mlp --samples 32 --rounds 5
+    python bench/stream.py                           # the four models, ~5-8 min on a quiet machine
+    python bench/stream.py --models resnet18 --repeats 3 --samples 40
+    python bench/stream.py --wait-quiet 1.2          # wait (bounded) for load < 1.2 before each model
+    python bench/stream.py --models bert --merge     # re-measure one model, keep the others' rows
+
+Writes ``bench/results/stream.json`` and ``bench/results/stream.md`` (and the profiles it made
+under ``bench/results/profiles/stream-MODEL.json``).
 """
 
 from __future__ import annotations
@@ -28,110 +38,403 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from partitioner import api  # noqa: E402
-from partitioner.emit.build import emit  # noqa: E402
-from partitioner.runtime.local import LocalRuntime  # noqa: E402
-
 log = logging.getLogger("bench.stream")
 
+MODELS = ("resnet18", "resnet50", "bert", "inception")
+SPEC = "cpu-threads-2"
+DEVICE_MAP = {"cpu0": "cpu:1t", "cpu1": "cpu:1t"}
+#: a measurement is quiet when the 1-minute load average stays under this, before and after
+QUIET_LOAD = 1.2
+#: targets of issue 22: streamed / predicted (median of the repeats) and streamed / eager on one thread
+TARGET_PREDICTED, TARGET_EAGER1 = 0.9, 1.7
 
-def _mlp():
-    torch.manual_seed(0)
-    w = 768
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(w, w), nn.ReLU()) for _ in range(8)]).eval()
-    return model, (torch.randn(64, w),)
+
+# -- machine state --------------------------------------------------------------------------------------------
+
+def load_state() -> dict:
+    """The clock, the 1-minute load average and the CPU pressure (PSI "some" avg10, %, where known)."""
+    psi = Path("/proc/pressure/cpu")
+    first = psi.read_text().split("avg10=", 1)[1] if psi.exists() else ""
+    return {"time": time.strftime("%H:%M:%S"), "load1": round(os.getloadavg()[0], 2),
+            **({"cpu_pressure_avg10": float(first.split()[0])} if first else {})}
 
 
-def _zoo(name, **kw):
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all, idle) CPU ticks of the machine so far (Linux ``/proc/stat``)."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(v[:8]), v[3] + v[4]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def own_ticks() -> int:
+    """CPU ticks this process and its waited-for children used so far."""
+    t = os.times()
+    return int(round((t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")))
+
+
+class Others:
+    """Share of the machine's CPU time other processes took between ``start`` and ``stop``
+    (child processes that are still running count as others: only measured with threads)."""
+
+    def __enter__(self):
+        self.t0, self.own0 = cpu_ticks(), own_ticks()
+        return self
+
+    def __exit__(self, *exc):
+        t1, own1 = cpu_ticks(), own_ticks()
+        self.share = math.nan
+        if self.t0 and t1 and t1[0] > self.t0[0]:
+            total, idle = t1[0] - self.t0[0], t1[1] - self.t0[1]
+            self.share = max(0.0, (total - idle - (own1 - self.own0)) / total)
+
+
+def wait_quiet(max_load: float | None, max_wait_s: float) -> float:
+    """Wait (bounded) until the 1-minute load average is under ``max_load``; the seconds waited."""
+    t0 = time.perf_counter()
+    while max_load is not None and os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < max_wait_s:
+        time.sleep(5.0)
+    return round(time.perf_counter() - t0, 1)
+
+
+# -- eager alternatives ---------------------------------------------------------------------------------------
+
+def _eager_loop(model, inputs, n: int) -> None:
+    with torch.inference_mode():
+        for _ in range(n):
+            model(*inputs)
+
+
+def eager_rate(model, inputs, n: int, threads: int) -> float:
+    """Samples/s of ``n`` eager calls on one Python thread with ``threads`` intra-op threads."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _eager_loop(model, inputs, 2)
+        t = time.perf_counter()
+        _eager_loop(model, inputs, n)
+        return n / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def eager_threads_rate(model, inputs, n: int, k: int = 2) -> float:
+    """Samples/s of ``k`` Python threads sharing ``n`` eager calls, one intra-op thread each."""
+    go = threading.Barrier(k + 1)
+
+    def body(m: int) -> None:
+        torch.set_num_threads(1)
+        _eager_loop(model, inputs, 2)
+        go.wait()
+        _eager_loop(model, inputs, m)
+
+    shares = [n // k + (i < n % k) for i in range(k)]
+    ts = [threading.Thread(target=body, args=(m,)) for m in shares]
+    for t in ts:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return n / (time.perf_counter() - t0)
+
+
+def _proc_body(name: str, m: int, ready, go, done) -> None:
     import partitioner.zoo as models
 
-    return lambda: models.get_model(name, **kw)
+    torch.set_num_threads(1)
+    model, inputs = models.get_model(name)
+    _eager_loop(model, inputs, 2)
+    ready.put(os.getpid())
+    go.wait()
+    _eager_loop(model, inputs, m)
+    done.put(time.perf_counter())
 
 
-MODELS = {"mlp": _mlp, "resnet18": _zoo("resnet18", image=64), "bert": _zoo("bert")}
+def eager_processes_rate(name: str, n: int, k: int = 2) -> float:
+    """Samples/s of ``k`` processes sharing ``n`` eager calls of zoo model ``name``, one
+    thread each (from the moment all are warm to the last one's end)."""
+    ctx = mp.get_context("spawn")
+    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [n // k + (i < n % k) for i in range(k)]
+    ps = [ctx.Process(target=_proc_body, args=(name, m, ready, go, done)) for m in shares]
+    for p in ps:
+        p.start()
+    try:
+        for _ in ps:
+            ready.get(timeout=300)
+        t0 = time.perf_counter()
+        go.set()
+        end = max(done.get(timeout=600) for _ in ps)
+        return n / (end - t0)
+    finally:
+        for p in ps:
+            p.join(timeout=30)
 
 
-def bench_model(name: str, solver: str, samples: int, rounds: int) -> dict:
-    model, inputs = MODELS[name]()
+# -- plans ------------------------------------------------------------------------------------------------------
+
+def _mirrored(plan):
+    """The same plan with devices 0 and 1 swapped (the other stage order)."""
+    from partitioner.ir.plan import Plan
+
+    swap = lambda p: Plan(tuple(1 - d for d in p.placement),  # noqa: E731
+                          (p.order[1], p.order[0]) if p.order else None, solver=p.solver + "-mirrored",
+                          status=p.status,
+                          replicas=tuple(swap(r) for r in p.replicas) if p.replicas else None)
+    return swap(plan)
+
+
+def plans(name: str, profile: Path, solver: str) -> dict:
+    """Both stage orders of the plan from ``profile``: {order: (Result, [Artifact per replica])}."""
+    from partitioner.api import compile_plan
+    from partitioner.emit.build import emit_replicas
+    from partitioner.grade import grade
+
+    res = compile_plan(name, SPEC, "throughput", solver, profile=str(profile), device_map=DEVICE_MAP)
+    host = res.problem.host
+    first = next((s for s in (res.plan.replicas or (res.plan,))), res.plan).placement[0]
+    base = res if first == host else None
+    other = grade(res.problem, _mirrored(res.plan), res.bound, model=res.model)
+    other.extra = dict(res.extra)
+    if base is None:
+        base, other = other, res
+    return {"host-first": (base, emit_replicas(base)), "host-second": (other, emit_replicas(other))}
+
+
+def make_profile(name: str, out: Path, repeats: int) -> dict:
+    """``partitioner profile NAME --devices cpu:1t --out OUT`` (the CLI's steps, in process)."""
+    from partitioner.measure.devices import parse_devices
+    from partitioner.measure.handoff import add_alternation
+    from partitioner.measure.links import add_corun, add_transfers
+    from partitioner.measure.profile import profile_model
+
+    before = load_state()
     t0 = time.perf_counter()
-    res = api.compile_plan(model, "cpu-threads-2", "throughput", solver, example_inputs=inputs)
-    art = emit(res)
-    compile_s = time.perf_counter() - t0
-    s = art.schedule
-    xs = [tuple(inputs)] * samples
-    seq_rates, st_rates, steady_rates = [], [], []
-    load0 = os.getloadavg()[0]
-    with torch.no_grad(), LocalRuntime(art, threads=1) as rt:
-        rt.run(*inputs)  # warm-up
-        ref = rt.run(*inputs)
-        for _ in range(rounds):
-            t = time.perf_counter()
-            for x in xs:
-                rt.run(*x)
-            seq_rates.append(samples / (time.perf_counter() - t))
-            outs, st = rt.stream(xs)
-            st_rates.append(st.samples_per_s)
-            steady_rates.append(st.steady_samples_per_s)
-        torch.testing.assert_close(outs[-1], ref)
-    pred = 1.0 / s.meta["predicted_period_s"]
-    med = statistics.median
-    row = {"model": name, "solver": solver, "status": res.status, "segments": len(s.segments),
-           "devices_used": sorted({x.device for x in s.segments}), "samples": samples, "rounds": rounds,
-           "predicted_samples_per_s": pred, "predicted_latency_s": s.meta["predicted_latency_s"],
-           "streamed_samples_per_s": med(st_rates), "streamed_steady_samples_per_s": med(steady_rates),
-           "one_at_a_time_samples_per_s": med(seq_rates),
-           "speedup_stream_vs_one_at_a_time": med(st_rates) / med(seq_rates),
-           "measured_over_predicted": med(st_rates) / pred,
-           "all_streamed": st_rates, "all_one_at_a_time": seq_rates, "compile_s": compile_s,
-           "load1_before": load0, "load1_after": os.getloadavg()[0]}
-    log.info("%s: predicted %.1f/s, streamed %.1f/s, one at a time %.1f/s", name, pred, row["streamed_samples_per_s"],
-             row["one_at_a_time_samples_per_s"])
+    devs = parse_devices("cpu:1t")
+    prof, loaded = profile_model(name, devs, repeats=repeats)
+    add_transfers(prof, devs)
+    add_corun(prof, loaded.gm, loaded.example_inputs, devs, name=loaded.graph.name, rounds=max(3, repeats // 2))
+    add_alternation(prof, loaded, devs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.save(out)
+    return {"file": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+            "seconds": round(time.perf_counter() - t0, 1), "load_before": before, "load_after": load_state()}
+
+
+# -- streaming -------------------------------------------------------------------------------------------------
+
+def stream_rates(arts: list, inputs: tuple, ref, n: int, repeats: int, runtime: str) -> dict:
+    """Median samples/s of ``repeats`` streams of ``n`` samples through the replicas ``arts``
+    (outputs checked against ``ref``). With one replica, also where the time went: each
+    device's busy share of the stream's wall time (near 1 on the bottleneck device: the
+    runtime overlaps samples fully) and each segment's median streamed compute time over
+    its predicted one (above 1: the devices slow each other down, or the machine is busy)."""
+    from partitioner.runtime.local import open_replicas
+    from partitioner.runtime.stream import stream_replicas
+
+    rates, steady, others, busy, slow = [], [], [], [], []
+    with torch.inference_mode():
+        rts = open_replicas(arts, mode=runtime, timeout_s=600)
+        try:
+            stream_replicas(rts, [tuple(inputs)] * min(n, 8))  # warm-up
+            for _ in range(repeats):
+                with Others() as o:
+                    if len(rts) == 1:
+                        outs, st = rts[0].stream([tuple(inputs)] * n)
+                    else:
+                        outs, st = stream_replicas(rts, [tuple(inputs)] * n)
+                rates.append(st.samples_per_s)
+                steady.append(st.steady_samples_per_s)
+                others.append(o.share)
+                if st.actions:
+                    busy.append(_busy_share(st))
+                    slow.append(_slowdown(st, arts[0].schedule))
+        finally:
+            for rt in rts:
+                rt.close()
+    torch.testing.assert_close(outs[-1], ref, rtol=1e-3, atol=1e-4)
+    out = {"samples_per_s": statistics.median(rates), "steady_samples_per_s": statistics.median(steady),
+           "all": rates, "others_cpu_share": others}
+    if busy:
+        k = rates.index(out["samples_per_s"]) if out["samples_per_s"] in rates else 0
+        out["device_busy_share"], out["compute_over_predicted"] = busy[k], slow[k]
+    return out
+
+
+def _busy_share(st) -> dict:
+    tot: dict[str, float] = {}
+    for acts in st.actions:
+        for a in acts:
+            if a.op == "compute":
+                tot[a.device] = tot.get(a.device, 0.0) + a.duration_s
+    return {d: round(t / st.wall_s, 3) for d, t in sorted(tot.items())}
+
+
+def _slowdown(st, schedule) -> dict:
+    per: dict[str, list[float]] = {}
+    for acts in st.actions:
+        for a in acts:
+            if a.op == "compute":
+                per.setdefault(a.name, []).append(a.duration_s)
+    pred = {sg.id: sg.predicted_compute_s for sg in schedule.segments}
+    return {sid: round(statistics.median(v) / pred[sid], 3) for sid, v in sorted(per.items()) if pred.get(sid)}
+
+
+def median_of(fn, repeats: int) -> dict:
+    rates, others = [], []
+    for _ in range(repeats):
+        with Others() as o:
+            rates.append(fn())
+        others.append(o.share)
+    return {"samples_per_s": statistics.median(rates), "all": rates, "others_cpu_share": others}
+
+
+def bench_model(name: str, ns) -> dict:
+    import partitioner.zoo as models
+
+    waited = wait_quiet(ns.wait_quiet, ns.max_wait_s)
+    before = load_state()
+    prof_path = ROOT / "bench" / "results" / "profiles" / f"stream-{name}.json"
+    if ns.reuse_profiles and prof_path.exists():
+        profiling = {"file": str(prof_path.relative_to(ROOT)), "reused": True}
+    else:
+        profiling = make_profile(name, prof_path, ns.profile_repeats)
+    both = plans(name, prof_path, ns.solver)
+    model, inputs = models.get_model(name)
+    with torch.inference_mode():
+        ref = model(*inputs)
+    pred = max(sum(1.0 / a.schedule.meta["predicted_period_s"] for a in arts) for _, arts in both.values())
+    n = ns.samples or max(16, int(round(ns.seconds * pred)))
+    row = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+           "solver": ns.solver, "samples": n, "repeats": ns.repeats, "waited_for_quiet_s": waited,
+           "load_before": before, "profile": profiling, "orders": {}}
+    for order, (res, arts) in both.items():
+        s = arts[0].schedule
+        predicted = sum(1.0 / a.schedule.meta["predicted_period_s"] for a in arts)
+        o = {"predicted_samples_per_s": predicted, "segments": len(s.segments), "replicas": len(arts),
+             "stages": [[sg.device, sg.predicted_compute_s] for sg in s.segments], "runtimes": {}}
+        for runtime in ns.runtimes:
+            o["runtimes"][runtime] = stream_rates(arts, inputs, ref, n, ns.repeats, runtime)
+            log.info("%s %s %s: streamed %.1f/s, predicted %.1f/s", name, order, runtime,
+                     o["runtimes"][runtime]["samples_per_s"], predicted)
+        row["orders"][order] = o
+    row["eager_1_thread"] = median_of(lambda: eager_rate(model, inputs, n, 1), ns.repeats)
+    row["eager_2_threads"] = median_of(lambda: eager_rate(model, inputs, n, 2), ns.repeats)
+    row["eager_2_python_threads"] = median_of(lambda: eager_threads_rate(model, inputs, n), ns.repeats)
+    row["eager_2_processes"] = median_of(lambda: eager_processes_rate(name, n), ns.repeats)
+    row["load_after"] = load_state()
+    row["quiet"] = before["load1"] < QUIET_LOAD and row["load_after"]["load1"] < QUIET_LOAD
+    e1 = row["eager_1_thread"]["samples_per_s"]
+    for o in row["orders"].values():
+        for r in o["runtimes"].values():
+            r["over_predicted"] = r["samples_per_s"] / o["predicted_samples_per_s"]
+            r["over_eager_1_thread"] = r["samples_per_s"] / e1
+            r["meets_targets"] = r["over_predicted"] >= TARGET_PREDICTED and r["over_eager_1_thread"] >= TARGET_EAGER1
+    log.info("%s: eager 1t %.1f/s, 2t %.1f/s, 2 threads %.1f/s, 2 processes %.1f/s (load %.2f -> %.2f)", name, e1,
+             row["eager_2_threads"]["samples_per_s"], row["eager_2_python_threads"]["samples_per_s"],
+             row["eager_2_processes"]["samples_per_s"], before["load1"], row["load_after"]["load1"])
     return row
 
 
-def write(rows: list[dict], out: Path) -> None:
+# -- report ----------------------------------------------------------------------------------------------------
+
+def write(rows: list[dict], out: Path, ns) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"spec": "cpu-threads-2", "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {"spec": SPEC, "solver": ns.solver, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quiet_load": QUIET_LOAD,
+            "targets": {"over_predicted": TARGET_PREDICTED, "over_eager_1_thread": TARGET_EAGER1},
+            "command": " ".join(sys.argv)}
     (out / "stream.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["# Pipelined throughput (local runtime, streamed vs one sample at a time)", "",
-             f"Spec `cpu-threads-2` (two one-thread logical CPUs) on a {os.cpu_count()}-core machine shared with "
-             "other processes; medians over the rounds. Load = 1-minute load average before/after.", "",
-             "| model | solver | segments | predicted /s | streamed /s | steady /s | one at a time /s | "
-             "stream speedup | measured/predicted | load |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["# Pipelined throughput: streamed plans vs predicted vs eager PyTorch", "",
+             f"`bench/stream.py` on spec `{SPEC}` (this {os.cpu_count()}-core machine as two one-thread logical "
+             f"CPUs), plans by `{ns.solver}` from a `cpu:1t` profile, in both stage orders (host-first: the "
+             "host `cpu0` runs the first stage; host-second: the same plan mirrored). Streamed: median of "
+             f"{ns.repeats} streams. Eager alternatives over the same samples (median of {ns.repeats}). "
+             f"Targets: streamed >= {TARGET_PREDICTED}x predicted and >= {TARGET_EAGER1}x eager on one thread. "
+             f"Load: 1-minute load average before/after the model; figures with a load >= {QUIET_LOAD} were "
+             "taken on a busy machine (shared with other processes) and are indicative only. Busy: the "
+             "bottleneck device's compute time over the stream's wall time (1.0: the runtime keeps it busy all "
+             "the time). Compute/pred: the slowest segment's median streamed compute time over its predicted "
+             "one (above 1: the devices slow each other down, or the machine is busy).", "",
+             "| model | order | runtime | predicted /s | streamed /s | /predicted | /eager 1t | busy | compute/pred | "
+             "eager 1t /s | eager 2t /s | 2 threads /s | 2 processes /s | targets | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['solver']} | {r['segments']} | {r['predicted_samples_per_s']:.1f} | "
-                     f"{r['streamed_samples_per_s']:.1f} | {r['streamed_steady_samples_per_s']:.1f} | "
-                     f"{r['one_at_a_time_samples_per_s']:.1f} | {r['speedup_stream_vs_one_at_a_time']:.2f}x | "
-                     f"{r['measured_over_predicted']:.2f} | {r['load1_before']:.1f}/{r['load1_after']:.1f} |")
+        e = [r[k]["samples_per_s"] for k in ("eager_1_thread", "eager_2_threads", "eager_2_python_threads",
+                                             "eager_2_processes")]
+        load = f"{r['load_before']['load1']:.2f}/{r['load_after']['load1']:.2f}" + ("" if r["quiet"] else " busy")
+        for order, o in r["orders"].items():
+            for rt, x in o["runtimes"].items():
+                busy = max(x.get("device_busy_share", {}).values(), default=math.nan)
+                slow = max(x.get("compute_over_predicted", {}).values(), default=math.nan)
+                lines.append(f"| {r['model']} | {order} | {rt} | {o['predicted_samples_per_s']:.1f} | "
+                             f"{x['samples_per_s']:.1f} | {x['over_predicted']:.2f} | {x['over_eager_1_thread']:.2f}x | "
+                             f"{busy:.2f} | {slow:.2f} | {e[0]:.1f} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} | "
+                             f"{'met' if x['meets_targets'] else 'missed'} | {load} |")
+    lines += ["", "## Where the plan wins, and where it does not", ""] + verdicts(rows)
     (out / "stream.md").write_text("\n".join(lines) + "\n")
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One plain sentence per model: the best streamed plan against the best eager alternative."""
+    out = []
+    names = {"eager_1_thread": "eager on one thread", "eager_2_threads": "eager on two threads",
+             "eager_2_python_threads": "two eager Python threads", "eager_2_processes": "two eager processes"}
+    for r in rows:
+        best_alt = max(names, key=lambda k: r[k]["samples_per_s"])
+        alt = r[best_alt]["samples_per_s"]
+        plan = [(x["samples_per_s"], order, rt) for order, o in r["orders"].items() for rt, x in o["runtimes"].items()]
+        rate, order, rt = max(plan)
+        worst = min(plan)
+        verb = "beats" if rate > 1.02 * alt else "matches" if rate >= 0.98 * alt else "loses to"
+        out.append(f"- **{r['model']}**: the best streamed plan ({order}, {rt}) runs {rate:.1f}/s and {verb} the best "
+                   f"eager alternative, {names[best_alt]} ({alt:.1f}/s, {rate / alt:.2f}x); the slowest variant "
+                   f"({worst[1]}, {worst[2]}) runs {worst[0]:.1f}/s. Eager on two threads: "
+                   f"{r['eager_2_threads']['samples_per_s']:.1f}/s." + ("" if r["quiet"] else " (busy machine)"))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--solver", default="pipeline-dp")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtimes", nargs="+", default=["threads", "processes"], choices=["threads", "processes"])
+    ap.add_argument("--samples", type=int, default=0, help="samples per stream (default: about --seconds worth)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="target length of one stream at the predicted rate")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile-repeats", type=int, default=10)
+    ap.add_argument("--reuse-profiles", action="store_true", help="use bench/results/profiles/stream-MODEL.json "
+                    "when it exists")
+    ap.add_argument("--wait-quiet", type=float, default=None, help="wait for a load average under this first")
+    ap.add_argument("--max-wait-s", type=float, default=600.0)
+    ap.add_argument("--merge", action="store_true", help="keep the rows of other models already in OUT/stream.json "
+                    "(measure the models one at a time, in quiet windows)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ns = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(1)
-    rows = [bench_model(m, ns.solver, ns.samples, ns.rounds) for m in ns.models]
-    write(rows, ns.out)
+    rows = [bench_model(m, ns) for m in ns.models]
+    old = ns.out / "stream.json"
+    if ns.merge and old.exists():
+        kept = [r for r in json.loads(old.read_text()).get("rows", [])
+                if r.get("model") not in ns.models and "orders" in r]  # rows of this script's format only
+        rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
+    write(rows, ns.out, ns)
 
 
 if __name__ == "__main__":

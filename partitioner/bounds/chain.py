@@ -216,7 +216,7 @@ def _segment_cpsat(problem: Problem, lab, cm, nodes: list[int], a: int, b: int, 
 def chain_bound(problem: Problem, lab) -> tuple[float, dict]:
     """The chain bound (see the module docstring) and facts about its computation."""
     t0 = time.perf_counter()
-    n = problem.n
+    n, D = problem.n, problem.D
     info: dict = {}
     if n == 0 or n > LIMITS["chain_nodes"] or D > LIMITS["chain_devices"]:
         return 0.0, {"chain": "skipped"}

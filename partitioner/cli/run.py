@@ -40,6 +40,9 @@ def run(
                                "replicas of a data-parallel plan) and report measured vs predicted samples/s"),
     expect: Optional[str] = typer.Option(None, "--expect", help="Refuse to run unless the artifact's content "
                                          "hash (printed by compile) is HASH"),
+    runtime: str = typer.Option("threads", "--runtime", help="threads: one worker thread per device; processes: "
+                                "one process per device (CPU, inference); auto: measure both on a short stream "
+                                "and keep the faster (with --stream)"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -67,11 +70,15 @@ def run(
         args = read_inputs(inputs, art.schedule.inputs)
     if stream < 0:
         raise UsageError(f"--stream must be >= 0, got {stream}", hint="e.g. --stream 32")
+    if runtime not in ("threads", "processes", "auto") or (runtime == "auto" and not stream):
+        raise UsageError(f"--runtime must be threads, processes or auto (auto with --stream), got {runtime!r}",
+                         hint="e.g. --stream 60 --runtime auto")
     if stream:
         return _run_stream(art, artifact, args, stream, (parse_device_map(map_device) or None), threads, timeout, check, out, stats,
-                           json_out)
+                           json_out, runtime)
     runs = []
-    with torch.no_grad(), LocalRuntime(art, (parse_device_map(map_device) or None), threads=threads, timeout_s=timeout) as rt:
+    with torch.no_grad(), LocalRuntime(art, (parse_device_map(map_device) or None), threads=threads, timeout_s=timeout,
+                                       mode=runtime) as rt:
         for _ in range(repeat):
             outputs, st = rt.run_with_stats(*args)
             runs.append(st)
@@ -142,19 +149,22 @@ def replica_dirs(artifact: Path) -> list[Path]:
     return [artifact, *extra]
 
 
-def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out):
+def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out,
+                runtime: str = "threads"):
     """``--stream N``: pipeline N copies of ``args`` (over every replica) and report rates."""
     import torch
 
     from ..emit.artifact import load_artifact, outputs_mismatch
-    from ..runtime.local import LocalRuntime
+    from ..runtime.local import choose_mode, open_replicas
     from ..runtime.stream import stream_replicas
 
     arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
-    rts = []
+    choice = {"mode": runtime}
+    if runtime == "auto":
+        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout)
+    else:
+        rts = open_replicas(arts, mapping, threads=threads, timeout_s=timeout, mode=runtime)
     try:
-        for a in arts:
-            rts.append(LocalRuntime(a, mapping, threads=threads, timeout_s=timeout))
         with torch.no_grad():
             outputs, st = stream_replicas(rts, [tuple(args)] * n)
     finally:
@@ -176,7 +186,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
                "content_sha256": art.content_hash,
                "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
                "steady_samples_per_s": st.steady_samples_per_s,
-               "predicted_samples_per_s": st.predicted_samples_per_s,
+               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice,
                "check": None if not check else (mismatch is None)}
     if stats is not None:
         text = jsonio.dumps(dict(st.to_json(), summary=summary), indent=1, default=json_default)
@@ -185,8 +195,11 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         console.print_json(jsonio.dumps(summary, default=json_default))
     else:
         pred = st.predicted_samples_per_s
+        trial = (f"; chosen by a {choice['trial_samples']}-sample trial: threads {choice['threads']:.4g}/s, "
+                 f"processes {choice['processes']:.4g}/s" if "trial_samples" in choice else "")
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
-                      f"replica(s) in {_fmt(st.wall_s)}; artifact content sha256 {art.content_hash}", highlight=False)
+                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime{trial}); artifact content sha256 "
+                      f"{art.content_hash}", highlight=False)
         console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
                       + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))
         if check and mismatch is None:

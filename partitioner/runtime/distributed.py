@@ -87,6 +87,7 @@ from ..ir.schedule import Schedule, sequential_order
 from ..ir.tree import tree_unflatten
 from . import wire
 from .wire import STRIDE, DistributedFailure
+from .worker import run_segment
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +291,11 @@ class _Rank:
             self.current = f"{d} action #{k} ({a.describe()})"
             st = store[d]
             if a.op == "compute":
-                seg = self.segs[a.segment]
                 if os.environ.get(STUCK_ENV, "") == str(self.rank):
                     log.warning("rank %d is stuck in its compute on purpose (%s)", self.rank, STUCK_ENV)
                     while True:
                         time.sleep(3600)
-                outs = self.modules[a.segment](*[st[v] for v in seg.inputs])
-                if not isinstance(outs, (tuple, list)) or len(outs) != len(seg.outputs):
-                    raise ArtifactError(f"segment {seg.id!r} returned {type(outs).__name__}, expected a tuple of "
-                                        f"{len(seg.outputs)}", hint="emit the plan again")
-                st.update(zip(seg.outputs, outs))
+                run_segment(self.segs[a.segment], self.modules[a.segment], st)
             elif a.op == "send":
                 peer = lay.rank_of[a.peer]
                 if peer == self.rank:

@@ -43,10 +43,12 @@ compares measured segment times with the plan's predictions.
 Streams (pipelining)
 --------------------
 :meth:`LocalRuntime.stream` submits N samples at once: every worker runs its program
-once per sample, in sample order, with per-sample mailboxes (transfers are tagged per
-sample), so stages overlap across samples. A device's trailing recvs (the host's model
-outputs) are waited for by a helper thread of that worker, so the host starts the next
-sample at once. :func:`stream_replicas` shares a stream among the runtimes of a
+once per sample, with per-sample mailboxes (transfers are tagged per sample), and
+interleaves samples: it runs the next action of the oldest sample that can make
+progress, so a device that waits for one sample's values (the host waiting for a
+sample's outputs, or for an intermediate value it computes on) starts the next sample
+meanwhile and stages overlap across samples whatever the stage order
+(:mod:`partitioner.runtime.worker`). :func:`stream_replicas` shares a stream among the runtimes of a
 data-parallel plan's replicas (:func:`partitioner.emit.build.emit_replicas`) in proportion to
 their predicted throughputs. :class:`StreamStats` reports measured samples/s next to
 ``1 / meta["predicted_period_s"]``. Measured throughput reaches the prediction only when
@@ -62,24 +64,24 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import queue
 import threading
 import time
 import weakref
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
-from ..errors import ArtifactError, RuntimeFailure, UsageError
-from ..ir.schedule import Action, Schedule
+from ..errors import RuntimeFailure, UsageError
+from ..ir.schedule import Schedule
 from ..ir.tree import tree_unflatten
-from .stats import ActionTime, RunStats, StreamStats, _predicted_rate
+from .stats import RunStats, StreamStats, _predicted_rate
+from .stream import stream_replicas
+from .worker import Run, Worker, stop_workers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRuntime", "resolve_devices", "run_once"]
+__all__ = ["LocalRuntime", "resolve_devices", "run_once", "computing_cpu_devices", "open_replicas", "choose_mode",
+           "MODES"]
 
 
 def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, torch.device]:
@@ -118,277 +120,19 @@ def resolve_devices(schedule: Schedule, map_devices: Any = None) -> dict[str, to
     return out
 
 
-class _Slot:
-    __slots__ = ("event", "value", "cuda_event")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.value = None
-        self.cuda_event = None
-
-
-class _Run:
-    """State of one run shared by the workers."""
-
-    def __init__(self, schedule: Schedule, env: dict, n_workers: int, timeout_s: float,
-                 t0: float | None = None, deadline: float | None = None):
-        self.slots = {t.tag: _Slot() for t in schedule.transfers}
-        self.env = env
-        self.t0 = time.perf_counter() if t0 is None else t0
-        self.deadline = self.t0 + timeout_s if deadline is None else deadline
-        self.end = math.nan
-        self.failed = False
-        self.errors: list[tuple[float, str, BaseException]] = []
-        self.lock = threading.Lock()
-        self.left = n_workers
-        self.done = threading.Event()
-        self.outputs: dict[str, Any] = {}
-        self.times: list[ActionTime] = []
-        self.current: dict[str, str] = {}
-        self.grad = torch.is_grad_enabled()
-        self.inference = torch.is_inference_mode_enabled()
-
-    def fail(self, message: str, err: BaseException) -> None:
-        with self.lock:
-            self.errors.append((time.perf_counter(), message, err))
-            self.failed = True
-        for s in self.slots.values():
-            s.event.set()
-
-    def finish_one(self) -> None:
-        with self.lock:
-            self.left -= 1
-            if self.left == 0:
-                self.end = time.perf_counter()
-                self.done.set()
-
-
-class _Worker:
-    """One logical device: a thread that runs its actions for every submitted run."""
-
-    def __init__(self, rt: "LocalRuntime", dev: str, budget: int | None, ready: threading.Barrier):
-        s = rt.schedule
-        self.dev = dev
-        self.tdev = rt.devices[dev]
-        self.devices = rt.devices
-        self.actions: tuple[Action, ...] = tuple(s.actions.get(dev, ()))
-        self.segs = {x.id: x for x in s.segments}
-        self.modules = rt.modules
-        self.copy_same = rt.copy_same_device
-        self.profile = rt.profile
-        self.is_host = dev == s.host
-        self.outputs = s.output_values if self.is_host else []
-        self.inputs = s.inputs if self.is_host else ()
-        last = s.last_uses(dev)
-        # where a failure happened, spelled once (not on every action of every run)
-        self.where = [f"action #{k} ({a.describe()})" for k, a in enumerate(self.actions)]
-        self.free_after: list[list[str]] = [[] for _ in self.actions]
-        for v, k in last.items():
-            self.free_after[k].append(v)
-        self.cuda = self.tdev.type == "cuda"
-        self.stream = torch.cuda.Stream(self.tdev) if self.cuda else None
-        self.copy_stream = torch.cuda.Stream(self.tdev) if self.cuda else None
-        self.budget = budget
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        tail = len(self.actions)
-        while tail > 0 and self.actions[tail - 1].op == "recv":
-            tail -= 1
-        self.tail_start = tail
-        self.tail_queue: queue.SimpleQueue | None = None
-        self.tail_thread: threading.Thread | None = None
-        if tail < len(self.actions) and tail > 0:
-            self.tail_queue = queue.SimpleQueue()
-            self.tail_thread = threading.Thread(target=self._tail_loop, name=f"partitioner-{dev}-tail", daemon=True)
-            self.tail_thread.start()
-        self.thread = threading.Thread(target=self._loop, args=(ready,), name=f"partitioner-{dev}", daemon=True)
-        self.thread.start()
-
-    # -- thread body
-    def _loop(self, ready: threading.Barrier) -> None:
-        if self.budget is not None:
-            # ATen initialises a thread's count lazily, from the global default, on its first
-            # parallel call: trigger that first, or it would later undo the budget.
-            torch.get_num_threads()
-            torch.set_num_threads(self.budget)
-        try:
-            ready.wait()
-        except threading.BrokenBarrierError:
-            return
-        while True:
-            run = self.queue.get()
-            if run is None:
-                if self.tail_queue is not None:
-                    self.tail_queue.put(None)
-                return
-            handed = False
-            try:
-                with self._context(run):
-                    handed = self._execute(run)
-            except BaseException as err:  # noqa: BLE001 - reported to the caller
-                self._fail(run, err)
-            finally:
-                if not handed:
-                    run.finish_one()
-
-    def _context(self, run: _Run):
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode(run.inference))
-        stack.enter_context(torch.set_grad_enabled(run.grad))
-        if self.cuda:
-            stack.enter_context(torch.cuda.device(self.tdev))
-            stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
-
-    def _fail(self, run: _Run, err: BaseException) -> None:
-        where = run.current.get(self.dev, "start")
-        run.fail(f"device {self.dev} ({self.tdev}) failed at {where}: {type(err).__name__}: {err}", err)
-
-    def _tail_loop(self) -> None:
-        """Trailing recvs (the host's model outputs) of each run, in run order, so that
-        the worker can start the next sample meanwhile (pipelined streams)."""
-        while True:
-            item = self.tail_queue.get()
-            if item is None:
-                return
-            run, store = item
-            try:
-                with self._context(run):
-                    if self._actions(run, store, self.tail_start, len(self.actions)):
-                        self._collect(run, store)
-            except BaseException as err:  # noqa: BLE001 - reported to the caller
-                self._fail(run, err)
-            finally:
-                run.finish_one()
-
-    def _execute(self, run: _Run) -> bool:
-        """Run the actions before the trailing recvs; return True when the rest was
-        handed to the tail thread (which then finishes the run)."""
-        store: dict[str, Any] = {}
-        if self.is_host:
-            for v in self.inputs:
-                store[v] = _tree_to(run.env[v], self.tdev)
-        if not self._actions(run, store, 0, self.tail_start):
-            return False
-        if self.tail_queue is not None:
-            self.tail_queue.put((run, store))
-            return True
-        self._collect(run, store)
-        return False
-
-    def _collect(self, run: _Run, store: dict) -> None:
-        if self.is_host:
-            if self.cuda:
-                self.stream.synchronize()
-            run.outputs = {v: store[v] for v in self.outputs}
-
-    def _actions(self, run: _Run, store: dict, lo: int, hi: int) -> bool:
-        """Actions ``lo:hi``; False when the run was aborted meanwhile."""
-        for k in range(lo, hi):
-            a = self.actions[k]
-            if run.failed:
-                return False
-            run.current[self.dev] = self.where[k]
-            t0 = time.perf_counter()
-            if a.op == "compute":
-                seg = self.segs[a.segment]
-                outs = self.modules[a.segment](*[store[v] for v in seg.inputs])
-                if not isinstance(outs, (tuple, list)) or len(outs) != len(seg.outputs):
-                    raise ArtifactError(f"segment {seg.id!r} returned {type(outs).__name__}, expected a tuple of "
-                                        f"{len(seg.outputs)}", hint="emit the plan again")
-                store.update(zip(seg.outputs, outs))
-                if self.profile and self.cuda:
-                    self.stream.synchronize()
-            elif a.op == "send":
-                self._send(run, store[a.value], a)
-            else:
-                store[a.value] = self._recv(run, a, k)
-                if store[a.value] is _ABORTED:
-                    return False
-            t1 = time.perf_counter()
-            for v in self.free_after[k]:
-                store.pop(v, None)
-            run.times.append(ActionTime(self.dev, k, a.op, a.segment if a.op == "compute" else a.value,
-                                        t0 - run.t0, t1 - run.t0))
-        return True
-
-    def _send(self, run: _Run, value: Any, a: Action) -> None:
-        dst = self.devices[a.peer]
-        slot = run.slots[a.tag]
-        if dst == self.tdev:
-            slot.value = _tree_clone(value) if self.copy_same else value
-        elif self.cuda:
-            self.copy_stream.wait_stream(self.stream)
-            with torch.cuda.stream(self.copy_stream):
-                slot.value = _tree_to(value, dst, non_blocking=True)
-                for t in _tensors(value):
-                    t.record_stream(self.copy_stream)
-                ev = torch.cuda.Event()
-                ev.record(self.copy_stream)
-            slot.cuda_event = ev
-        elif dst.type == "cuda":
-            slot.value = _tree_to(value, dst, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(dst))
-            slot.cuda_event = ev
-        else:
-            slot.value = _tree_to(value, dst)
-        slot.event.set()
-
-    def _recv(self, run: _Run, a: Action, k: int) -> Any:
-        slot = run.slots[a.tag]
-        if not slot.event.wait(timeout=max(0.0, run.deadline - time.perf_counter())):
-            raise RuntimeFailure(f"device {self.dev} waited {run.deadline - run.t0:.1f} s at action #{k} for "
-                                 f"{a.value!r} from {a.peer}, which never arrived",
-                                 hint="the sending device is stuck or much slower than expected; raise timeout_s")
-        if run.failed:
-            return _ABORTED
-        ev = slot.cuda_event
-        if ev is not None:
-            if self.cuda:
-                self.stream.wait_event(ev)
-                for t in _tensors(slot.value):
-                    if t.device == self.tdev:
-                        t.record_stream(self.stream)
-            else:
-                ev.synchronize()
-        return slot.value
-
-
-_ABORTED = object()
 #: seconds the caller waits beyond ``timeout_s`` for the workers, and again after aborting
 _GRACE_S = 5.0
-_JOIN_S = 2.0  # how long close() waits for the worker threads to end
+#: the local runtime's ways to run devices (see LocalRuntime's ``mode``)
+MODES = ("threads", "processes")
+#: choose_mode keeps the process runtime only when it streams this much faster than threads
+PROCESS_MARGIN = 1.05
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
-
-
-def _tree_to(value: Any, dev: torch.device, non_blocking: bool = False) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dev, non_blocking=non_blocking)
-    return pytree.tree_map(lambda t: t.to(dev, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t,
-                           value)
-
-
-def _tree_clone(value: Any) -> Any:
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
-
-
-def _stop(workers: list[_Worker]) -> None:
-    """Stop the workers and wait (a little) for their threads to end: a thread still tearing
-    down its intra-op pool while the interpreter exits can abort the process ("terminate
-    called without an active exception")."""
-    for w in workers:
-        w.queue.put(None)
-    me = threading.current_thread()
-    deadline = time.perf_counter() + _JOIN_S
-    for w in workers:
-        for th in (w.thread, w.tail_thread):
-            if th is not None and th is not me and th.is_alive():
-                th.join(timeout=max(0.0, deadline - time.perf_counter()))
+def computing_cpu_devices(schedule: Schedule, devices: dict[str, torch.device]) -> list[str]:
+    """The spec devices that compute a segment and are mapped to a CPU (the workers that
+    get an intra-op thread budget)."""
+    return [d for d in schedule.devices if devices[d].type == "cpu"
+            and any(a.op == "compute" for a in schedule.actions.get(d, ()))]
 
 
 class LocalRuntime:
@@ -407,6 +151,15 @@ class LocalRuntime:
         Clone values passed between logical devices on the same torch device.
     profile : bool
         Synchronise CUDA streams after each compute for exact action times.
+    in_flight : int, optional
+        In a stream, how many samples a device may have started and not finished (its
+        window, see :class:`~partitioner.runtime.worker.Worker`); default: the number of
+        segments plus one, enough for every stage of the pipeline to hold a sample.
+    mode : {"threads", "processes"}
+        ``"threads"``: one worker thread per device in this process. ``"processes"``:
+        one process per device (:mod:`partitioner.runtime.procs`; CPU devices and
+        inference only), for models whose devices would otherwise contend for the
+        interpreter lock; see docs/runtime.md for when it pays.
 
     Examples
     --------
@@ -416,9 +169,15 @@ class LocalRuntime:
     """
 
     def __init__(self, artifact, map_devices: Any = None, *, threads: int | dict | None = None,
-                 timeout_s: float = 300.0, copy_same_device: bool = False, profile: bool = False):
+                 timeout_s: float = 300.0, copy_same_device: bool = False, profile: bool = False,
+                 in_flight: int | None = None, mode: str = "threads"):
         if not timeout_s > 0:
             raise UsageError(f"timeout_s must be > 0, got {timeout_s}", hint="e.g. timeout_s=60")
+        if in_flight is not None and not (isinstance(in_flight, int) and in_flight >= 1):
+            raise UsageError(f"in_flight must be an integer >= 1, got {in_flight!r}", hint="e.g. in_flight=4")
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", hint="e.g. mode='threads'")
+        self.mode = mode
         self.artifact = artifact
         self.schedule: Schedule = artifact.schedule
         self.devices = resolve_devices(self.schedule, map_devices)
@@ -430,23 +189,53 @@ class LocalRuntime:
             self.modules[seg.id] = _place(artifact.modules[seg.id], self.devices[seg.device])
         s = self.schedule
         active = [d for d in s.devices if s.actions.get(d) or d == s.host]
-        computing = [d for d in active if self.devices[d].type == "cpu"
-                     and any(a.op == "compute" for a in s.actions.get(d, ()))]
+        computing = computing_cpu_devices(s, self.devices)
         budgets = self._budgets(threads, computing)
-        own = torch.get_num_threads()
-        ready = threading.Barrier(len(active) + 1)
-        self._workers = [_Worker(self, d, budgets.get(d), ready) for d in active]
-        try:
-            ready.wait(timeout=60)
-        finally:
-            torch.set_num_threads(own)  # restore the caller's count and the global default
-        self._finalizer = weakref.finalize(self, _stop, list(self._workers))
+        self._wakers = {d: threading.Event() for d in s.devices}
+        self.in_flight = in_flight or len(s.segments) + 1
+        self._workers: list[Worker] = []
+        self._procs = None
+        if mode == "processes":
+            from .procs import ProcessBackend
+
+            gpu = sorted(d for d in active if self.devices[d].type != "cpu")
+            if gpu:
+                raise UsageError(f"the process runtime runs CPU devices only; {gpu} are mapped to "
+                                 f"{sorted({str(self.devices[d]) for d in gpu})}", hint="use mode='threads'")
+            self._procs = ProcessBackend(artifact, s, active, budgets, self.in_flight)
+            self._finalizer = weakref.finalize(self, self._procs.close)
+        else:
+            own = torch.get_num_threads()
+            ready = threading.Barrier(len(active) + 1)
+            self._workers = [Worker(self, d, budgets.get(d), ready, self._wakers, self.in_flight) for d in active]
+            try:
+                ready.wait(timeout=60)
+            finally:
+                torch.set_num_threads(own)  # restore the caller's count and the global default
+            self._finalizer = weakref.finalize(self, stop_workers, list(self._workers))
         self._lock = threading.Lock()
         self._broken: str | None = None
         self.last_stats: RunStats | None = None
         self.thread_budgets = budgets
-        log.info("local runtime: %s; CPU thread budgets %s",
+        log.info("local runtime (%s): %s; CPU thread budgets %s", mode,
                  ", ".join(f"{d}->{self.devices[d]}" for d in active), budgets)
+
+    def _new_run(self, env: dict, t0: float | None = None, deadline: float | None = None) -> Run:
+        if self._procs is not None:
+            return self._procs.new_run(env, self.timeout_s, t0=t0, deadline=deadline)
+        return Run(self.schedule, env, len(self._workers), self.timeout_s, list(self._wakers.values()), t0=t0,
+                   deadline=deadline)
+
+    def _submit(self, runs: list[Run]) -> None:
+        if self._procs is not None:
+            if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+                raise UsageError("the process runtime runs inference only, and grad mode is on",
+                                 hint="call it under torch.no_grad() or torch.inference_mode(), or use mode='threads'")
+            self._procs.submit(runs)
+            return
+        for w in self._workers:
+            for r in runs:
+                w.submit(r)
 
     @staticmethod
     def _budgets(threads, computing: list[str]) -> dict[str, int]:
@@ -480,9 +269,8 @@ class LocalRuntime:
             raise RuntimeFailure("this runtime is closed", hint="create a new LocalRuntime")
         env = bind_inputs(self.schedule, inputs, kw_inputs)
         with self._lock:
-            run = _Run(self.schedule, env, len(self._workers), self.timeout_s)
-            for w in self._workers:
-                w.queue.put(run)
+            run = self._new_run(env)
+            self._submit([run])
             finished = run.done.wait(timeout=self.timeout_s + _GRACE_S)
             if not finished:
                 run.fail("timeout", TimeoutError())
@@ -493,7 +281,7 @@ class LocalRuntime:
         self.last_stats = RunStats(wall, run.times)
         return tree_unflatten(self.schedule.outputs, run.outputs.__getitem__), self.last_stats
 
-    def _check(self, run: _Run, finished: bool, what: str = "the run") -> None:
+    def _check(self, run: Run, finished: bool, what: str = "the run") -> None:
         if not finished:
             stuck = "; ".join(f"{d} at {w}" for d, w in sorted(run.current.items()))
             self._broken = f"a worker did not finish within {self.timeout_s:.0f} s ({stuck})"
@@ -511,10 +299,12 @@ class LocalRuntime:
     def stream(self, inputs_list: list) -> tuple[list, "StreamStats"]:
         """Pipeline a list of samples through the plan; return ``(outputs, StreamStats)``.
 
-        Every worker runs its program once per sample, in sample order, as soon as the
-        values it needs for that sample are there: while a device computes sample ``k``,
-        the device before it in the pipeline already computes sample ``k + 1``. Each
-        sample has its own mailboxes, so transfers are tagged per sample. Sample ``k``
+        Every worker runs its program once per sample, interleaving samples: it runs the
+        next action of the oldest sample that can make progress (see
+        :class:`~partitioner.runtime.worker.Worker`), so while a device computes sample
+        ``k`` the device before it in the pipeline already computes sample ``k + 1``, and
+        a device that waits for sample ``k``'s values starts sample ``k + 1`` meanwhile.
+        Each sample has its own mailboxes, so transfers are tagged per sample. Sample ``k``
         must finish within ``(k + 1) * timeout_s`` of the stream's start; the first
         failure aborts the samples after it and is raised as for :meth:`run`.
 
@@ -534,11 +324,8 @@ class LocalRuntime:
             return [], StreamStats(0, 0.0, [], [], _predicted_rate(self.schedule))
         with self._lock:
             t0 = time.perf_counter()
-            runs = [_Run(self.schedule, env, len(self._workers), self.timeout_s, t0=t0,
-                         deadline=t0 + self.timeout_s * (k + 1)) for k, env in enumerate(envs)]
-            for w in self._workers:
-                for r in runs:
-                    w.queue.put(r)
+            runs = [self._new_run(env, t0=t0, deadline=t0 + self.timeout_s * (k + 1)) for k, env in enumerate(envs)]
+            self._submit(runs)
             bad: tuple[int, bool] | None = None
             for k, r in enumerate(runs):
                 finished = r.done.wait(timeout=max(0.0, r.deadline - time.perf_counter()) + _GRACE_S)
@@ -562,7 +349,7 @@ class LocalRuntime:
         return outputs, StreamStats(len(runs), wall, starts, ends, _predicted_rate(self.schedule), acts)
 
     def close(self) -> None:
-        """Stop the worker threads (also done when the runtime is garbage-collected)."""
+        """Stop the worker threads or processes (also done when the runtime is garbage-collected)."""
         self._finalizer()
 
     def __enter__(self) -> "LocalRuntime":
@@ -570,6 +357,73 @@ class LocalRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_replicas(artifacts: list, map_devices: Any = None, *, threads: int | dict | None = None,
+                  timeout_s: float = 300.0, **kw) -> list[LocalRuntime]:
+    """One :class:`LocalRuntime` per replica of a data-parallel plan (``artifacts`` from
+    :func:`partitioner.emit.build.emit_replicas`), for :func:`~partitioner.runtime.stream.stream_replicas`. The replicas run
+    at the same time, so by default the caller's ``torch.get_num_threads()`` is split
+    evenly over the CPU workers that compute in *all* replicas (at least 1 each), not
+    given whole to each replica. ``kw`` goes to every runtime."""
+    if threads is None:
+        n = sum(len(computing_cpu_devices(a.schedule, resolve_devices(a.schedule, map_devices))) for a in artifacts)
+        threads = max(1, torch.get_num_threads() // max(1, n))
+    rts: list[LocalRuntime] = []
+    try:
+        for a in artifacts:
+            rts.append(LocalRuntime(a, map_devices, threads=threads, timeout_s=timeout_s, **kw))
+    except BaseException:
+        for rt in rts:
+            rt.close()
+        raise
+    return rts
+
+
+def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, threads: int | dict | None = None,
+                timeout_s: float = 300.0, samples: int | None = None) -> tuple[list[LocalRuntime], dict]:
+    """Open the replicas ``artifacts`` (:func:`open_replicas`) with the mode that streams
+    ``inputs`` faster here, chosen by measurement: a short stream (``samples``; default
+    three windows of samples, at least 8) through each mode after a warm-up, and the
+    process runtime kept only when its rate beats the threads' by ``PROCESS_MARGIN``
+    (threads start at once and keep grad mode). The other mode's runtimes are closed.
+    Plans with a device off the CPU use threads without a trial.
+
+    Returns
+    -------
+    (list of LocalRuntime, dict)
+        The runtimes, and ``{"mode", "trial_samples", "threads", "processes"}`` with the
+        trial's samples/s of each mode.
+    """
+    devs = [resolve_devices(a.schedule, map_devices) for a in artifacts]
+    if any(t.type != "cpu" for d in devs for t in d.values()):
+        return open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s), {"mode": "threads"}
+    n = samples or max(8, 3 * max(len(a.schedule.segments) + 1 for a in artifacts))
+    info: dict[str, Any] = {"trial_samples": n}
+    best: tuple[float, str, list[LocalRuntime]] | None = None
+    for mode in MODES:
+        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode)
+        try:
+            with torch.inference_mode():
+                stream_replicas(rts, [tuple(inputs)] * min(n, 4))
+                info[mode] = stream_replicas(rts, [tuple(inputs)] * n)[1].samples_per_s
+        except BaseException:
+            for rt in rts:
+                rt.close()
+            raise
+        rate = info[mode] / (PROCESS_MARGIN if mode == "processes" else 1.0)
+        if best is None or rate > best[0]:
+            if best is not None:
+                for rt in best[2]:
+                    rt.close()
+            best = (rate, mode, rts)
+        else:
+            for rt in rts:
+                rt.close()
+    info["mode"] = best[1]
+    log.info("runtime mode by measurement: %s (trial of %d samples: threads %.3g/s, processes %.3g/s)",
+             best[1], n, info["threads"], info["processes"])
+    return best[2], info
 
 
 def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from instances import chain_graph, tight_spec
-from test_bounds import brute_latency, brute_period
 from partitioner.zoo.synthetic import training_graph
+from test_bounds import brute_latency, brute_period
+
 from partitioner.bounds.lower import lower_bound
 from partitioner.bounds.memory import resident_bytes
 from partitioner.errors import InfeasibleError

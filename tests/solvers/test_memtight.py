@@ -3,12 +3,13 @@ list scheduling, and split never worse than any of them."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from instances import chain_graph, tight_spec
 from partitioner.zoo.synthetic import training_graph
+
 from partitioner.bounds.memory import resident_bytes
 from partitioner.ir.settings import Settings
 from partitioner.machine.evaluate import evaluate

@@ -23,6 +23,7 @@ evaluator's figure.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from ...ir.plan import Plan

@@ -41,7 +41,9 @@ import time
 from ... import progress
 from ...ir.plan import Objective
 from ...machine.problem import Problem
-from .blocks import block_move as _block_move, shift_chains, unit as _unit
+from .blocks import block_move as _block_move
+from .blocks import shift_chains
+from .blocks import unit as _unit
 from .engine import State, _between
 
 _REL = 1e-12
