@@ -18,8 +18,9 @@ from partitioner.ir.plan import Plan
 from partitioner.machine.evaluate import evaluate
 from partitioner.machine.memory import memory_upper_bound
 from partitioner.machine.problem import Boundary, Problem
+from partitioner.solvers.baselines.cuts import crossing, dfs_order
 from partitioner.solvers.baselines.peft import allowed_mask
-from partitioner.solvers.baselines.pipeline_dp import _Tables, crossing, dfs_order
+from partitioner.solvers.baselines.pipeline_dp import _Tables
 from partitioner.solvers.cpsat import model as cpm
 from partitioner.solvers.milp import model as milp
 

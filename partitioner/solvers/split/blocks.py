@@ -115,7 +115,7 @@ def relocate_pieces(st: State, score, budget, pieces_of, targets: int = 4, depth
     their halves, to the devices with the most free memory (idle ones first), kept when the
     score improves: what fills an idle accelerator with a module the host or a slow device
     runs. Returns the moves kept."""
-    from .search import better
+    from .score import better
 
     t = st.t
     best = score(st)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ...machine.evaluate import pieces
 from .blocks import block_move
 from .engine import State
-from .search import Budget, Scorer
+from .score import Budget, Scorer
 
 
 def _transfers(st: State, nodes: set[int]) -> int:

@@ -82,10 +82,8 @@ from .engine import State, Tables, positions_from_schedule
 from .modules import find_modules, module_pass, solve_window
 from .multilevel import multilevel_start
 from .options import SplitOptions
+from .score import Budget, Scorer, better
 from .search import (
-    Budget,
-    Scorer,
-    better,
     chain_polish,
     iterated_search,
     iterated_throughput,

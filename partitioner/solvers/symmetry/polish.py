@@ -26,13 +26,8 @@ from ...ir.settings import Settings
 from ...machine.evaluate import evaluate
 from ...machine.problem import Problem
 from ..split.engine import State, Tables
-from ..split.search import (
-    Budget,
-    Scorer,
-    latency_descent,
-    throughput_descent,
-    try_moves,
-)
+from ..split.score import Budget, Scorer
+from ..split.search import latency_descent, throughput_descent, try_moves
 from .options import SymmetryOptions
 
 if TYPE_CHECKING:  # annotations only: symmetry imports this module
