@@ -22,6 +22,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow  # the bench's quick subset; tests/emit and tests/runtime check each path in the default run
 def test_quick_subset_has_no_failures(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

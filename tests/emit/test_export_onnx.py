@@ -98,9 +98,18 @@ def tiny_artifact(tmp: Path, model: nn.Module, x, stride: int = 1) -> Path:
 
 
 # ---- equivalence ---------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", ["server-cpu-2gpu", "edge-soc"])
-@pytest.mark.parametrize("solver", ["heft", "greedy"])
-@pytest.mark.parametrize("name", list(ZOO))
+def _cases():
+    """Every model x solver x spec; the default run keeps one case per model."""
+    out = []
+    for name in ZOO:
+        for solver in ("heft", "greedy"):
+            for spec in ("server-cpu-2gpu", "edge-soc"):
+                quick = (solver, spec) == ("heft", "server-cpu-2gpu")
+                out.append(pytest.param(name, spec, solver, marks=() if quick else pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("name,spec,solver", _cases())
 def test_export_runs_like_the_model(tmp_path, name, spec, solver):
     """Every model x solver x spec, TorchScript exporter (fast); the dynamo path is below."""
     model, inputs, _, ref = zoo(name)
@@ -122,6 +131,7 @@ def test_export_runs_like_the_model(tmp_path, name, spec, solver):
     assert {a.name for a in st.actions if a.op == "compute"} == {seg.id for seg in s.segments}
 
 
+@pytest.mark.slow  # the dynamo exporter takes seconds per segment; the TorchScript path runs by default
 def test_dynamo_exporter_and_parallel_runtime(tmp_path):
     """resnet18 (7 segments), default exporter: dynamo for every segment, recorded per segment."""
     _, inputs, _, ref = zoo("resnet18")

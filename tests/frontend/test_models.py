@@ -45,7 +45,8 @@ def test_zoo_covers_every_default_entry() -> None:
     assert set(DEFAULT_SHAPES) | {"bert-base"} | llms == set(ZOO)
 
 
-@pytest.mark.parametrize("name", sorted(DEFAULT_SHAPES))
+@pytest.mark.parametrize("name", [n if n in ("resnet18", "bert") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(DEFAULT_SHAPES)])
 def test_default_model_runs_and_traces(name: str) -> None:
     _check_runs_and_traces(name, DEFAULT_SHAPES[name])
 

@@ -91,6 +91,7 @@ def test_three_ranks_equal_the_model(saved, tmp_path):
     assert time.perf_counter() - t0 < 50
 
 
+@pytest.mark.slow  # a rank killed mid-run (below) covers the failure path by default
 def test_a_dead_rank_ends_the_run_with_a_clear_error(saved):
     _, _, _, root, _ = saved
     t0 = time.perf_counter()
@@ -126,6 +127,7 @@ def failed_launch(root, **kw) -> tuple[str, float]:
     return str(e.value), time.perf_counter() - t0
 
 
+@pytest.mark.slow  # waits for a timeout; the stuck-rank watchdog test covers the deadline by default
 def test_a_silent_rank_times_out_and_is_killed(saved):
     msg, seconds = failed_launch(saved[3], timeout_s=3, grace_s=1.5, env={D.HANG_ENV: "1"})
     assert "rank 1 (host h1) killed by the watchdog" in msg

@@ -332,6 +332,7 @@ def check_against_references(p: Problem, brute: float | None) -> None:
         assert all(st_ == "optimal" for st_, _ in vals.values())
 
 
+@pytest.mark.slow  # brute force on 25 instances; tests/solvers/test_exact_agree.py covers the same in the default run
 @hsettings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10**6), n=st.integers(5, 9), D=st.integers(2, 3), mem=st.booleans(),
        side=st.sampled_from(["", "floor"]), group=st.booleans())
