@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from . import progress
@@ -195,11 +196,15 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
     problem = Problem(loaded.graph, spec, Objective(objective), constraints or Constraints())
     check_magnitudes(problem)
     t0 = time.perf_counter()
-    progress.step(f"lower bound ({problem.n} nodes)")
-    bound = lower_bound(problem)
-    progress.bound(bound.value)
-    progress.step(f"solving with {solver}")
-    plan, info = solve_problem(problem, solver, settings, coarsen_to)
+    settings = settings or Settings()
+    # one block for bound and solve: the first Ctrl-C during the bound ends it (a weaker,
+    # still valid bound) and the solver then returns the best plan it has at once
+    with progress.interruptible(True):
+        progress.step(f"lower bound ({problem.n} nodes)")
+        bound = lower_bound(problem, bound_deadline(t0, settings.time_limit))
+        progress.bound(bound.value)
+        progress.step(f"solving with {solver}")
+        plan, info = solve_problem(problem, solver, solve_settings(t0, settings), coarsen_to)
     res = grade(problem, plan, bound, model=loaded)
     res.extra.update(info, compile_time_s=time.perf_counter() - t0)
     if measured_info is not None:
@@ -208,6 +213,25 @@ def compile_plan(model: Any, hw: str | Spec = "server-cpu-2gpu", objective: str 
         raise InfeasibleError(f"solver {solver!r} found no feasible plan: " + "; ".join(res.evaluation.violations),
                               hint="try another solver, a spec with more memory, or relax the constraints")
     return res
+
+
+#: share of a compile's time limit that the lower bound may start parts in (the rest is the solver's)
+BOUND_SHARE = 0.25
+
+
+def bound_deadline(t0: float, time_limit: float | None) -> float | None:
+    """Until when the lower bound may start another part (None: no time limit)."""
+    return None if time_limit is None else t0 + BOUND_SHARE * time_limit
+
+
+def solve_settings(t0: float, settings: Settings) -> Settings:
+    """``settings`` with the time the bound left of the limit (at least ``1 - BOUND_SHARE`` of
+    it minus the bound's overrun, and never under a tenth of it), so that bound and solver
+    together keep to the compile's time limit."""
+    if settings.time_limit is None:
+        return settings
+    left = settings.time_limit - (time.perf_counter() - t0)
+    return replace(settings, time_limit=max(left, 0.1 * settings.time_limit))
 
 
 def default_solvers(n: int) -> list[str]:
@@ -258,7 +282,7 @@ def compare(model: Any, hw: str | Spec, objective: str, solvers: list[str] | Non
     for name in names:
         get_solver(name)  # unknown names fail before any work
     progress.step(f"lower bound ({problem.n} nodes)")
-    bound = lower_bound(problem)
+    bound = lower_bound(problem, bound_deadline(time.perf_counter(), (settings or Settings()).time_limit))
     progress.bound(bound.value)
     rows = []
     for name in names:

@@ -65,6 +65,7 @@ class Result:
             "bound_s": self.best_bound, "bound_binding": self.bound.binding,
             "bound_parts_s": dict(self.bound.parts, **({"solver": self.plan.solver_bound}
                                                       if self.plan.solver_bound is not None else {})),
+            "bound_time_s": self.bound.info.get("seconds"), "bound_skipped": list(self.bound.info.get("skipped", [])),
             "gap": self.gap, "solve_time_s": self.plan.solve_time_s, "feasible": ev.feasible,
             "violations": list(ev.violations), "nodes": p.n,
             "devices": {d: {"nodes": counts[j], "load_s": float(ev.device_load[j]),

@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import progress
 from ..errors import InfeasibleError
 from ..ir.plan import Objective
 from ..machine.problem import Problem
@@ -356,38 +357,73 @@ def _combine(periods) -> float:
 
 
 _CACHE: "weakref.WeakKeyDictionary[Problem, Bound]" = weakref.WeakKeyDictionary()
+#: expected seconds of an LP part per (node, device) variable, for the time limit (about 4 s
+#: for 50,000 nodes x 3 devices on this project's 2-core machine: bench/scale.py)
+LP_SECONDS_PER_VAR = 2.7e-5
 
 
-def lower_bound(problem: Problem) -> Bound:
+def lower_bound(problem: Problem, deadline: float | None = None) -> Bound:
     """The best lower bound this module can prove for ``problem``'s objective.
 
     Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``window``, ``coupled`` and ``chain``
     (:mod:`partitioner.bounds.chain`). Period:
     max of ``load``, ``energy`` and ``links``. ``info`` names the LP variants used and
     the time taken. Results are cached per Problem object.
+
+    ``deadline`` (a ``time.perf_counter()`` value): the parts are computed cheapest first
+    (path labels, energy and path always; then the load LP, window, coupled LP, chain /
+    link LP), and a part that would start after the deadline, or an LP expected to end after
+    it (``LP_SECONDS_PER_VAR`` per placement variable), is skipped (listed in
+    ``info["skipped"]``); so is every part after a first Ctrl-C. Every part computed is still a
+    proven bound, so the result is too, only weaker. A bound cut short is not cached.
     """
     hit = _CACHE.get(problem)
     if hit is not None:
         return hit
     t0 = time.perf_counter()
+    n_vars = problem.n * problem.D
+
+    def late(cost: float = 0.0) -> bool:
+        """Past the deadline (or Ctrl-C), or a part expected to take ``cost`` seconds would end after it."""
+        if progress.stop_requested():
+            return True
+        return deadline is not None and time.perf_counter() + cost > deadline
+    skipped: list[str] = []
     lat = problem.objective is Objective.LATENCY
     lab = path_labels(problem) if lat else None  # the period parts need no path labels
-    load = load_lp(problem)
-    parts = {"load": load_lp_bound(problem, load), "energy": energy_bound(problem, lab)}
+    parts = {"energy": energy_bound(problem, lab)}
     info: dict[str, Any] = {}
     if lat:
         parts["path"] = critical_path_bound(problem, lab)
         parts["forced"] = forced_bound(problem, lab)
-        duals = () if load.ub_duals is None else (load.ub_duals[:problem.D],)  # the device load rows come first
-        parts["window"] = window_bound(problem, lab, duals)
-        res = coupled_lp_bound(problem, lab, known=max(parts["load"], parts["window"]))
-        info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
-        if res.variant != "skipped":
-            parts["coupled"] = res.value
-        chain, more = _chain.chain_bound(problem, lab)
-        info.update(more)
-        if chain > 0:
-            parts["chain"] = chain
+    load = None
+    if late(LP_SECONDS_PER_VAR * n_vars):
+        skipped.append("load")
+    else:
+        load = load_lp(problem)
+        parts["load"] = load_lp_bound(problem, load)
+    if lat:
+        if late():
+            skipped.append("window")
+        else:
+            duals = () if load is None or load.ub_duals is None else (load.ub_duals[:problem.D],)  # device rows first
+            parts["window"] = window_bound(problem, lab, duals)
+        if late(LP_SECONDS_PER_VAR * n_vars):
+            skipped.append("coupled")
+        else:
+            res = coupled_lp_bound(problem, lab, known=max(parts.get("load", 0.0), parts.get("window", 0.0)))
+            info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
+            if res.variant != "skipped":
+                parts["coupled"] = res.value
+        if late():
+            skipped.append("chain")
+        else:
+            chain, more = _chain.chain_bound(problem, lab)
+            info.update(more)
+            if chain > 0:
+                parts["chain"] = chain
+    elif load is None or late(LP_SECONDS_PER_VAR * n_vars):
+        skipped.append("links")
     else:
         parts["links"], more = period_lp_bound(problem, load)
         info.update(more)
@@ -396,7 +432,11 @@ def lower_bound(problem: Problem) -> Bound:
     if not math.isfinite(value):
         problem.check_supported()
     info["seconds"] = round(time.perf_counter() - t0, 4)
+    if skipped:
+        info["skipped"] = skipped
+        log.warning("lower bound: %s skipped (time limit); the bound is valid but may be weaker", ", ".join(skipped))
     log.info("lower bound %.6g (%s) in %.3f s; %s", value, binding, info["seconds"], info)
     bound = Bound(value, binding, parts, info)
-    _CACHE[problem] = bound
+    if not skipped:
+        _CACHE[problem] = bound
     return bound

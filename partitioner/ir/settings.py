@@ -19,6 +19,8 @@ import difflib
 import functools
 import inspect
 import json
+import math
+import time
 import types
 import typing
 from collections.abc import Mapping
@@ -65,6 +67,10 @@ class Settings:
                 isinstance(k, str) and isinstance(v, Mapping) for k, v in self.options.items()):
             raise UsageError(f"Settings.options must map a solver name to its options, got {self.options!r}",
                              hint='e.g. Settings(options={"split": {"restarts": 8}})')
+
+    def deadline(self) -> float:
+        """``time.perf_counter()`` value when the time limit, counted from now, runs out (inf: none)."""
+        return math.inf if self.time_limit is None else time.perf_counter() + float(self.time_limit)
 
     def options_of(self, cls: type[T]) -> T:
         """The typed options of ``cls.solver``: ``cls``'s defaults overridden by

@@ -216,7 +216,7 @@ def _solve(problem: Problem, settings: Settings, kind: str) -> Plan:
         pl = walk(budget)
         return Plan(tuple(int(x) for x in pl), _index_order(problem, pl), status="heuristic")
 
-    plan, ev, rounds = fit_memory(problem, build, FIT_ROUNDS)
+    plan, ev, rounds = fit_memory(problem, build, FIT_ROUNDS, settings.deadline())
     value = ev.value(problem.objective)
     used = sorted({int(d) for d in plan.placement})
     info = {"fit_rounds": rounds, "devices": [problem.devices[d] for d in used], "feasible": ev.feasible}

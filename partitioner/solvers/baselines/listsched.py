@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +36,8 @@ from ...machine.problem import Problem
 MEMORY_ROUNDS = 6
 
 
-def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: int) -> tuple[Plan, Evaluation, int]:
+def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: int,
+               deadline: float = math.inf) -> tuple[Plan, Evaluation, int]:
     """Run ``build(budget) -> Plan`` with per-device memory budgets (bytes), lowering the
     budget of each device whose evaluated peak exceeds its capacity by the excess plus 3 % of
     its capacity (and every other budget by 1 %) until the plan fits or ``rounds`` builds ran. Returns the best plan
@@ -50,7 +52,7 @@ def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: in
         key = (not ev.feasible, float(over.sum()), ev.value(problem.objective))
         if best is None or key < best[0]:
             best = (key, plan, ev, r + 1)
-        if ev.feasible or not over.any():
+        if ev.feasible or not over.any() or time.perf_counter() > deadline:
             break
         # the devices over capacity lose their excess and a margin; the others a little
         # (what leaves one device goes to another, which may then overflow in turn)
@@ -68,7 +70,7 @@ def list_schedule(problem: Problem, settings: Settings, run: Callable[["PartialS
         return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
 
     rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
-    plan, ev, used = fit_memory(problem, build, rounds)
+    plan, ev, used = fit_memory(problem, build, rounds, settings.deadline())
     return plan.with_(info=dict(plan.info, memory_rounds=used, **info))
 
 

@@ -318,7 +318,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         return Plan(tuple(int(x) for x in ud[U.uid]), None, status="heuristic")
 
     rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
-    plan, ev, info["memory_rounds"] = fit_memory(problem, build, rounds)
+    plan, ev, info["memory_rounds"] = fit_memory(problem, build, rounds, settings.deadline())
     unit_dev = np.asarray(plan.placement)[[m[0] for m in U.members]]
     parts_w = [float(U.weight[p].sum()) for p in parts]
     cut = sum(d["weight"] for a, b, d in U.G.edges(data=True) if unit_dev[a] != unit_dev[b])

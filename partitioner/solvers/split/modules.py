@@ -35,6 +35,9 @@ from .options import SplitOptions
 
 log = logging.getLogger(__name__)
 
+#: the largest graph whose modules come from Louvain (larger ones: fast label propagation)
+LOUVAIN_NODES = 10_000
+
 
 # ---- modules --------------------------------------------------------------------------------
 def find_modules(problem: Problem, max_size: int = 24, seed: int = 0, resolution: float = 1.0) -> list[list[int]]:
@@ -45,7 +48,10 @@ def find_modules(problem: Problem, max_size: int = 24, seed: int = 0, resolution
     median until the quotient is a DAG; modules above ``max_size`` are cut into
     topologically contiguous chunks (which never creates a cycle: every edge between
     two chunks goes forward, and no other module can be both fed by and feed one module
-    of an acyclic quotient). ``O((n + e) log n)`` apart from Louvain itself.
+    of an acyclic quotient). ``O((n + e) log n)`` apart from the communities themselves:
+    Louvain up to ``LOUVAIN_NODES`` nodes; above, networkx's fast label propagation (FLPA,
+    Traag and Šubelj 2023), near-linear, because networkx's Louvain is not (its first level
+    alone can sweep for minutes on a path-like graph of some 10,000 nodes and more).
 
     Returns
     -------
@@ -63,7 +69,10 @@ def find_modules(problem: Problem, max_size: int = 24, seed: int = 0, resolution
         w = problem.edge_bytes + 1.0
         w = w / w.mean()
         U.add_weighted_edges_from(zip(problem.edge_src.tolist(), problem.edge_dst.tolist(), w.tolist()))
-    comms = nx.community.louvain_communities(U, weight="weight", resolution=resolution, seed=seed)
+    if n <= LOUVAIN_NODES:
+        comms = nx.community.louvain_communities(U, weight="weight", resolution=resolution, seed=seed)
+    else:
+        comms = nx.community.fast_label_propagation_communities(U, weight="weight", seed=seed)
     label = np.empty(n, dtype=np.int64)
     for k, c in enumerate(sorted(comms, key=min)):
         label[list(c)] = k

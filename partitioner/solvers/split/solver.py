@@ -66,6 +66,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -107,7 +108,9 @@ def _score_ev(problem: Problem, ev) -> tuple:
 BASELINES = ("heft", "peft", "greedy", "first-fit", "balanced", "pipeline-dp", "metis")
 
 
-def _baselines(problem: Problem, settings: Settings) -> list[Plan]:
+def _baselines(problem: Problem, settings: Settings, deadline: float) -> list[Plan]:
+    """The starting plans; once ``deadline`` has passed no further baseline starts (the first
+    always runs), and each one gets the time left as its own limit."""
     from ..registry import SOLVERS
 
     names = BASELINES
@@ -118,8 +121,13 @@ def _baselines(problem: Problem, settings: Settings) -> list[Plan]:
     for name in chosen if chosen is not None else names:
         if name not in SOLVERS:
             continue
+        left = deadline - time.perf_counter()
+        if out and (left <= 0 or progress.stop_requested()):
+            log.info("split: time limit or stop: baseline %s and later ones skipped", name)
+            break
+        sub = settings if not math.isfinite(left) else replace(settings, time_limit=max(left, 1e-3))
         try:
-            out.append(SOLVERS[name].fn(problem, settings).with_(solver=name))
+            out.append(SOLVERS[name].fn(problem, sub).with_(solver=name))
         except PartitionerError as err:
             log.info("split: baseline %s gave no plan: %s", name, err.message)
     return out
@@ -372,7 +380,7 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         for v in m:
             mod_of[v] = k
     info: dict = {"modules": len(mods), "module_size": size}
-    plans = _baselines(problem, settings)
+    plans = _baselines(problem, settings, deadline)
     det = opts.module_det_time
     if lat and n <= opts.module_pass_nodes and not progress.stop_requested():
         try:
