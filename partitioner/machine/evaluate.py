@@ -262,8 +262,10 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
         for d in range(D):
             cap = problem.capacity[d]
             if memory_peak[d] > cap * (1 + _TOL):
+                io = (f" after the {problem.io_bytes / 1e9:.3f} GB of model inputs and outputs it holds"
+                      if d == problem.host and problem.io_bytes > 0 else "")
                 violations.append(f"device {problem.devices[d]!r} needs {memory_peak[d] / 1e9:.3f} GB but has "
-                                  f"{cap / 1e9:.3f} GB usable (short by {(memory_peak[d] - cap) / 1e9:.3f} GB)")
+                                  f"{cap / 1e9:.3f} GB usable{io} (short by {(memory_peak[d] - cap) / 1e9:.3f} GB)")
     _check_side_constraints(problem, latency, period, violations)
     return Evaluation(not violations, tuple(violations), float(latency), float(period), start, finish,
                       tuple(tuple(int(x) for x in s) for s in order), device_load, link_load, memory_peak,

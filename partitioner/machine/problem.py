@@ -77,6 +77,12 @@ class Problem:
         self.output_bytes = np.array([n.output_bytes for n in nodes], dtype=float)
         reserve = spec.memory_reserve
         self.capacity = np.array([d.memory.capacity_bytes * (1 - reserve) for d in spec.devices])
+        # the host holds the caller's model inputs and the outputs it gets back for the whole
+        # call: they are not the plan's to place, so they come off the host's usable memory
+        # (counted there even when the host also consumes an input: a slight overestimate; a
+        # negative capacity left means no plan fits)
+        self.io_bytes = float(sum(b for b, _ in self.in_tensors) + sum(b for _, b in self.outputs))
+        self.capacity[self.host] -= self.io_bytes
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(nodes):
             if n.group is not None:

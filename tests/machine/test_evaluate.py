@@ -182,3 +182,32 @@ def test_replicas_sharing_a_link_are_charged_for_it():
             link = wa * 4e-3 + wb * 4e-3  # 4 MB at 1 GB/s per sample on cpu0 -> gpu0, for either replica
             assert both.period == pytest.approx(max(additive, link), rel=1e-9)
             assert both.period > additive * 1.2
+
+
+def test_the_host_holds_the_model_inputs_and_outputs():
+    """Issue 21: the host's memory check ignored the model's inputs and outputs. They are the
+    caller's tensors, held on the host for the whole call: a plan that leaves the host idle
+    still needs room there for them."""
+    from partitioner.ir.graph import CostGraph, InputTensor, Node
+    from partitioner.ir.plan import Plan
+    from partitioner.ir.spec import parse_spec
+    from partitioner.machine.evaluate import evaluate
+    from partitioner.machine.problem import Problem
+
+    g = CostGraph("io", [Node(id="a", op="matmul", flops=1e6, param_bytes=10, output_bytes=400)], [],
+                  [InputTensor("x", 300, ("a",))], [("a", 400)])
+
+    def spec(host_bytes):
+        dev = lambda i, k, cap: {"id": i, "host": "h", "kind": k, "peak_flops": {"fp32": 1e12},  # noqa: E731
+                                 "memory": {"capacity_bytes": cap, "bandwidth_Bps": 1e11}}
+        return parse_spec({"name": "s", "memory_reserve": 0.0, "devices": [dev("cpu0", "cpu", host_bytes),
+                           dev("gpu0", "gpu", 1e9)],
+                           "links": [{"a": "cpu0", "b": "gpu0", "bandwidth_Bps": 1e10, "latency_s": 1e-6}]})
+
+    on_gpu = Plan((1,))
+    small = Problem(g, spec(600.0))  # 300 B of inputs + 400 B of outputs do not fit in 600 B
+    assert small.capacity[small.host] == pytest.approx(600.0 - 700.0)
+    ev = evaluate(small, on_gpu)
+    assert not ev.feasible and "model inputs and outputs" in ev.violations[0] and "'cpu0'" in ev.violations[0]
+    roomy = Problem(g, spec(1e6))
+    assert evaluate(roomy, on_gpu).feasible and roomy.capacity[roomy.host] == pytest.approx(1e6 - 700.0)
