@@ -281,6 +281,7 @@ def test_milp_highs_progress_carries_the_dual_bound():
     assert min(d["value"] for d in highs) == pytest.approx(plan.claimed, rel=1e-6)
 
 
+@pytest.mark.slow  # HiGHS's interrupted incumbent is tested by default; CBC in make test-all
 def test_milp_cbc_interrupted_keeps_its_incumbent():
     p = hard_problem()
     sink = StopAt(10 ** 9)
@@ -329,7 +330,7 @@ def _start_cli(tmp_path: Path, solver: str, time_limit: float = 60):
     return proc, out, lines, reader
 
 
-@pytest.mark.parametrize("solver", ["milp-highs", "cpsat"])
+@pytest.mark.parametrize("solver", [pytest.param("milp-highs", marks=pytest.mark.slow), "cpsat"])
 def test_cli_ctrl_c_writes_the_best_plan_so_far(tmp_path, solver):
     proc, out, lines, reader = _start_cli(tmp_path, solver)
     try:

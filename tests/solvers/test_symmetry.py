@@ -216,7 +216,7 @@ POLISH_SPECS = {
 
 
 @pytest.mark.parametrize("objective", ["latency", "throughput"])
-@pytest.mark.parametrize("spec_name", [*POLISH_SPECS, "hetero-2server"])
+@pytest.mark.parametrize("spec_name", [*POLISH_SPECS, pytest.param("hetero-2server", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("replicate", [True, False])
 def test_polish_never_worse_than_the_reduced_plan(tiny, objective, spec_name, replicate):
     """The polish starts from the expanded reduced plan (the result with a zero budget): its
