@@ -54,6 +54,10 @@ _PRIVATE_ATEN = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert
                            "_adaptive_avg_pool3d", "_embedding_bag", "_cdist_forward", "_pdist_forward",
                            "_weight_norm_interface", "_fft_r2c", "_fft_c2r", "_fft_c2c", "_local_scalar_dense",
                            "_convolution"})
+#: ATen's bitwise and shift operators, registered under Python's dunder names (``aten::__and__``):
+#: ordinary tensor operators despite the underscores (traced Hugging Face masks use them)
+_DUNDER_ATEN = frozenset({"__and__", "__or__", "__xor__", "__lshift__", "__rshift__", "__iand__", "__ior__",
+                          "__ixor__", "__ilshift__", "__irshift__"})
 
 
 def _denied(name: str) -> bool:
@@ -190,7 +194,7 @@ def _resolve(name: str) -> Any:
         parts = name.split(".")
         if len(parts) not in (4, 5) or parts[2] != "aten" or not all(p.isidentifier() for p in parts[3:]):
             raise NotAllowed(f"operator {name!r} is not allowed (only torch.ops.aten.OP[.OVERLOAD])")
-        if _denied(parts[3]) or (parts[3].startswith("_") and parts[3] not in _PRIVATE_ATEN):
+        if _denied(parts[3]) or (parts[3].startswith("_") and parts[3] not in _PRIVATE_ATEN | _DUNDER_ATEN):
             raise NotAllowed(f"operator {name!r} is excluded (private, or it reads files or memory unchecked)")
         try:
             obj = getattr(torch.ops.aten, parts[3])

@@ -287,3 +287,16 @@ def _app():
     from partitioner.cli.main import app
 
     return app
+
+
+def test_bitwise_aten_operators_under_dunder_names_are_allowed():
+    """ATen registers its bitwise and shift operators as ``aten::__and__`` etc.; graphs of
+    recent transformers releases use them for masks, so they must load (other dunder and
+    private names stay refused)."""
+    from partitioner.emit import program
+
+    assert program._resolve("torch.ops.aten.__and__.Tensor") is torch.ops.aten.__and__.Tensor
+    assert program._resolve("torch.ops.aten.__or__.Tensor") is torch.ops.aten.__or__.Tensor
+    for bad in ("torch.ops.aten.__class__", "torch.ops.aten.__loader__", "torch.ops.aten._foreach_add"):
+        with pytest.raises(program.NotAllowed):
+            program._resolve(bad)
