@@ -36,7 +36,7 @@ import torch
 
 from ..errors import RuntimeFailure
 from ..ir.schedule import Action, Schedule
-from .worker import Run, Worker
+from .worker import Run, Setup, Worker
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,6 @@ def module_sources(art, tmp: Path) -> dict[str, tuple[str, Any]]:
             save_artifact(saved, tmp / "artifact", verify=False)
         out[seg.id] = ("folder", str(Path(saved.path) / saved.schedule.segment(seg.id).code))
     return out
-
-
-class _ChildRuntime:
-    """What a :class:`Worker` reads from its runtime, inside a device's process."""
-
-    def __init__(self, schedule: Schedule, modules: dict):
-        self.schedule = schedule
-        self.devices = {d: torch.device("cpu") for d in schedule.devices}
-        self.modules = modules
-        self.copy_same_device = False
-        self.profile = False
 
 
 class _ChildRun(Run):
@@ -146,8 +135,8 @@ def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_fl
                 modules[sid] = src
         wakers = {d: threading.Event() for d in schedule.devices}
         ready = threading.Barrier(2)
-        worker = _ChildWorker(_ChildRuntime(schedule, modules), dev, budget, ready, wakers, in_flight,
-                              inboxes=inboxes)
+        setup = Setup(schedule, {d: torch.device("cpu") for d in schedule.devices}, modules)
+        worker = _ChildWorker(setup, dev, budget, ready, wakers, in_flight, inboxes=inboxes)
         ready.wait()
     except BaseException:  # noqa: BLE001 - reported to the caller
         results.put(("fatal", dev, traceback.format_exc()))
