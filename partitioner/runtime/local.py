@@ -76,7 +76,7 @@ from ..ir.schedule import Schedule
 from ..ir.tree import tree_unflatten
 from .stats import RunStats, StreamStats, _predicted_rate
 from .stream import stream_replicas
-from .worker import Run, Worker, stop_workers
+from .worker import Run, Setup, Worker, stop_workers
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ class LocalRuntime:
         else:
             own = torch.get_num_threads()
             ready = threading.Barrier(len(active) + 1)
-            self._workers = [Worker(self, d, budgets.get(d), ready, self._wakers, self.in_flight) for d in active]
+            setup = Setup(s, self.devices, self.modules, copy_same_device, profile)
+            self._workers = [Worker(setup, d, budgets.get(d), ready, self._wakers, self.in_flight) for d in active]
             try:
                 ready.wait(timeout=60)
             finally:

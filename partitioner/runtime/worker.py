@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,12 +22,34 @@ from ..errors import ArtifactError, RuntimeFailure
 from ..ir.schedule import Action, Schedule
 from .stats import ActionTime
 
-if TYPE_CHECKING:  # annotations only: local imports this module
-    from .local import LocalRuntime
-
-__all__ = ["Run", "Worker", "stop_workers", "tree_to", "tree_clone", "run_segment", "JOIN_S"]
+__all__ = ["Run", "Worker", "Setup", "stop_workers", "tree_to", "tree_clone", "run_segment", "JOIN_S"]
 
 JOIN_S = 2.0  # how long stop_workers waits for the worker threads to end
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a :class:`Worker` reads from its runtime (the same for every device).
+
+    Attributes
+    ----------
+    schedule : Schedule
+        The plan's programs.
+    devices : dict
+        Spec device id -> torch device.
+    modules : dict
+        Segment id -> the module that computes it (already on its torch device).
+    copy_same_device : bool
+        Clone values passed between two logical devices on the same torch device.
+    profile : bool
+        Synchronise CUDA after each compute, so its recorded time is the kernel time.
+    """
+
+    schedule: Schedule
+    devices: dict
+    modules: dict
+    copy_same_device: bool = False
+    profile: bool = False
 
 
 class Slot:
@@ -106,7 +129,7 @@ class Worker:
     for that), so interleaving never deadlocks.
     """
 
-    def __init__(self, rt: LocalRuntime, dev: str, budget: int | None, ready: threading.Barrier,
+    def __init__(self, rt: Setup, dev: str, budget: int | None, ready: threading.Barrier,
                  wakers: dict[str, threading.Event], in_flight: int):
         s = rt.schedule
         self.dev = dev
