@@ -12,21 +12,25 @@ For each zoo model (``--models``: resnet18, resnet50, bert, inception), on
    ``host-second``); each is graded by the evaluator for its own predicted rate;
 3. stream ``--samples`` copies of the example inputs through each plan with every local
    runtime asked for (``--runtimes``: ``threads``, one worker thread per device, and/or
-   ``processes``, one process per device), ``--repeats`` times (median reported);
+   ``processes``, one process per device; ``+traced`` runs the segments as TorchScript
+   traces), ``--repeats`` times (median reported);
 4. measure the alternatives a user has on this machine, each over the same number of
    samples, ``--repeats`` times: eager PyTorch on one thread, on two threads
    (``torch.set_num_threads(2)``), two Python threads each running the model eagerly with
    one intra-op thread (samples shared), and two processes doing the same.
 
 Every figure comes with the 1-minute load average before and after its model, the CPU
-pressure (PSI), and the share of the machine's CPU time other processes took while it
-was measured. Figures taken on a busy machine (load >= ``QUIET_LOAD``) are marked so.
+pressure (PSI), and the share of the machine's CPU time other processes (not this one or
+its children) took while it was measured. A model's figures are marked busy when the
+load before it was >= ``QUIET_LOAD`` or other processes took >= ``QUIET_OTHERS`` of the
+CPU time during any of its measurements (the load after a model counts the benchmark's
+own two busy cores, so it is recorded but not used).
 
 Usage::
 
     python bench/stream.py                           # the four models, ~5-8 min on a quiet machine
     python bench/stream.py --models resnet18 --repeats 3 --samples 40
-    python bench/stream.py --wait-quiet 1.2          # wait (bounded) for load < 1.2 before each model
+    python bench/stream.py --wait-quiet              # wait (bounded) for an idle machine before each model
     python bench/stream.py --models bert --merge     # re-measure one model, keep the others' rows
 
 Writes ``bench/results/stream.json`` and ``bench/results/stream.md`` (and the profiles it made
@@ -57,8 +61,10 @@ log = logging.getLogger("bench.stream")
 MODELS = ("resnet18", "resnet50", "bert", "inception")
 SPEC = "cpu-threads-2"
 DEVICE_MAP = {"cpu0": "cpu:1t", "cpu1": "cpu:1t"}
-#: a measurement is quiet when the 1-minute load average stays under this, before and after
-QUIET_LOAD = 1.2
+#: a model's figures are quiet when the 1-minute load average was under QUIET_LOAD before it
+#: (after it, the load counts this benchmark's own two busy cores) and other processes took
+#: less than QUIET_OTHERS of the machine's CPU time during every measurement
+QUIET_LOAD, QUIET_OTHERS = 1.2, 0.1
 #: targets of issue 22: streamed / predicted (median of the repeats) and streamed / eager on one thread
 TARGET_PREDICTED, TARGET_EAGER1 = 0.9, 1.7
 
@@ -83,14 +89,24 @@ def cpu_ticks() -> tuple[int, int] | None:
 
 
 def own_ticks() -> int:
-    """CPU ticks this process and its waited-for children used so far."""
+    """CPU ticks this process, its waited-for children and its live children (the device
+    processes of the process runtime, the eager processes) used so far."""
     t = os.times()
-    return int(round((t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")))
+    ticks = int(round((t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")))
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if f[1] == me:  # fields after the name: state, ppid, ..., utime (12), stime (13)
+            ticks += int(f[11]) + int(f[12])
+    return ticks
 
 
 class Others:
     """Share of the machine's CPU time other processes took between ``start`` and ``stop``
-    (child processes that are still running count as others: only measured with threads)."""
+    (this process and its children excepted)."""
 
     def __enter__(self):
         self.t0, self.own0 = cpu_ticks(), own_ticks()
@@ -104,12 +120,33 @@ class Others:
             self.share = max(0.0, (total - idle - (own1 - self.own0)) / total)
 
 
-def wait_quiet(max_load: float | None, max_wait_s: float) -> float:
-    """Wait (bounded) until the 1-minute load average is under ``max_load``; the seconds waited."""
+def wait_idle(max_wait_s: float, idle_s: float = 10.0, step_s: float = 2.0) -> float:
+    """Wait (at most ``max_wait_s``) until other processes have left at least ``1 - QUIET_OTHERS``
+    of the machine's CPU time idle for ``idle_s`` in a row; the seconds waited."""
     t0 = time.perf_counter()
-    while max_load is not None and os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < max_wait_s:
-        time.sleep(5.0)
+    calm = 0.0
+    while calm < idle_s and time.perf_counter() - t0 < max_wait_s:
+        a = cpu_ticks()
+        time.sleep(step_s)
+        b = cpu_ticks()
+        idle = (b[1] - a[1]) / max(1, b[0] - a[0]) if a and b else 1.0
+        calm = calm + step_s if idle >= 1 - QUIET_OTHERS else 0.0
     return round(time.perf_counter() - t0, 1)
+
+
+def quietly(fn, ns):
+    """``fn()`` measured while other processes stay (nearly) off the CPU: measured again,
+    after waiting for an idle machine, when others took ``QUIET_OTHERS`` or more of the CPU
+    time (at most ``ns.retries`` times). Returns ``(fn(), others' share, tries discarded)``."""
+    dropped = 0
+    while True:
+        with Others() as o:
+            value = fn()
+        if not o.share >= QUIET_OTHERS or dropped >= ns.retries:
+            return value, o.share, dropped
+        dropped += 1
+        log.info("others took %.0f%% of the CPU: measuring again", 100 * o.share)
+        wait_idle(ns.max_wait_s)
 
 
 # -- eager alternatives ---------------------------------------------------------------------------------------
@@ -239,8 +276,8 @@ def make_profile(name: str, out: Path, repeats: int) -> dict:
 
 # -- streaming -------------------------------------------------------------------------------------------------
 
-def stream_rates(arts: list, inputs: tuple, ref, n: int, repeats: int, runtime: str) -> dict:
-    """Median samples/s of ``repeats`` streams of ``n`` samples through the replicas ``arts``
+def stream_rates(arts: list, inputs: tuple, ref, n: int, ns, runtime: str) -> dict:
+    """Median samples/s of ``ns.repeats`` streams of ``n`` samples through the replicas ``arts``
     (outputs checked against ``ref``). With one replica, also where the time went: each
     device's busy share of the stream's wall time (near 1 on the bottleneck device: the
     runtime overlaps samples fully) and each segment's median streamed compute time over
@@ -248,20 +285,20 @@ def stream_rates(arts: list, inputs: tuple, ref, n: int, repeats: int, runtime: 
     from partitioner.runtime.local import open_replicas
     from partitioner.runtime.stream import stream_replicas
 
-    rates, steady, others, busy, slow = [], [], [], [], []
+    rates, steady, others, busy, slow, dropped = [], [], [], [], [], 0
     with torch.inference_mode():
-        rts = open_replicas(arts, mode=runtime, timeout_s=600)
+        mode, _, seg = runtime.partition("+")
+        rts = open_replicas(arts, mode=mode, timeout_s=600, segments=seg or "eager")
         try:
             stream_replicas(rts, [tuple(inputs)] * min(n, 8))  # warm-up
-            for _ in range(repeats):
-                with Others() as o:
-                    if len(rts) == 1:
-                        outs, st = rts[0].stream([tuple(inputs)] * n)
-                    else:
-                        outs, st = stream_replicas(rts, [tuple(inputs)] * n)
+            for _ in range(ns.repeats):
+                (outs, st), share, k = quietly(
+                    lambda: rts[0].stream([tuple(inputs)] * n) if len(rts) == 1
+                    else stream_replicas(rts, [tuple(inputs)] * n), ns)
                 rates.append(st.samples_per_s)
                 steady.append(st.steady_samples_per_s)
-                others.append(o.share)
+                others.append(share)
+                dropped += k
                 if st.actions:
                     busy.append(_busy_share(st))
                     slow.append(_slowdown(st, arts[0].schedule))
@@ -270,7 +307,7 @@ def stream_rates(arts: list, inputs: tuple, ref, n: int, repeats: int, runtime: 
                 rt.close()
     torch.testing.assert_close(outs[-1], ref, rtol=1e-3, atol=1e-4)
     out = {"samples_per_s": statistics.median(rates), "steady_samples_per_s": statistics.median(steady),
-           "all": rates, "others_cpu_share": others}
+           "all": rates, "others_cpu_share": others, "disturbed_and_repeated": dropped}
     if busy:
         k = rates.index(out["samples_per_s"]) if out["samples_per_s"] in rates else 0
         out["device_busy_share"], out["compute_over_predicted"] = busy[k], slow[k]
@@ -296,25 +333,28 @@ def _slowdown(st, schedule) -> dict:
     return {sid: round(statistics.median(v) / pred[sid], 3) for sid, v in sorted(per.items()) if pred.get(sid)}
 
 
-def median_of(fn, repeats: int) -> dict:
-    rates, others = [], []
-    for _ in range(repeats):
-        with Others() as o:
-            rates.append(fn())
-        others.append(o.share)
-    return {"samples_per_s": statistics.median(rates), "all": rates, "others_cpu_share": others}
+def median_of(fn, ns) -> dict:
+    rates, others, dropped = [], [], 0
+    for _ in range(ns.repeats):
+        rate, share, k = quietly(fn, ns)
+        rates.append(rate)
+        others.append(share)
+        dropped += k
+    return {"samples_per_s": statistics.median(rates), "all": rates, "others_cpu_share": others,
+            "disturbed_and_repeated": dropped}
 
 
 def bench_model(name: str, ns) -> dict:
     import partitioner.zoo as models
 
-    waited = wait_quiet(ns.wait_quiet, ns.max_wait_s)
+    waited = wait_idle(ns.max_wait_s) if ns.wait_quiet else 0.0
     before = load_state()
     prof_path = ROOT / "bench" / "results" / "profiles" / f"stream-{name}.json"
     if ns.reuse_profiles and prof_path.exists():
         profiling = {"file": str(prof_path.relative_to(ROOT)), "reused": True}
     else:
-        profiling = make_profile(name, prof_path, ns.profile_repeats)
+        profiling, share, k = quietly(lambda: make_profile(name, prof_path, ns.profile_repeats), ns)
+        profiling.update(others_cpu_share=share, disturbed_and_repeated=k)
     both = plans(name, prof_path, ns.solver)
     model, inputs = models.get_model(name)
     with torch.inference_mode():
@@ -330,16 +370,19 @@ def bench_model(name: str, ns) -> dict:
         o = {"predicted_samples_per_s": predicted, "segments": len(s.segments), "replicas": len(arts),
              "stages": [[sg.device, sg.predicted_compute_s] for sg in s.segments], "runtimes": {}}
         for runtime in ns.runtimes:
-            o["runtimes"][runtime] = stream_rates(arts, inputs, ref, n, ns.repeats, runtime)
+            o["runtimes"][runtime] = stream_rates(arts, inputs, ref, n, ns, runtime)
             log.info("%s %s %s: streamed %.1f/s, predicted %.1f/s", name, order, runtime,
                      o["runtimes"][runtime]["samples_per_s"], predicted)
         row["orders"][order] = o
-    row["eager_1_thread"] = median_of(lambda: eager_rate(model, inputs, n, 1), ns.repeats)
-    row["eager_2_threads"] = median_of(lambda: eager_rate(model, inputs, n, 2), ns.repeats)
-    row["eager_2_python_threads"] = median_of(lambda: eager_threads_rate(model, inputs, n), ns.repeats)
-    row["eager_2_processes"] = median_of(lambda: eager_processes_rate(name, n), ns.repeats)
+    row["eager_1_thread"] = median_of(lambda: eager_rate(model, inputs, n, 1), ns)
+    row["eager_2_threads"] = median_of(lambda: eager_rate(model, inputs, n, 2), ns)
+    row["eager_2_python_threads"] = median_of(lambda: eager_threads_rate(model, inputs, n), ns)
+    row["eager_2_processes"] = median_of(lambda: eager_processes_rate(name, n), ns)
     row["load_after"] = load_state()
-    row["quiet"] = before["load1"] < QUIET_LOAD and row["load_after"]["load1"] < QUIET_LOAD
+    shares = [x for r in _measurements(row) for x in r["others_cpu_share"] if not math.isnan(x)]
+    shares += [profiling["others_cpu_share"]] if not math.isnan(profiling.get("others_cpu_share", math.nan)) else []
+    row["others_cpu_share_max"] = max(shares, default=math.nan)
+    row["quiet"] = before["load1"] < QUIET_LOAD and row["others_cpu_share_max"] < QUIET_OTHERS
     e1 = row["eager_1_thread"]["samples_per_s"]
     for o in row["orders"].values():
         for r in o["runtimes"].values():
@@ -352,12 +395,17 @@ def bench_model(name: str, ns) -> dict:
     return row
 
 
+def _measurements(row: dict) -> list[dict]:
+    alts = [row[k] for k in ("eager_1_thread", "eager_2_threads", "eager_2_python_threads", "eager_2_processes")]
+    return [x for o in row["orders"].values() for x in o["runtimes"].values()] + alts
+
+
 # -- report ----------------------------------------------------------------------------------------------------
 
 def write(rows: list[dict], out: Path, ns) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"spec": SPEC, "solver": ns.solver, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quiet_load": QUIET_LOAD,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quiet_load": QUIET_LOAD, "quiet_others": QUIET_OTHERS,
             "targets": {"over_predicted": TARGET_PREDICTED, "over_eager_1_thread": TARGET_EAGER1},
             "command": " ".join(sys.argv)}
     (out / "stream.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -367,8 +415,10 @@ def write(rows: list[dict], out: Path, ns) -> None:
              "host `cpu0` runs the first stage; host-second: the same plan mirrored). Streamed: median of "
              f"{ns.repeats} streams. Eager alternatives over the same samples (median of {ns.repeats}). "
              f"Targets: streamed >= {TARGET_PREDICTED}x predicted and >= {TARGET_EAGER1}x eager on one thread. "
-             f"Load: 1-minute load average before/after the model; figures with a load >= {QUIET_LOAD} were "
-             "taken on a busy machine (shared with other processes) and are indicative only. Busy: the "
+             f"Load: 1-minute load average before/after the model (after it, the load counts the benchmark's "
+             f"own two busy cores) and the largest share of the machine's CPU time other processes took during "
+             f"one of its measurements; a model is marked busy (indicative only) when the load before it was >= "
+             f"{QUIET_LOAD} or others took >= {QUIET_OTHERS:.0%}. Busy: the "
              "bottleneck device's compute time over the stream's wall time (1.0: the runtime keeps it busy all "
              "the time). Compute/pred: the slowest segment's median streamed compute time over its predicted "
              "one (above 1: the devices slow each other down, or the machine is busy).", "",
@@ -378,7 +428,8 @@ def write(rows: list[dict], out: Path, ns) -> None:
     for r in rows:
         e = [r[k]["samples_per_s"] for k in ("eager_1_thread", "eager_2_threads", "eager_2_python_threads",
                                              "eager_2_processes")]
-        load = f"{r['load_before']['load1']:.2f}/{r['load_after']['load1']:.2f}" + ("" if r["quiet"] else " busy")
+        load = (f"{r['load_before']['load1']:.2f}/{r['load_after']['load1']:.2f}, others "
+                f"{r.get('others_cpu_share_max', math.nan):.0%}" + ("" if r["quiet"] else " busy"))
         for order, o in r["orders"].items():
             for rt, x in o["runtimes"].items():
                 busy = max(x.get("device_busy_share", {}).values(), default=math.nan)
@@ -414,14 +465,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--solver", default="pipeline-dp")
-    ap.add_argument("--runtimes", nargs="+", default=["threads", "processes"], choices=["threads", "processes"])
+    ap.add_argument("--runtimes", nargs="+", default=["threads", "processes"], choices=["threads", "processes", "threads+traced", "processes+traced"],
+                    help="RUNTIME[+traced]: the worker threads or device processes, with the segments run as "
+                    "TorchScript traces when +traced")
     ap.add_argument("--samples", type=int, default=0, help="samples per stream (default: about --seconds worth)")
     ap.add_argument("--seconds", type=float, default=3.0, help="target length of one stream at the predicted rate")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-repeats", type=int, default=10)
     ap.add_argument("--reuse-profiles", action="store_true", help="use bench/results/profiles/stream-MODEL.json "
                     "when it exists")
-    ap.add_argument("--wait-quiet", type=float, default=None, help="wait for a load average under this first")
+    ap.add_argument("--wait-quiet", action="store_true", help="wait (at most --max-wait-s) for an idle machine "
+                    "before each model")
+    ap.add_argument("--retries", type=int, default=3, help="measure again (after waiting for an idle machine) "
+                    "when other processes took a share of the CPU time during a measurement")
     ap.add_argument("--max-wait-s", type=float, default=600.0)
     ap.add_argument("--merge", action="store_true", help="keep the rows of other models already in OUT/stream.json "
                     "(measure the models one at a time, in quiet windows)")

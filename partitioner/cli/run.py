@@ -43,6 +43,9 @@ def run(
     runtime: str = typer.Option("threads", "--runtime", help="threads: one worker thread per device; processes: "
                                 "one process per device (CPU, inference); auto: measure both on a short stream "
                                 "and keep the faster (with --stream)"),
+    segments: str = typer.Option("eager", "--segments", help="eager: call the segments' modules; traced: run "
+                                 "them as TorchScript traces, which compute without holding Python's interpreter "
+                                 "lock (faster streams of models made of many small ops; inference only)"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -73,12 +76,14 @@ def run(
     if runtime not in ("threads", "processes", "auto") or (runtime == "auto" and not stream):
         raise UsageError(f"--runtime must be threads, processes or auto (auto with --stream), got {runtime!r}",
                          hint="e.g. --stream 60 --runtime auto")
+    if segments not in ("eager", "traced"):
+        raise UsageError(f"--segments must be eager or traced, got {segments!r}", hint="e.g. --segments traced")
     if stream:
         return _run_stream(art, artifact, args, stream, (parse_device_map(map_device) or None), threads, timeout, check, out, stats,
-                           json_out, runtime)
+                           json_out, runtime, segments)
     runs = []
     with torch.no_grad(), LocalRuntime(art, (parse_device_map(map_device) or None), threads=threads, timeout_s=timeout,
-                                       mode=runtime) as rt:
+                                       mode=runtime, segments=segments) as rt:
         for _ in range(repeat):
             outputs, st = rt.run_with_stats(*args)
             runs.append(st)
@@ -150,7 +155,7 @@ def replica_dirs(artifact: Path) -> list[Path]:
 
 
 def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, timeout, check, out, stats, json_out,
-                runtime: str = "threads"):
+                runtime: str = "threads", segments: str = "eager"):
     """``--stream N``: pipeline N copies of ``args`` (over every replica) and report rates."""
     import torch
 
@@ -161,9 +166,9 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
     arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
     choice = {"mode": runtime}
     if runtime == "auto":
-        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout)
+        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout, segments=segments)
     else:
-        rts = open_replicas(arts, mapping, threads=threads, timeout_s=timeout, mode=runtime)
+        rts = open_replicas(arts, mapping, threads=threads, timeout_s=timeout, mode=runtime, segments=segments)
     try:
         with torch.no_grad():
             outputs, st = stream_replicas(rts, [tuple(args)] * n)
@@ -186,7 +191,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
                "content_sha256": art.content_hash,
                "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
                "steady_samples_per_s": st.steady_samples_per_s,
-               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice,
+               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice, "segments": segments,
                "check": None if not check else (mismatch is None)}
     if stats is not None:
         text = jsonio.dumps(dict(st.to_json(), summary=summary), indent=1, default=json_default)
@@ -198,7 +203,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         trial = (f"; chosen by a {choice['trial_samples']}-sample trial: threads {choice['threads']:.4g}/s, "
                  f"processes {choice['processes']:.4g}/s" if "trial_samples" in choice else "")
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
-                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime{trial}); artifact content sha256 "
+                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime, {segments} segments{trial}); artifact content sha256 "
                       f"{art.content_hash}", highlight=False)
         console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
                       + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))

@@ -1,6 +1,9 @@
 """Files of a run: call inputs and outputs (``.pt`` or ``.safetensors``), and ``SPEC_DEVICE=VALUE`` maps.
 
-``.pt``: ``torch.save`` of a tensor or a tuple/list of them (read with ``weights_only=True``).
+``.pt``: ``torch.save`` of a tensor or a tuple/list of them (read with ``weights_only=True``);
+outputs are written as plain containers (a model's output class, e.g. a Hugging Face
+``ModelOutput``, as a dict; a named tuple as a tuple), so that ``torch.load(path,
+weights_only=True)`` reads them back without the code that made them.
 ``.safetensors``: tensors named after the schedule's inputs, or ``input_0``, ``input_1``...
 (outputs are written as ``output_0``...).
 """
@@ -8,6 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UsageError
@@ -54,7 +58,30 @@ def write_outputs(path: Path, outputs: Any) -> None:
         leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         save_file({f"output_{k}": t.detach().cpu().contiguous() for k, t in enumerate(leaves)}, str(path))
     else:
-        torch.save(outputs, path)
+        torch.save(plain(outputs), path)
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with every container made a dict, list or tuple and every tensor detached:
+    what ``torch.load(..., weights_only=True)`` reads back. Objects that torch's pytree can
+    flatten (e.g. a model's cache) become the list of their leaves; anything else is an
+    error naming its type."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(plain(v) for v in obj) if type(obj) in (tuple, list) else tuple(plain(v) for v in obj)
+    leaves, _ = pytree.tree_flatten(obj)
+    if leaves != [obj]:
+        return [plain(v) for v in leaves]
+    raise UsageError(f"the model's outputs hold a {type(obj).__qualname__}, which cannot be written to a .pt "
+                     "file readable with weights_only=True", hint="write tensors only: pass --out FILE.safetensors")
 
 
 def parse_device_map(items: list[str] | None, option: str = "--map", value: str = "TORCH_DEVICE",

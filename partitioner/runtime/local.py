@@ -76,6 +76,7 @@ from ..ir.schedule import Schedule
 from ..ir.tree import tree_unflatten
 from .stats import RunStats, StreamStats, _predicted_rate
 from .stream import stream_replicas
+from .traced import SEGMENT_MODES
 from .worker import Run, Setup, Worker, stop_workers
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,14 @@ class LocalRuntime:
         one process per device (:mod:`partitioner.runtime.procs`; CPU devices and
         inference only), for models whose devices would otherwise contend for the
         interpreter lock; see docs/runtime.md for when it pays.
+    segments : {"eager", "traced"}
+        ``"eager"``: call the segments' modules. ``"traced"``: run each segment as a
+        TorchScript trace (made on its first call with each input signature, checked
+        against the module's outputs), which computes without holding the interpreter
+        lock, so that CPU workers of one process do not wait for each other on models
+        of many small ops; a segment that cannot be traced faithfully, and every
+        segment while grad mode is on, runs eagerly
+        (:mod:`partitioner.runtime.traced`).
 
     Examples
     --------
@@ -170,14 +179,18 @@ class LocalRuntime:
 
     def __init__(self, artifact, map_devices: Any = None, *, threads: int | dict | None = None,
                  timeout_s: float = 300.0, copy_same_device: bool = False, profile: bool = False,
-                 in_flight: int | None = None, mode: str = "threads"):
+                 in_flight: int | None = None, mode: str = "threads", segments: str = "eager"):
         if not timeout_s > 0:
             raise UsageError(f"timeout_s must be > 0, got {timeout_s}", hint="e.g. timeout_s=60")
         if in_flight is not None and not (isinstance(in_flight, int) and in_flight >= 1):
             raise UsageError(f"in_flight must be an integer >= 1, got {in_flight!r}", hint="e.g. in_flight=4")
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", hint="e.g. mode='threads'")
+        if segments not in SEGMENT_MODES:
+            raise UsageError(f"segments must be one of {', '.join(SEGMENT_MODES)}, got {segments!r}",
+                             hint="e.g. segments='traced'")
         self.mode = mode
+        self.segments = segments
         self.artifact = artifact
         self.schedule: Schedule = artifact.schedule
         self.devices = resolve_devices(self.schedule, map_devices)
@@ -202,12 +215,12 @@ class LocalRuntime:
             if gpu:
                 raise UsageError(f"the process runtime runs CPU devices only; {gpu} are mapped to "
                                  f"{sorted({str(self.devices[d]) for d in gpu})}", hint="use mode='threads'")
-            self._procs = ProcessBackend(artifact, s, active, budgets, self.in_flight)
+            self._procs = ProcessBackend(artifact, s, active, budgets, self.in_flight, segments)
             self._finalizer = weakref.finalize(self, self._procs.close)
         else:
             own = torch.get_num_threads()
             ready = threading.Barrier(len(active) + 1)
-            setup = Setup(s, self.devices, self.modules, copy_same_device, profile)
+            setup = Setup(s, self.devices, self.modules, copy_same_device, profile, segments)
             self._workers = [Worker(setup, d, budgets.get(d), ready, self._wakers, self.in_flight) for d in active]
             try:
                 ready.wait(timeout=60)
@@ -382,13 +395,14 @@ def open_replicas(artifacts: list, map_devices: Any = None, *, threads: int | di
 
 
 def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, threads: int | dict | None = None,
-                timeout_s: float = 300.0, samples: int | None = None) -> tuple[list[LocalRuntime], dict]:
+                timeout_s: float = 300.0, samples: int | None = None, **kw) -> tuple[list[LocalRuntime], dict]:
     """Open the replicas ``artifacts`` (:func:`open_replicas`) with the mode that streams
     ``inputs`` faster here, chosen by measurement: a short stream (``samples``; default
     three windows of samples, at least 8) through each mode after a warm-up, and the
     process runtime kept only when its rate beats the threads' by ``PROCESS_MARGIN``
     (threads start at once and keep grad mode). The other mode's runtimes are closed.
-    Plans with a device off the CPU use threads without a trial.
+    Plans with a device off the CPU use threads without a trial. ``kw`` goes to every
+    runtime (e.g. ``segments="traced"``).
 
     Returns
     -------
@@ -398,12 +412,12 @@ def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, thre
     """
     devs = [resolve_devices(a.schedule, map_devices) for a in artifacts]
     if any(t.type != "cpu" for d in devs for t in d.values()):
-        return open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s), {"mode": "threads"}
+        return open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, **kw), {"mode": "threads"}
     n = samples or max(8, 3 * max(len(a.schedule.segments) + 1 for a in artifacts))
     info: dict[str, Any] = {"trial_samples": n}
     best: tuple[float, str, list[LocalRuntime]] | None = None
     for mode in MODES:
-        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode)
+        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode, **kw)
         try:
             with torch.inference_mode():
                 stream_replicas(rts, [tuple(inputs)] * min(n, 4))

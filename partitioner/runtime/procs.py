@@ -112,8 +112,8 @@ class _ChildWorker(Worker):
         return True
 
 
-def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_flight: int, control_end: tuple,
-                report_end: tuple, peer_out: dict[str, tuple], peer_in: list[tuple]) -> None:
+def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_flight: int, segments: str,
+                control_end: tuple, report_end: tuple, peer_out: dict[str, tuple], peer_in: list[tuple]) -> None:
     """Body of a device's process: load its segments, start its worker, then read its
     channels (runs, aborts and stop from the caller, values from peers) until told to stop."""
     from multiprocessing.connection import wait
@@ -132,7 +132,7 @@ def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_fl
                 modules[sid] = src
         wakers = {d: threading.Event() for d in schedule.devices}
         ready = threading.Barrier(2)
-        setup = Setup(schedule, {d: torch.device("cpu") for d in schedule.devices}, modules)
+        setup = Setup(schedule, {d: torch.device("cpu") for d in schedule.devices}, modules, segments=segments)
         worker = _ChildWorker(setup, dev, budget, ready, wakers, in_flight,
                               outboxes={p: Outbox(*end) for p, end in peer_out.items()})
         ready.wait()
@@ -188,7 +188,8 @@ def _child_main(dev: str, schedule_json: dict, sources: dict, budget: int, in_fl
 class ProcessBackend:
     """The device processes of one :class:`~partitioner.runtime.local.LocalRuntime`."""
 
-    def __init__(self, artifact, schedule: Schedule, active: list[str], budgets: dict[str, int], in_flight: int):
+    def __init__(self, artifact, schedule: Schedule, active: list[str], budgets: dict[str, int], in_flight: int,
+                 segments: str = "eager"):
         import torch.multiprocessing as tmp
 
         self.schedule = schedule
@@ -209,7 +210,7 @@ class ProcessBackend:
             sources[schedule.segment(sid).device][sid] = src
         self.procs = {d: ctx.Process(
             target=_child_main, name=f"partitioner-{d}", daemon=True,
-            args=(d, schedule.to_json(), sources[d], budgets.get(d, 1), in_flight, control[d][1], reports[d][0],
+            args=(d, schedule.to_json(), sources[d], budgets.get(d, 1), in_flight, segments, control[d][1], reports[d][0],
                   {b: peers[a, b][0] for a, b in pairs if a == d}, [peers[a, b][1] for a, b in pairs if b == d]))
             for d in active}
         self.control = {d: Outbox(*control[d][0]) for d in active}

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from ..errors import ArtifactError, RuntimeFailure
 from ..ir.schedule import Action, Schedule
 from .stats import ActionTime
+from .traced import TracedSegment
 
 __all__ = ["Run", "Worker", "Setup", "stop_workers", "tree_to", "tree_clone", "run_segment", "JOIN_S"]
 
@@ -43,6 +44,9 @@ class Setup:
         Clone values passed between two logical devices on the same torch device.
     profile : bool
         Synchronise CUDA after each compute, so its recorded time is the kernel time.
+    segments : str
+        ``"eager"``: call the segments' modules; ``"traced"``: run TorchScript traces of
+        them where that is faithful (:class:`~partitioner.runtime.traced.TracedSegment`).
     """
 
     schedule: Schedule
@@ -50,6 +54,7 @@ class Setup:
     modules: dict
     copy_same_device: bool = False
     profile: bool = False
+    segments: str = "eager"
 
 
 class Slot:
@@ -138,6 +143,9 @@ class Worker:
         self.actions: tuple[Action, ...] = tuple(s.actions.get(dev, ()))
         self.segs = {x.id: x for x in s.segments}
         self.modules = rt.modules
+        if rt.segments == "traced":
+            self.modules = {sid: TracedSegment(m, sid) if self.segs[sid].device == dev else m
+                            for sid, m in rt.modules.items()}
         self.copy_same = rt.copy_same_device
         self.profile = rt.profile
         self.is_host = dev == s.host

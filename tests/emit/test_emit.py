@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from torch import nn
 from partitioner import api
 from partitioner.emit.artifact import Artifact, load_artifact
 from partitioner.emit.build import emit
-from partitioner.errors import ArtifactError
+from partitioner.errors import ArtifactError, UsageError
 from partitioner.ir.plan import Plan
 from partitioner.ir.schedule import Schedule
 from partitioner.ir.settings import Settings
@@ -243,8 +244,21 @@ def test_cli_helpers(tmp_path):
     got = cli_run.read_inputs(tmp_path / "in.safetensors", ("x",))
     torch.testing.assert_close(got[0], inputs[0])
     cli_run.write_outputs(tmp_path / "o.safetensors", (inputs[0], {"k": inputs[0] * 2}))
+    # a model's own output class (like a Hugging Face ModelOutput) is written as plain containers
+    out = OutputClass(logits=inputs[0], hidden=(inputs[0] * 2, None))
+    cli_run.write_outputs(tmp_path / "o.pt", out)
+    back = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert type(back) is dict and list(back) == ["logits", "hidden"] and back["hidden"][1] is None
+    torch.testing.assert_close(back["hidden"][0], inputs[0] * 2)
+    with pytest.raises(UsageError, match="safetensors"):
+        cli_run.write_outputs(tmp_path / "bad.pt", (inputs[0], object()))
+    assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(Exception, match="does not exist"):
         cli_run.read_inputs(tmp_path / "missing.pt")
+
+
+class OutputClass(collections.OrderedDict):
+    """A model's output class (a Mapping subclass, as Hugging Face's ModelOutput)."""
 
 
 def test_inplace_across_segments_is_refused():

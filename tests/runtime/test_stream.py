@@ -166,13 +166,15 @@ def test_cli_run_stream(tmp_path):
     assert summary["samples"] == 5 and summary["replicas"] == 2 and summary["check"] is True
     assert summary["samples_per_s"] > 0 and summary["predicted_samples_per_s"] > 0
     assert json.loads((tmp_path / "st.json").read_text())["samples"] == 5
-    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "3", "--threads", "1"])
+    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "3", "--threads", "1",
+                                     "--segments", "traced", "--check"])
     assert r.exit_code == 0 and "samples/s" in r.output and "predicted" in r.output, r.output
+    assert "traced segments" in r.output and "outputs match" in r.output, r.output
     r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "-1"])
     assert r.exit_code == 2
-    for bad in (["--stream", "3", "--runtime", "fibers"], ["--runtime", "auto"]):
+    for bad in (["--stream", "3", "--runtime", "fibers"], ["--runtime", "auto"], ["--segments", "jit"]):
         r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), *bad])
-        assert r.exit_code == 2 and "--runtime" in r.output, r.output
+        assert r.exit_code == 2 and bad[-2] in r.output, r.output
 
 
 # -- overlap: a streamed plan must beat the same plan run one sample at a time --------------------------------
