@@ -43,14 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from partitioner.zoo.synthetic import dnn_cost_graph, training_graph  # noqa: E402
+
 from partitioner import api  # noqa: E402
 from partitioner.bounds.lower import lower_bound  # noqa: E402
 from partitioner.errors import PartitionerError  # noqa: E402
 from partitioner.ir.graph import CostGraph  # noqa: E402
-from partitioner.ir.spec import Spec, parse_spec  # noqa: E402
-from partitioner.machine.evaluate import evaluate, pieces  # noqa: E402
 from partitioner.ir.plan import Plan  # noqa: E402
 from partitioner.ir.settings import Settings  # noqa: E402
+from partitioner.ir.spec import Spec, parse_spec  # noqa: E402
+from partitioner.machine.evaluate import evaluate, pieces  # noqa: E402
 from partitioner.machine.problem import Problem  # noqa: E402
 from partitioner.solvers.registry import SOLVERS, solve  # noqa: E402
 
