@@ -45,7 +45,8 @@ def run(
                                 "and keep the faster (with --stream)"),
     segments: str = typer.Option("eager", "--segments", help="eager: call the segments' modules; traced: run "
                                  "them as TorchScript traces, which compute without holding Python's interpreter "
-                                 "lock (faster streams of models made of many small ops; inference only)"),
+                                 "lock (faster streams of models made of many small ops; inference only); auto: "
+                                 "measure both on a short stream and keep the faster (with --stream)"),
 ):
     """Run an emitted plan on this machine (one worker thread per device of the spec)."""
     import torch
@@ -76,8 +77,9 @@ def run(
     if runtime not in ("threads", "processes", "auto") or (runtime == "auto" and not stream):
         raise UsageError(f"--runtime must be threads, processes or auto (auto with --stream), got {runtime!r}",
                          hint="e.g. --stream 60 --runtime auto")
-    if segments not in ("eager", "traced"):
-        raise UsageError(f"--segments must be eager or traced, got {segments!r}", hint="e.g. --segments traced")
+    if segments not in ("eager", "traced", "auto") or (segments == "auto" and not stream):
+        raise UsageError(f"--segments must be eager, traced or auto (auto with --stream), got {segments!r}",
+                         hint="e.g. --stream 60 --segments auto")
     if stream:
         return _run_stream(art, artifact, args, stream, (parse_device_map(map_device) or None), threads, timeout, check, out, stats,
                            json_out, runtime, segments)
@@ -160,13 +162,16 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
     import torch
 
     from ..emit.artifact import load_artifact, outputs_mismatch
-    from ..runtime.local import choose_mode, open_replicas
+    from ..runtime.local import MODES, choose_mode, open_replicas
+    from ..runtime.traced import SEGMENT_MODES
     from ..runtime.stream import stream_replicas
 
     arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
-    choice = {"mode": runtime}
-    if runtime == "auto":
-        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout, segments=segments)
+    choice = {"mode": runtime, "segments": segments}
+    if "auto" in (runtime, segments):
+        rts, choice = choose_mode(arts, tuple(args), mapping, threads=threads, timeout_s=timeout,
+                                  modes=MODES if runtime == "auto" else (runtime,),
+                                  segments=SEGMENT_MODES if segments == "auto" else (segments,))
     else:
         rts = open_replicas(arts, mapping, threads=threads, timeout_s=timeout, mode=runtime, segments=segments)
     try:
@@ -191,7 +196,7 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
                "content_sha256": art.content_hash,
                "replicas": len(arts), "samples": n, "wall_s": st.wall_s, "samples_per_s": st.samples_per_s,
                "steady_samples_per_s": st.steady_samples_per_s,
-               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice, "segments": segments,
+               "predicted_samples_per_s": st.predicted_samples_per_s, "runtime": choice,
                "check": None if not check else (mismatch is None)}
     if stats is not None:
         text = jsonio.dumps(dict(st.to_json(), summary=summary), indent=1, default=json_default)
@@ -200,10 +205,10 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
         console.print_json(jsonio.dumps(summary, default=json_default))
     else:
         pred = st.predicted_samples_per_s
-        trial = (f"; chosen by a {choice['trial_samples']}-sample trial: threads {choice['threads']:.4g}/s, "
-                 f"processes {choice['processes']:.4g}/s" if "trial_samples" in choice else "")
+        trial = (f"; chosen by a {choice['trial_samples']}-sample trial: "
+                 + ", ".join(f"{k} {v:.4g}/s" for k, v in choice["rates"].items()) if "trial_samples" in choice else "")
         console.print(f"{s.meta.get('model')} on {s.meta.get('spec')}: {n} samples through {len(arts)} "
-                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime, {segments} segments{trial}); artifact content sha256 "
+                      f"replica(s) in {_fmt(st.wall_s)} ({choice['mode']} runtime, {choice['segments']} segments{trial}); artifact content sha256 "
                       f"{art.content_hash}", highlight=False)
         console.print(f"measured {st.samples_per_s:.4g} samples/s ({st.steady_samples_per_s:.4g} steady), "
                       + (f"predicted {pred:.4g} samples/s" if math.isfinite(pred) else "predicted n/a"))

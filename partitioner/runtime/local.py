@@ -395,50 +395,54 @@ def open_replicas(artifacts: list, map_devices: Any = None, *, threads: int | di
 
 
 def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, threads: int | dict | None = None,
-                timeout_s: float = 300.0, samples: int | None = None, **kw) -> tuple[list[LocalRuntime], dict]:
-    """Open the replicas ``artifacts`` (:func:`open_replicas`) with the mode that streams
-    ``inputs`` faster here, chosen by measurement: a short stream (``samples``; default
-    three windows of samples, at least 8) through each mode after a warm-up, and the
-    process runtime kept only when its rate beats the threads' by ``PROCESS_MARGIN``
-    (threads start at once and keep grad mode). The other mode's runtimes are closed.
-    Plans with a device off the CPU use threads without a trial. ``kw`` goes to every
-    runtime (e.g. ``segments="traced"``).
+                timeout_s: float = 300.0, samples: int | None = None, modes: tuple[str, ...] = MODES,
+                segments: tuple[str, ...] = ("eager",)) -> tuple[list[LocalRuntime], dict]:
+    """Open the replicas ``artifacts`` (:func:`open_replicas`) the way that streams
+    ``inputs`` fastest here, chosen by measurement among every runtime of ``modes`` with
+    every way of running segments of ``segments``: a short stream (``samples``; default
+    three windows of samples, at least 8) through each after a warm-up. The process
+    runtime is kept only when it beats the best thread runtime by ``PROCESS_MARGIN``
+    (threads start at once and keep grad mode). The runtimes not chosen are closed. Plans
+    with a device off the CPU use threads (and the first of ``segments``) without a trial.
 
     Returns
     -------
     (list of LocalRuntime, dict)
-        The runtimes, and ``{"mode", "trial_samples", "threads", "processes"}`` with the
-        trial's samples/s of each mode.
+        The runtimes, and ``{"mode", "segments", "trial_samples", "rates"}``, ``rates``
+        mapping ``"MODE/SEGMENTS"`` to the trial's samples/s.
     """
+    bad = [m for m in modes if m not in MODES] + [g for g in segments if g not in SEGMENT_MODES]
+    if bad or not modes or not segments:
+        raise UsageError(f"choose_mode: modes must be among {MODES} and segments among {SEGMENT_MODES}, got "
+                         f"{modes} and {segments}", hint="e.g. modes=('threads', 'processes'), segments=('eager',)")
     devs = [resolve_devices(a.schedule, map_devices) for a in artifacts]
     if any(t.type != "cpu" for d in devs for t in d.values()):
-        return open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, **kw), {"mode": "threads"}
+        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, segments=segments[0])
+        return rts, {"mode": "threads", "segments": segments[0]}
     n = samples or max(8, 3 * max(len(a.schedule.segments) + 1 for a in artifacts))
-    info: dict[str, Any] = {"trial_samples": n}
-    best: tuple[float, str, list[LocalRuntime]] | None = None
-    for mode in MODES:
-        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode, **kw)
-        try:
-            with torch.inference_mode():
-                stream_replicas(rts, [tuple(inputs)] * min(n, 4))
-                info[mode] = stream_replicas(rts, [tuple(inputs)] * n)[1].samples_per_s
-        except BaseException:
-            for rt in rts:
-                rt.close()
-            raise
-        rate = info[mode] / (PROCESS_MARGIN if mode == "processes" else 1.0)
-        if best is None or rate > best[0]:
-            if best is not None:
-                for rt in best[2]:
+    rates: dict[str, float] = {}
+    best: tuple[float, str, str, list[LocalRuntime]] | None = None
+    for mode in modes:
+        for seg in segments:
+            rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode,
+                                segments=seg)
+            try:
+                with torch.inference_mode():
+                    stream_replicas(rts, [tuple(inputs)] * min(n, 4))
+                    rate = rates[f"{mode}/{seg}"] = stream_replicas(rts, [tuple(inputs)] * n)[1].samples_per_s
+            except BaseException:
+                for rt in rts:
                     rt.close()
-            best = (rate, mode, rts)
-        else:
+                raise
+            rate /= PROCESS_MARGIN if mode == "processes" else 1.0
+            if best is None or rate > best[0]:
+                rts, best = (best[3] if best is not None else []), (rate, mode, seg, rts)
             for rt in rts:
                 rt.close()
-    info["mode"] = best[1]
-    log.info("runtime mode by measurement: %s (trial of %d samples: threads %.3g/s, processes %.3g/s)",
-             best[1], n, info["threads"], info["processes"])
-    return best[2], info
+    _, mode, seg, rts = best
+    log.info("runtime by measurement: %s runtime, %s segments (trial of %d samples: %s)", mode, seg, n,
+             ", ".join(f"{k} {v:.3g}/s" for k, v in rates.items()))
+    return rts, {"mode": mode, "segments": seg, "trial_samples": n, "rates": rates}
 
 
 def _place(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:

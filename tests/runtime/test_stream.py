@@ -172,7 +172,10 @@ def test_cli_run_stream(tmp_path):
     assert "traced segments" in r.output and "outputs match" in r.output, r.output
     r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "-1"])
     assert r.exit_code == 2
-    for bad in (["--stream", "3", "--runtime", "fibers"], ["--runtime", "auto"], ["--segments", "jit"]):
+    r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), "--stream", "4", "--segments", "auto", "--check"])
+    assert r.exit_code == 0 and "threads/traced" in r.output and "outputs match" in r.output, r.output
+    for bad in (["--stream", "3", "--runtime", "fibers"], ["--runtime", "auto"], ["--segments", "jit"],
+                ["--segments", "auto"]):
         r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "plan"), *bad])
         assert r.exit_code == 2 and bad[-2] in r.output, r.output
 
@@ -343,10 +346,12 @@ def test_choose_mode_measures_both_and_processes_load_saved_segments(mlp, tmp_pa
     model, lm, p = mlp
     emit((lm.gm, p, _staged(p, [0, 1, 2])), example_inputs=lm.example_inputs).save(tmp_path / "a")
     art = load_artifact(tmp_path / "a")
-    rts, info = choose_mode([art], art.example_inputs, samples=6)
+    rts, info = choose_mode([art], art.example_inputs, samples=6, segments=("eager", "traced"))
     try:
         assert info["mode"] in ("threads", "processes") and info["trial_samples"] == 6
-        assert info["threads"] > 0 and info["processes"] > 0 and rts[0].mode == info["mode"]
+        assert set(info["rates"]) == {f"{m}/{g}" for m in ("threads", "processes") for g in ("eager", "traced")}
+        assert all(r > 0 for r in info["rates"].values())
+        assert rts[0].mode == info["mode"] and rts[0].segments == info["segments"]
         xs = [torch.randn(4, 32) for _ in range(5)]
         with torch.inference_mode():
             outs, _ = stream_replicas(rts, xs)
