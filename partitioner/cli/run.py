@@ -163,8 +163,8 @@ def _run_stream(art, artifact: Path, args: tuple, n: int, mapping, threads, time
 
     from ..emit.artifact import load_artifact, outputs_mismatch
     from ..runtime.local import MODES, choose_mode, open_replicas
-    from ..runtime.traced import SEGMENT_MODES
     from ..runtime.stream import stream_replicas
+    from ..runtime.traced import SEGMENT_MODES
 
     arts = [art] + [load_artifact(p) for p in replica_dirs(artifact)[1:]]
     choice = {"mode": runtime, "segments": segments}

@@ -10,8 +10,8 @@ weights_only=True)`` reads them back without the code that made them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
