@@ -37,6 +37,9 @@ Combinatorial parts (a dynamic programme or closed form):
   ``sum_S T`` later and is followed by its tail, so ``latency >= min_S (head - T)[., d] +
   sum_S T[., d] + min_S tail[., d]``.
 
+Memory on a path (latency): ``cuts``, the transfers and slow devices that the capacities
+force onto a path, a dynamic programme over its runs (:mod:`partitioner.bounds.cuts`).
+
 Exact part (latency): ``chain``, the critical chain cut into short segments whose
 schedules CP-SAT bounds exactly within a deterministic budget (:mod:`partitioner.bounds.chain`).
 
@@ -72,6 +75,7 @@ from ..errors import InfeasibleError
 from ..ir.plan import Objective
 from ..machine.problem import Problem
 from . import chain as _chain
+from . import cuts as _cuts
 from . import join as _join
 from . import lp as _lp
 from .lp import LIMITS, LPResult, _Routes
@@ -365,8 +369,8 @@ LP_SECONDS_PER_VAR = 2.7e-5
 def lower_bound(problem: Problem, deadline: float | None = None) -> Bound:
     """The best lower bound this module can prove for ``problem``'s objective.
 
-    Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``window``, ``coupled`` and ``chain``
-    (:mod:`partitioner.bounds.chain`). Period:
+    Latency: max of ``path``, ``load``, ``energy``, ``forced``, ``window``, ``coupled``, ``cuts``
+    (:mod:`partitioner.bounds.cuts`) and ``chain`` (:mod:`partitioner.bounds.chain`). Period:
     max of ``load``, ``energy`` and ``links``. ``info`` names the LP variants used and
     the time taken. Results are cached per Problem object.
 
@@ -415,6 +419,13 @@ def lower_bound(problem: Problem, deadline: float | None = None) -> Bound:
             info.update(coupled=res.variant, coupled_s=round(res.seconds, 4))
             if res.variant != "skipped":
                 parts["coupled"] = res.value
+        if late():
+            skipped.append("cuts")
+        else:
+            cuts, more = _cuts.cuts_bound(problem, lab.head, lab.tail, lab.T)
+            info.update(more)
+            if cuts > 0:
+                parts["cuts"] = cuts
         if late():
             skipped.append("chain")
         else:
