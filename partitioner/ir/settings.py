@@ -50,6 +50,10 @@ class Settings:
         Start the MILP from the best heuristic plan.
     interrupt_fallback : bool
         On Ctrl-C, return the HEFT plan when the solver has none (False: re-raise).
+    strict_time_limit : bool
+        Stop at the time limit even before a first plan (raising ``NoSolutionError``)
+        instead of finishing it: for a solve run as one start among others (split's
+        baselines), whose caller has plans of its own. Honoured by the list schedulers.
     options : mapping
         Each solver's own options, ``{solver: {key: value}}``; see :meth:`options_of`.
     """
@@ -60,6 +64,7 @@ class Settings:
     milp_backend: str = "highs"  # highs | cbc
     warm_start: bool = True
     interrupt_fallback: bool = True
+    strict_time_limit: bool = False
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...bounds.memory import group_resident, group_step_need, resident_bytes
+from ...errors import NoSolutionError
 from ...ir.plan import Plan
 from ...ir.settings import Settings
 from ...machine.evaluate import Evaluation, evaluate
@@ -36,9 +37,9 @@ from ...machine.problem import Problem
 MEMORY_ROUNDS = 6
 
 
-def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: int,
+def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan | None], rounds: int,
                deadline: float = math.inf) -> tuple[Plan, Evaluation, int]:
-    """Run ``build(budget) -> Plan`` with per-device memory budgets (bytes), lowering the
+    """Run ``build(budget) -> Plan`` (None: stopped at the deadline) with per-device memory budgets (bytes), lowering the
     budget of each device whose evaluated peak exceeds its capacity by the excess plus 3 % of
     its capacity (and every other budget by 1 %) until the plan fits or ``rounds`` builds ran. Returns the best plan
     (feasible first, then least excess, then objective), its evaluation and the builds run."""
@@ -47,6 +48,8 @@ def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: in
     best = None
     for r in range(max(1, rounds)):
         plan = build(budget)
+        if plan is None:  # the build stopped at the deadline
+            break
         ev = evaluate(problem, plan)
         over = np.maximum(ev.memory_peak - cap, 0.0) if problem.constraints.memory else np.zeros(problem.D)
         key = (not ev.feasible, float(over.sum()), ev.value(problem.objective))
@@ -57,6 +60,9 @@ def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan], rounds: in
         # the devices over capacity lose their excess and a margin; the others a little
         # (what leaves one device goes to another, which may then overflow in turn)
         budget = np.maximum(np.where(over > 0, budget - over - 0.03 * cap, budget - 0.01 * cap), 0.0)
+    if best is None:
+        raise NoSolutionError("no plan within the time limit (the first placement was stopped)",
+                              hint="give the solver more time")
     _, plan, ev, used = best
     return plan, ev, used
 
@@ -70,14 +76,35 @@ def list_schedule(problem: Problem, settings: Settings, run: Callable[["PartialS
         return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
 
     rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
-    plan, ev, used = fit_memory(problem, build, rounds, settings.deadline())
+    deadline = settings.deadline()
+    if settings.strict_time_limit:
+        def build_or_stop(budget: np.ndarray) -> Plan | None:
+            ps = PartialSchedule(problem, budget, stop_at=deadline)
+            try:
+                run(ps)
+            except _PastDeadline:
+                return None
+            return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
+
+        plan, ev, used = fit_memory(problem, build_or_stop, rounds, deadline)
+    else:
+        plan, ev, used = fit_memory(problem, build, rounds, deadline)
     return plan.with_(info=dict(plan.info, memory_rounds=used, **info))
 
 
+class _PastDeadline(Exception):
+    """A placement stopped at ``PartialSchedule.stop_at``."""
+
+
+#: placements between two looks at the clock when a PartialSchedule has a ``stop_at``
+CLOCK_EVERY = 256
+
+
 class PartialSchedule:
-    def __init__(self, problem: Problem, budget: np.ndarray | None = None):
+    def __init__(self, problem: Problem, budget: np.ndarray | None = None, stop_at: float = math.inf):
         p = problem
         self.p = p
+        self.stop_at, self.placed = stop_at, 0
         self.budget = p.capacity if budget is None else np.asarray(budget, dtype=float)
         self.need = group_resident(p) if p.constraints.memory else np.zeros(p.n)
         self.step = group_step_need(p) if p.constraints.memory else np.zeros(p.n)
@@ -150,6 +177,9 @@ class PartialSchedule:
 
     def place(self, v: int, d: int, s: float) -> None:
         p = self.p
+        self.placed += 1
+        if self.placed % CLOCK_EVERY == 0 and time.perf_counter() > self.stop_at:
+            raise _PastDeadline
         dur = p.T[v, d]
         self.pl[v] = d
         self.start[v] = s

@@ -106,26 +106,34 @@ def _score_ev(problem: Problem, ev) -> tuple:
 #: starting plans: the list schedulers, the contiguous splits and METIS (every baseline a
 #: practitioner tries first, so that split is never worse than any of them)
 BASELINES = ("heft", "peft", "greedy", "first-fit", "balanced", "pipeline-dp", "metis")
+#: the first start under a time limit when memory may bind (linear and memory-feasible)
+SAFE_START = "first-fit"
 
 
 def _baselines(problem: Problem, settings: Settings, deadline: float) -> list[Plan]:
-    """The starting plans; once ``deadline`` has passed no further baseline starts (the first
-    always runs), and each one gets the time left as its own limit."""
+    """The starting plans; once ``deadline`` has passed no further baseline starts. The first
+    always finishes (under a finite limit with memory that may bind it is ``SAFE_START``, so
+    that a feasible start exists at any size); the others get the time left as a strict limit
+    (a list scheduler stops at it, with no plan)."""
     from ..registry import SOLVERS
 
     names = BASELINES
     if problem.objective is Objective.THROUGHPUT:
         names += ("single",)
-    out = []
+    out: list[Plan] = []
     chosen = settings.options_of(SplitOptions).baselines
-    for name in chosen if chosen is not None else names:
-        if name not in SOLVERS:
-            continue
+    todo = [x for x in (chosen if chosen is not None else names) if x in SOLVERS]
+    if math.isfinite(deadline) and SAFE_START in todo and not problem.memory_never_binds():
+        todo.remove(SAFE_START)  # under a limit, the memory-feasible linear start first
+        todo.insert(0, SAFE_START)
+    for name in todo:
         left = deadline - time.perf_counter()
         if out and (left <= 0 or progress.stop_requested()):
             log.info("split: time limit or stop: baseline %s and later ones skipped", name)
             break
-        sub = settings if not math.isfinite(left) else replace(settings, time_limit=max(left, 1e-3))
+        # the first start finishes whatever the limit; the others stop at it, plan or not
+        sub = settings if not math.isfinite(left) else replace(settings, time_limit=max(left, 1e-3),
+                                                               strict_time_limit=name != todo[0])
         try:
             out.append(SOLVERS[name].fn(problem, sub).with_(solver=name))
         except PartitionerError as err:
@@ -400,7 +408,11 @@ def solve(problem: Problem, settings: Settings) -> Plan:
         cands.append((_score_ev(problem, ev), p, ev))
     if not cands:
         raise PartitionerError("split: no starting plan", hint="check that every node can run on some device")
-    cands.sort(key=lambda c: c[0])
+    # ties go to the earlier start in the baselines' own order (whatever order they ran in)
+    rank = {name: k for k, name in enumerate(opts.baselines if opts.baselines is not None
+                                             else BASELINES + ("single",))}
+    cands = [c for _, c in sorted(enumerate(cands),
+                                  key=lambda kc: (kc[1][0], rank.get(kc[1][1].solver, 100 + kc[0])))]
     info["start"] = {c[1].solver: c[0][1] for c in cands}
     _, start, start_ev = cands[0]
     progress.step(f"split: {len(mods)} modules; local search from {start.solver}")
