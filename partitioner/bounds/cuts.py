@@ -101,7 +101,7 @@ def _path_value(problem: Problem, path: list[int], nbytes: list[float], head: np
     PT = np.concatenate([np.zeros((1, D)), np.cumsum(np.where(ok, Tp, 0.0), axis=0)])
     last_bad = np.full(D, -1)  # per device: the last path position it may not run
     prefix = np.concatenate([[0.0], np.cumsum(res[path])])
-    cap = problem.capacity * (1 + 1e-12)
+    cap = np.maximum(problem.capacity, 0.0) * (1 + 1e-9)  # the evaluator's tolerance
     INF = math.inf
     F = np.full((L + 1, D), INF)  # F[j, d]: least value of the nodes before j, the run ending at j-1 on d
     runs_end = np.zeros((L + 1, D), dtype=int)  # runs of the cut behind F (behind H: runs_start)
@@ -116,7 +116,7 @@ def _path_value(problem: Problem, path: list[int], nbytes: list[float], head: np
         last_bad[bad] = j - 1
         for d in range(D):
             lo = max(int(left[d]), int(last_bad[d]) + 1)
-            while prefix[j] - prefix[lo] > cap[d]:
+            while lo < j and prefix[j] - prefix[lo] > cap[d]:
                 lo += 1
             left[d] = lo
             dq = windows[d]

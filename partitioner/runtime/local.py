@@ -424,14 +424,15 @@ def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, thre
     best: tuple[float, str, str, list[LocalRuntime]] | None = None
     for mode in modes:
         for seg in segments:
-            rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode,
-                                segments=seg)
+            rts = []
             try:
+                rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode,
+                                    segments=seg)
                 with torch.inference_mode():
                     stream_replicas(rts, [tuple(inputs)] * min(n, 4))
                     rate = rates[f"{mode}/{seg}"] = stream_replicas(rts, [tuple(inputs)] * n)[1].samples_per_s
             except BaseException:
-                for rt in rts:
+                for rt in rts + (best[3] if best is not None else []):
                     rt.close()
                 raise
             rate /= PROCESS_MARGIN if mode == "processes" else 1.0

@@ -41,6 +41,10 @@ def _signature(args: tuple) -> tuple | None:
     return tuple((tuple(a.shape), a.dtype, a.stride(), a.device) for a in args)
 
 
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 class TracedSegment:
     """Callable like segment ``sid``'s ``module``; runs a trace of it where that is faithful.
 
@@ -71,21 +75,26 @@ class TracedSegment:
         return fn(*args)
 
     def _trace(self, args: tuple, key: tuple | None):
-        """Trace on ``args`` and return the module's own outputs on them (computed anyway to check the trace)."""
-        ref = self.module(*args)
+        """Trace on copies of ``args``, run the trace on other copies, then run the module on
+        ``args`` itself (once, last: a segment may change an input in place) and keep the
+        trace when both agree. Returns the module's outputs."""
         if key is None or len(self.traces) >= MAX_SIGNATURES:
             why = "inputs that are not tensors" if key is None else f"more than {MAX_SIGNATURES} input signatures"
-            return self._give_up(why, ref)
+            return self._give_up(why, self.module(*args))
         try:
             with _TRACING, warnings.catch_warnings():
                 warnings.simplefilter("error", torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
                 with torch.inference_mode(False), torch.no_grad():
-                    fn = torch.jit.trace(self.module, args, check_trace=False)
-                out = fn(*args)
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+                    fn = torch.jit.trace(self.module, tuple(a.clone() for a in args), check_trace=False)
+                out = fn(*(a.clone() for a in args))
         except Exception as err:  # noqa: BLE001 - any failure leaves the segment eager
-            return self._give_up(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", ref)
+            return self._give_up(_why(err), self.module(*args))
+        ref = self.module(*args)
+        try:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        except Exception as err:  # noqa: BLE001
+            return self._give_up(_why(err), ref)
         self.traces[key] = fn
         log.debug("segment %s traced for inputs %s", self.sid, key)
         return ref

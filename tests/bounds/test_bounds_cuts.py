@@ -35,13 +35,13 @@ def test_cuts_bound_below_brute_force(seed, n, factor, blocks, mixed, ring):
     assert lower_bound(p).value <= opt * (1 + 1e-9)
 
 
-def heavy_chain(n: int = 5) -> CostGraph:
+def heavy_chain(n: int = 5, input_bytes: float = 1_000) -> CostGraph:
     """Equal short layers with 4 MB of weights and 1 MB activations: an accelerator holding
     16 MB runs three of them."""
     nodes = [Node(id=f"l{i}", op="matmul", flops=4e8, param_bytes=4_000_000, output_bytes=1_000_000)
              for i in range(n)]
     edges = [(f"l{i}", f"l{i + 1}", 1_000_000) for i in range(n - 1)]
-    return CostGraph("heavy", nodes, edges, [InputTensor("x", 1_000, ("l0",))], [("l4", 1_000)])
+    return CostGraph("heavy", nodes, edges, [InputTensor("x", input_bytes, ("l0",))], [("l4", 1_000)])
 
 
 def test_cuts_bind_where_memory_forces_a_transfer():
@@ -70,3 +70,28 @@ def test_heaviest_path_follows_the_weights():
     path, nbytes = _heaviest_path(p, w)
     assert path == list(range(p.n)) and len(nbytes) == p.n - 1  # the chain itself is the longest
     assert all(j in p.succs[i] for i, j in zip(path, path[1:]))
+
+
+def test_cuts_bound_survives_a_host_whose_inputs_exceed_its_memory():
+    """The host's usable capacity minus the model's inputs and outputs can be negative: the
+    plan is infeasible, and the bound must say so cleanly (or stay finite), never crash."""
+    from partitioner.errors import InfeasibleError
+    from partitioner.ir.spec import parse_spec
+
+    g = heavy_chain(input_bytes=2e9)
+    dev = lambda i, k, cap: {"id": i, "host": "h", "kind": k, "peak_flops": {"fp32": 1e13},  # noqa: E731
+                             "memory": {"capacity_bytes": cap, "bandwidth_Bps": 1e12}}
+    spec = parse_spec({"name": "small-host", "memory_reserve": 0.0,
+                       "devices": [dev("cpu0", "cpu", 1e9), dev("acc0", "accelerator", 1e10),
+                                   dev("acc1", "accelerator", 1e10)],
+                       "links": [{"a": "cpu0", "b": "acc0", "bandwidth_Bps": 1e10},
+                                 {"a": "cpu0", "b": "acc1", "bandwidth_Bps": 1e10}]})
+    p = Problem(g, spec)
+    assert p.capacity[p.host] < 0
+    lab = path_labels(p)
+    value, _ = cuts_bound(p, lab.head, lab.tail, lab.T)
+    assert np.isfinite(value)
+    try:
+        assert np.isfinite(lower_bound(p).value)
+    except InfeasibleError:
+        pass

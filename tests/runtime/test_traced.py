@@ -32,6 +32,14 @@ class Branchy(nn.Module):
         return (x * 2,) if x.sum() > 0 else (x - 1,)
 
 
+class InPlace(nn.Module):
+    """Changes its input in place (allowed for a segment whose input no other segment reads)."""
+
+    def forward(self, x):
+        x.add_(1.0)
+        return (x * 2,)
+
+
 class Scale(nn.Module):
     def forward(self, x, k):
         return (x * k,)
@@ -92,3 +100,17 @@ def test_runtime_streams_traced_segments_in_threads():
             torch.testing.assert_close(o, model(xi))
     with pytest.raises(UsageError, match="segments must be"):
         LocalRuntime(art, segments="jit")
+
+
+def test_a_segment_that_changes_its_input_in_place_changes_it_once():
+    """The trace is made and checked on copies; the module runs once on the real input, so
+    the first call's outputs and input are the module's own, and the trace agrees."""
+    seg = TracedSegment(InPlace(), "s0")
+    with torch.no_grad():
+        for _ in range(2):  # traced on the first call, the trace on the second
+            x = torch.randn(2, 3)
+            x0 = x.clone()
+            (out,) = seg(x)
+            torch.testing.assert_close(x, x0 + 1)
+            torch.testing.assert_close(out, (x0 + 1) * 2)
+    assert not seg.eager and len(seg.traces) == 1

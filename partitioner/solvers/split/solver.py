@@ -131,9 +131,9 @@ def _baselines(problem: Problem, settings: Settings, deadline: float) -> list[Pl
         if out and (left <= 0 or progress.stop_requested()):
             log.info("split: time limit or stop: baseline %s and later ones skipped", name)
             break
-        # the first start finishes whatever the limit; the others stop at it, plan or not
+        # until a start has given a plan, a start finishes whatever the limit; later ones stop at it
         sub = settings if not math.isfinite(left) else replace(settings, time_limit=max(left, 1e-3),
-                                                               strict_time_limit=name != todo[0])
+                                                               strict_time_limit=bool(out))
         try:
             out.append(SOLVERS[name].fn(problem, sub).with_(solver=name))
         except PartitionerError as err:
