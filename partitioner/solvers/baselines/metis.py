@@ -48,7 +48,7 @@ from typing import ClassVar, Literal
 import networkx as nx
 import numpy as np
 
-from ...bounds.memory import resident_bytes
+from ...bounds.memory import group_step_need, resident_bytes
 from ...errors import SolverError
 from ...ir.plan import Plan
 from ...ir.settings import Settings
@@ -249,7 +249,9 @@ def _match(problem: Problem, U: _Units, parts: list[list[int]], devices: list[in
 
 def _fixups(problem: Problem, U: _Units, unit_dev: np.ndarray, allowed: np.ndarray, cap: np.ndarray) -> dict:
     """Unsupported units to their fastest allowed device; then relieve memory overflows
-    (resident bytes, :func:`partitioner.bounds.memory.resident_bytes`, within ``cap``)."""
+    (resident bytes, :func:`partitioner.bounds.memory.resident_bytes`, within ``cap``) and
+    move off each unit whose own steps need more room than ``cap`` leaves
+    (:func:`partitioner.bounds.memory.group_step_need`)."""
     T = np.where(allowed, problem.T, np.inf)
     moved_support = moved_memory = 0
     res = resident_bytes(problem)
@@ -264,15 +266,19 @@ def _fixups(problem: Problem, U: _Units, unit_dev: np.ndarray, allowed: np.ndarr
         unit_dev[u] = int(np.argmin(unit_T[u]))
         moved_support += 1
     if problem.constraints.memory:
+        need = group_step_need(problem)
+        unit_need = np.array([need[mem].max() for mem in U.members])  # room a unit's own steps need
         used = np.bincount(unit_dev, weights=unit_par, minlength=problem.D)
         for d in range(problem.D):
-            if used[d] <= cap[d]:
+            on = np.flatnonzero(unit_dev == d)
+            if used[d] <= cap[d] and not (unit_need[on] > cap[d]).any():
                 continue
-            for u in sorted(np.flatnonzero(unit_dev == d), key=lambda u: (-unit_par[u], u)):
-                if used[d] <= cap[d]:
-                    break
+            # units whose steps do not fit the budget first, then the largest
+            for u in sorted(on, key=lambda u: (unit_need[u] <= cap[d], -unit_par[u], u)):
+                if used[d] <= cap[d] and unit_need[u] <= cap[d]:
+                    continue
                 dests = [f for f in range(problem.D) if f != d and np.isfinite(unit_T[u, f])
-                         and used[f] + unit_par[u] <= cap[f]]
+                         and used[f] + unit_par[u] <= cap[f] and unit_need[u] <= cap[f]]
                 if not dests:
                     continue
                 f = max(dests, key=lambda f: (cap[f] - used[f], -f))
