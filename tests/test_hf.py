@@ -38,7 +38,7 @@ T = torch.get_num_threads()
 # the default run: one model per family (encoder, decoder, encoder-decoder, vision, speech) through
 # the API and through the CLI; T5 (in-place ops, the CLI failure of issue 20) through the CLI
 FAST_API = ("gpt2", "vit")  # decoder, vision
-FAST_CLI = ("distilbert", "t5", "whisper")  # encoder, encoder-decoder, speech
+FAST_CLI = ("distilbert", "t5")  # encoder, encoder-decoder (speech and the rest: make test-all)
 OPTS = {"solver": "heft", "time_limit": 5.0, "threads": T}
 
 

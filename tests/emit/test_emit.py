@@ -555,6 +555,7 @@ def test_outputs_mismatch_tolerates_reordered_sums_but_not_wrong_values():
     assert outputs_mismatch(torch.full((3,), 2e-5), torch.zeros(3)) is not None
 
 
+@pytest.mark.slow  # ~10 s; `make demo` (the README's first command) runs the same plan
 def test_resnet50_demo_plan_runs_and_matches(tmp_path):
     """What `make demo` does: ResNet-50 planned by split on the default spec, emitted, and run
     with one thread per worker (other thread counts than the reference run)."""
