@@ -403,7 +403,8 @@ def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, thre
     three windows of samples, at least 8) through each after a warm-up. The process
     runtime is kept only when it beats the best thread runtime by ``PROCESS_MARGIN``
     (threads start at once and keep grad mode). The runtimes not chosen are closed. Plans
-    with a device off the CPU use threads (and the first of ``segments``) without a trial.
+    with a device off the CPU use threads (and the first of ``segments``) without a trial
+    (``modes`` without threads: the process runtime, which refuses them with a clear error).
 
     Returns
     -------
@@ -417,8 +418,10 @@ def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, thre
                          f"{modes} and {segments}", hint="e.g. modes=('threads', 'processes'), segments=('eager',)")
     devs = [resolve_devices(a.schedule, map_devices) for a in artifacts]
     if any(t.type != "cpu" for d in devs for t in d.values()):
-        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, segments=segments[0])
-        return rts, {"mode": "threads", "segments": segments[0]}
+        mode = "threads" if "threads" in modes else modes[0]  # processes alone: LocalRuntime refuses, clearly
+        rts = open_replicas(artifacts, map_devices, threads=threads, timeout_s=timeout_s, mode=mode,
+                            segments=segments[0])
+        return rts, {"mode": mode, "segments": segments[0]}
     n = samples or max(8, 3 * max(len(a.schedule.segments) + 1 for a in artifacts))
     rates: dict[str, float] = {}
     best: tuple[float, str, str, list[LocalRuntime]] | None = None
