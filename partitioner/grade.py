@@ -37,6 +37,12 @@ class Result:
     model: LoadedModel | None = None
     extra: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        p = self.problem
+        return (f"Result(model={p.graph.name!r}, spec={p.spec.name!r}, objective={p.objective.value!r}, "
+                f"solver={self.plan.solver!r}, status={self.status!r}, value_s={self.value:.6g}, "
+                f"bound_s={self.best_bound:.6g}, gap={self.gap:.4g}, nodes={p.n}, devices={p.D})")
+
     @property
     def contended_latency(self) -> float:
         """Latency when each link carries one transfer at a time (see ``contended_latency``)."""

@@ -76,3 +76,6 @@ def test_compile_plan_front_door():
     res = api.compile_plan("resnet50", "server-cpu-2gpu", "latency", "heft")
     check_plan(res)
     assert res.status == "heuristic" and res.extra["compile_time_s"] > 0
+    # its repr is a one-line summary (the dataclass's would print the model, arrays and inputs)
+    text = repr(res)
+    assert text.startswith("Result(model='resnet50'") and "gap=" in text and "\n" not in text and len(text) < 300
