@@ -53,7 +53,8 @@ def run(
 
     from ..emit.artifact import load_artifact, outputs_mismatch
     from ..emit.outdir import check_out_file
-    from ..runtime.local import LocalRuntime
+    from ..runtime.local import MODES, LocalRuntime
+    from ..runtime.traced import SEGMENT_MODES
 
     if repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {repeat}", hint="e.g. --repeat 10")
@@ -74,12 +75,10 @@ def run(
         args = read_inputs(inputs, art.schedule.inputs)
     if stream < 0:
         raise UsageError(f"--stream must be >= 0, got {stream}", hint="e.g. --stream 32")
-    if runtime not in ("threads", "processes", "auto") or (runtime == "auto" and not stream):
-        raise UsageError(f"--runtime must be threads, processes or auto (auto with --stream), got {runtime!r}",
-                         hint="e.g. --stream 60 --runtime auto")
-    if segments not in ("eager", "traced", "auto") or (segments == "auto" and not stream):
-        raise UsageError(f"--segments must be eager, traced or auto (auto with --stream), got {segments!r}",
-                         hint="e.g. --stream 60 --segments auto")
+    for option, value, valid in (("--runtime", runtime, MODES), ("--segments", segments, SEGMENT_MODES)):
+        if value not in (*valid, "auto") or (value == "auto" and not stream):
+            raise UsageError(f"{option} must be {', '.join(valid)} or auto (auto with --stream), got {value!r}",
+                             hint=f"e.g. --stream 60 {option} auto")
     if stream:
         return _run_stream(art, artifact, args, stream, (parse_device_map(map_device) or None), threads, timeout, check, out, stats,
                            json_out, runtime, segments)

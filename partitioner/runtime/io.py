@@ -47,18 +47,20 @@ def read_inputs(path: Path, input_names: tuple[str, ...] = ()) -> tuple:
 
 
 def write_outputs(path: Path, outputs: Any) -> None:
-    """Write outputs to ``.pt`` (the structure as is) or ``.safetensors`` (flat tensors)."""
+    """Write outputs to ``.pt`` (as :func:`plain` containers) or ``.safetensors`` (flat tensors)."""
     import torch
     import torch.utils._pytree as pytree
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({f"output_{k}": t.detach().cpu().contiguous() for k, t in enumerate(leaves)}, str(path))
     else:
-        torch.save(plain(outputs), path)
+        data = plain(outputs)  # may refuse: before anything is written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)
 
 
 def plain(obj: Any) -> Any:
@@ -76,7 +78,7 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(plain(v) for v in obj) if type(obj) in (tuple, list) else tuple(plain(v) for v in obj)
+        return [plain(v) for v in obj] if isinstance(obj, list) else tuple(plain(v) for v in obj)
     leaves, _ = pytree.tree_flatten(obj)
     if leaves != [obj]:
         return [plain(v) for v in leaves]

@@ -440,8 +440,10 @@ def choose_mode(artifacts: list, inputs: tuple, map_devices: Any = None, *, thre
                 raise
             rate /= PROCESS_MARGIN if mode == "processes" else 1.0
             if best is None or rate > best[0]:
-                rts, best = (best[3] if best is not None else []), (rate, mode, seg, rts)
-            for rt in rts:
+                best, loser = (rate, mode, seg, rts), (best[3] if best is not None else [])
+            else:
+                loser = rts
+            for rt in loser:
                 rt.close()
     _, mode, seg, rts = best
     log.info("runtime by measurement: %s runtime, %s segments (trial of %d samples: %s)", mode, seg, n,

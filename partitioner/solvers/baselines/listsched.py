@@ -70,26 +70,19 @@ def fit_memory(problem: Problem, build: Callable[[np.ndarray], Plan | None], rou
 
 def list_schedule(problem: Problem, settings: Settings, run: Callable[["PartialSchedule"], None], **info) -> Plan:
     """A list scheduler ``run(ps)`` (it places every node of ``ps``) under :func:`fit_memory`."""
+    deadline = settings.deadline()
+    stop_at = deadline if settings.strict_time_limit else math.inf
 
-    def build(budget: np.ndarray) -> Plan:
-        ps = PartialSchedule(problem, budget)
-        run(ps)
+    def build(budget: np.ndarray) -> Plan | None:
+        ps = PartialSchedule(problem, budget, stop_at=stop_at)
+        try:
+            run(ps)
+        except _PastDeadline:
+            return None
         return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
 
     rounds = MEMORY_ROUNDS if problem.constraints.memory else 1
-    deadline = settings.deadline()
-    if settings.strict_time_limit:
-        def build_or_stop(budget: np.ndarray) -> Plan | None:
-            ps = PartialSchedule(problem, budget, stop_at=deadline)
-            try:
-                run(ps)
-            except _PastDeadline:
-                return None
-            return ps.plan(schedule_makespan_s=float(ps.finish.max()) if problem.n else 0.0)
-
-        plan, ev, used = fit_memory(problem, build_or_stop, rounds, deadline)
-    else:
-        plan, ev, used = fit_memory(problem, build, rounds, deadline)
+    plan, ev, used = fit_memory(problem, build, rounds, deadline)
     return plan.with_(info=dict(plan.info, memory_rounds=used, **info))
 
 

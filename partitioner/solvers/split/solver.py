@@ -111,10 +111,10 @@ SAFE_START = "first-fit"
 
 
 def _baselines(problem: Problem, settings: Settings, deadline: float) -> list[Plan]:
-    """The starting plans; once ``deadline`` has passed no further baseline starts. The first
-    always finishes (under a finite limit with memory that may bind it is ``SAFE_START``, so
-    that a feasible start exists at any size); the others get the time left as a strict limit
-    (a list scheduler stops at it, with no plan)."""
+    """The starting plans; once ``deadline`` has passed no further baseline starts. Until one
+    has given a plan, each start finishes whatever the limit (under a finite limit with memory
+    that may bind the first is ``SAFE_START``, so that a feasible start exists at any size);
+    later ones get the time left as a strict limit (a list scheduler stops at it, with no plan)."""
     from ..registry import SOLVERS
 
     names = BASELINES
